@@ -1,0 +1,66 @@
+// Argument checks shared by the CPU and CUDA kernels. The Python layer validates first with
+// friendlier messages; these keep direct `torch.ops.harmonica.*` callers memory-safe.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+namespace harmonica {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// x: [B, N, D] contiguous, fp32/fp16/bf16.
+inline void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, "harmonica: x must be [B, N, D], got shape ", x.sizes());
+  TORCH_CHECK(is_supported_float(x.scalar_type()), "harmonica: x must be float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "harmonica: x must be contiguous");
+}
+
+// A tensor of x's shape and device, contiguous. `same_dtype` for activations (branch/y);
+// a cache may be stored in any supported float dtype.
+inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name, bool same_dtype) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "harmonica: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), "harmonica: ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.is_contiguous(), "harmonica: ", name, " must be contiguous");
+  if (same_dtype) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "harmonica: ", name, " has dtype ", t.scalar_type(),
+                " but x has ", x.scalar_type());
+  } else {
+    TORCH_CHECK(is_supported_float(t.scalar_type()), "harmonica: ", name,
+                " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// A per-sample row vector (gate, shift, scale): [B, D] or [B, 1, D] with B equal to x's batch or 1,
+// x's dtype and device, unit stride along D. Returns the stride between samples in elements
+// (0 when broadcast over the batch). Strided views from chunk() pass without a copy.
+inline int64_t row_vector_batch_stride(const at::Tensor& v, const at::Tensor& x, const char* name) {
+  const int64_t B = x.size(0), D = x.size(2);
+  const bool ok_shape = (v.dim() == 2 && v.size(1) == D) || (v.dim() == 3 && v.size(1) == 1 && v.size(2) == D);
+  TORCH_CHECK(ok_shape && (v.size(0) == B || v.size(0) == 1), "harmonica: ", name, " must be [B, D] or [B, 1, D] with B=",
+              B, " (or 1) and D=", D, ", got ", v.sizes());
+  TORCH_CHECK(v.device() == x.device(), "harmonica: ", name, " is on ", v.device(), " but x is on ", x.device());
+  TORCH_CHECK(v.scalar_type() == x.scalar_type(), "harmonica: ", name, " has dtype ", v.scalar_type(),
+              " but x has ", x.scalar_type());
+  TORCH_CHECK(v.stride(-1) == 1, "harmonica: ", name, " must have unit stride along D");
+  return v.size(0) == 1 ? 0 : v.stride(0);
+}
+
+// The routing weight r: one element, floating, on x's device.
+inline void check_r(const at::Tensor& r, const at::Tensor& x) {
+  TORCH_CHECK(r.numel() == 1, "harmonica: r must hold exactly one element, got shape ", r.sizes());
+  TORCH_CHECK(is_supported_float(r.scalar_type()) || r.scalar_type() == at::kDouble,
+              "harmonica: r must be a floating tensor, got ", r.scalar_type());
+  TORCH_CHECK(r.device() == x.device(), "harmonica: r is on ", r.device(), " but x is on ", x.device());
+}
+
+// A tensor written in place must not share memory with what is read.
+inline void check_no_overlap(const at::Tensor& written, const at::Tensor& read, const char* wname,
+                             const char* rname) {
+  TORCH_CHECK(at::get_overlap_status(written, read) == at::MemOverlapStatus::No, "harmonica: ", wname,
+              " shares memory with ", rname, "; pass a separate buffer (e.g. ", rname, ".clone())");
+}
+
+}  // namespace harmonica

@@ -1,0 +1,27 @@
+"""harmonica_kernels: fused ops for feature caching in Diffusion Transformers.
+
+Ops (registered as ``torch.ops.harmonica.*`` by the C++ extension, ``torch.ops.harmonica.triton_*``
+by the Triton backend): :func:`cached_gated_residual`, :func:`gated_residual_update_`,
+:func:`routed_gated_residual`, :func:`gated_residual_norm_modulate`. See :mod:`.reference` for the
+maths and ``python -m harmonica_kernels.info`` for what is built here.
+"""
+
+from ._backend import available_backends, get_backend, missing_backends, set_backend, use_backend
+from .ops import (
+    cached_gated_residual,
+    gated_residual_norm_modulate,
+    gated_residual_update_,
+    routed_gated_residual,
+)
+
+__all__ = [
+    "available_backends",
+    "cached_gated_residual",
+    "gated_residual_norm_modulate",
+    "gated_residual_update_",
+    "get_backend",
+    "missing_backends",
+    "routed_gated_residual",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,75 @@
+"""Fake (meta) implementations and autograd wiring shared by every registered backend.
+
+The C++ ops (``harmonica::*``) and the Triton ops (``harmonica::triton_*``) have the same
+signatures, so one set of fake functions and one backward formula serve both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def fake_cached_gated_residual(x, gate, cache):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def fake_gated_residual_update_(x, gate, branch, cache):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def fake_routed_gated_residual(x, gate, branch, cache, r):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def fake_routed_gated_residual_backward(grad_out, gate, branch, cache, r):
+    grad_branch = torch.empty_like(branch, memory_format=torch.contiguous_format)
+    if gate is None:
+        grad_gate = grad_out.new_empty(0)
+    else:
+        grad_gate = gate.new_empty(gate.shape)
+    grad_r = torch.empty_like(r, memory_format=torch.contiguous_format)
+    return grad_branch, grad_gate, grad_r
+
+
+def fake_gated_residual_norm_modulate(x, gate, y, shift, scale, eps, cache, reuse):
+    x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x_out, h
+
+
+FAKES: dict[str, Callable] = {
+    "cached_gated_residual": fake_cached_gated_residual,
+    "gated_residual_update_": fake_gated_residual_update_,
+    "routed_gated_residual": fake_routed_gated_residual,
+    "routed_gated_residual_backward": fake_routed_gated_residual_backward,
+    "gated_residual_norm_modulate": fake_gated_residual_norm_modulate,
+}
+
+
+def register_fakes(prefix: str = "") -> None:
+    """Register the fake impls for ``harmonica::{prefix}{name}`` for every op name."""
+    for name, fn in FAKES.items():
+        torch.library.register_fake(f"harmonica::{prefix}{name}", fn)
+
+
+def register_routed_autograd(prefix: str = "") -> None:
+    """Make ``harmonica::{prefix}routed_gated_residual`` differentiable in x, gate, branch and r
+    through its backward op ``harmonica::{prefix}routed_gated_residual_backward``.
+    The cache gets no gradient (it holds detached values by design)."""
+    backward_op = getattr(torch.ops.harmonica, f"{prefix}routed_gated_residual_backward").default
+
+    def setup_context(ctx, inputs, output):
+        _, gate, branch, cache, r = inputs
+        ctx.has_gate = gate is not None
+        ctx.save_for_backward(gate, branch, cache, r)
+
+    def backward(ctx, grad_out):
+        gate, branch, cache, r = ctx.saved_tensors
+        grad_branch, grad_gate, grad_r = backward_op(grad_out.contiguous(), gate, branch, cache, r)
+        return grad_out, (grad_gate if ctx.has_gate else None), grad_branch, None, grad_r
+
+    torch.library.register_autograd(
+        f"harmonica::{prefix}routed_gated_residual", backward, setup_context=setup_context
+    )
