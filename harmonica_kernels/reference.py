@@ -99,12 +99,3 @@ def gated_residual_norm_modulate(
     h = torch.addcmul(as_row(shift).float(), h, 1 + as_row(scale).float())
     return x_out.to(x.dtype), h.to(x.dtype)
 
-
-def unfused_block_sequence(
-    x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, cache: torch.Tensor
-) -> torch.Tensor:
-    """What a diffusers block with a cache runs today, op by op in the model's dtype:
-    ``x + gate.unsqueeze(1) * branch; cache.copy_(branch)``. The benchmark baseline."""
-    out = x + as_row(gate) * branch
-    cache.copy_(branch)
-    return out

@@ -1,0 +1,393 @@
+"""Triton kernels and their launchers for the harmonica ops.
+
+Every kernel walks ``[B, N, D]`` tensors in tiles of ``[BLOCK_N, BLOCK_D]`` that never cross a
+sample boundary: program ``(pid_bn, pid_d)`` covers sample ``b = pid_bn // n_tiles``, tokens
+``(pid_bn % n_tiles) * BLOCK_N + [0, BLOCK_N)`` and features ``pid_d * BLOCK_D + [0, BLOCK_D)``.
+Keeping a tile inside one sample makes the per-sample vectors (gate, shift, scale) a single
+``[BLOCK_D]`` row load, lets ``grad_gate`` be reduced per tile without atomics, and keeps every
+row segment contiguous for coalesced, vectorised loads.
+
+Per-sample vectors are read as ``ptr + b * stride_b + d`` with the batch stride passed in (``0``
+broadcasts a batch-1 vector), so the strided views that ``chunk()`` returns are used in place.
+Loads are upcast to fp32, arithmetic is fp32, stores round once to the destination's dtype.
+
+The launchers take tensors that the op layer (``ops.py``) has already validated: activations and
+outputs contiguous ``[B, N, D]``, per-sample vectors with unit stride along D.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per program of the elementwise kernels: 4096 keeps a few 16-byte vectors in flight per
+# thread at 4 warps, enough to saturate HBM without spilling.
+_TILE_ELEMENTS = 4096
+# Widest feature tile of the elementwise kernels; a row segment of 128 elements is 256-512
+# contiguous bytes, and D = 1152 (DiT-XL, PixArt) splits into 9 full tiles.
+_MAX_BLOCK_D = 128
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Decided by triton when a kernel is decorated: with TRITON_INTERPRET=1 (set before triton's first
+# import) kernels run on the host over CPU tensors; otherwise they need GPU tensors.
+INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)
+
+if INTERPRETED:
+
+    @triton.jit
+    def _cast_for_store(v, dst: tl.constexpr):
+        """The interpreter (triton 3.9) truncates fp32 -> bf16 where the GPU rounds to nearest even;
+        round explicitly so interpreted results match the GPU and torch bit for bit."""
+        if dst == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return v.to(dst)
+
+else:
+
+    @triton.jit
+    def _cast_for_store(v, dst: tl.constexpr):
+        return v.to(dst)
+
+
+@triton.jit
+def _tile_offsets(N, D, n_tiles, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sample index, flat [BLOCK_N, BLOCK_D] offsets into a [B, N, D] tensor, the feature offsets
+    and the in-bounds mask of this program's tile."""
+    pid_bn = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = pid_bn // n_tiles
+    n = (pid_bn % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    mask = (n < N)[:, None] & d_mask[None, :]
+    # int64 before scaling by D: B * N * D may exceed 2**31 for large batches of long sequences.
+    rows = (b * N + n).to(tl.int64)
+    offsets = rows[:, None] * D + d[None, :]
+    return b, offsets, d, d_mask, mask
+
+
+@triton.jit
+def _gated_residual_kernel(
+    x_ptr,
+    gate_ptr,
+    value_ptr,
+    out_ptr,
+    cache_ptr,
+    N,
+    D,
+    gate_stride_b,
+    n_tiles,
+    HAS_GATE: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out = x + gate * value; with WRITE_CACHE also cache = value (same pass)."""
+    b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
+    value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        out = x + gate[None, :] * value.to(tl.float32)
+    else:
+        out = x + value.to(tl.float32)
+    tl.store(out_ptr + offsets, _cast_for_store(out, out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_CACHE:
+        tl.store(cache_ptr + offsets, _cast_for_store(value, cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _routed_gated_residual_kernel(
+    x_ptr,
+    gate_ptr,
+    branch_ptr,
+    cache_ptr,
+    r_ptr,
+    out_ptr,
+    N,
+    D,
+    gate_stride_b,
+    n_tiles,
+    HAS_GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out = x + gate * (r * branch + (1 - r) * cache); r read from device memory (no host sync)."""
+    b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
+    r = tl.load(r_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    branch = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    cache = tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    mixed = cache + r * (branch - cache)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        out = x + gate[None, :] * mixed
+    else:
+        out = x + mixed
+    tl.store(out_ptr + offsets, _cast_for_store(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _routed_gated_residual_backward_kernel(
+    grad_out_ptr,
+    gate_ptr,
+    branch_ptr,
+    cache_ptr,
+    r_ptr,
+    grad_branch_ptr,
+    partial_gate_ptr,
+    partial_r_ptr,
+    N,
+    D,
+    gate_stride_b,
+    n_tiles,
+    HAS_GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad_branch = g * gate * r (stored); per-tile fp32 partial sums of g * mixed over the tile's
+    tokens (-> partial_gate[b, n_tile, d]) and of g * gate * (branch - cache) over the whole tile
+    (-> partial_r[pid_bn, pid_d]). Masked lanes load 0, so they add nothing to the sums."""
+    b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
+    r = tl.load(r_ptr).to(tl.float32)
+    g = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    branch = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    cache = tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    diff = branch - cache
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        g_gated = g * gate[None, :]
+        mixed = cache + r * diff
+        pid_bn = tl.program_id(0)
+        partial_gate = tl.sum(g * mixed, axis=0)
+        tl.store(partial_gate_ptr + pid_bn.to(tl.int64) * D + d, partial_gate, mask=d_mask)
+    else:
+        g_gated = g
+    tl.store(grad_branch_ptr + offsets, _cast_for_store(g_gated * r, grad_branch_ptr.dtype.element_ty), mask=mask)
+    partial_r = tl.sum(tl.sum(g_gated * diff, axis=1), axis=0)
+    tl.store(partial_r_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), partial_r)
+
+
+@triton.jit
+def _gated_residual_norm_modulate_kernel(
+    x_ptr,
+    gate_ptr,
+    value_ptr,
+    shift_ptr,
+    scale_ptr,
+    x_out_ptr,
+    h_ptr,
+    cache_ptr,
+    N,
+    D,
+    gate_stride_b,
+    shift_stride_b,
+    scale_stride_b,
+    n_tiles,
+    eps,
+    HAS_GATE: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """x_out = x + gate * value (cache = value with WRITE_CACHE); h = LayerNorm(x_out) * (1 + scale)
+    + shift over D, biased variance, from the fp32 x_out. BLOCK_D covers the whole row."""
+    b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
+    value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        x_out = x + gate[None, :] * value.to(tl.float32)
+    else:
+        x_out = x + value.to(tl.float32)
+    tl.store(x_out_ptr + offsets, _cast_for_store(x_out, x_out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_CACHE:
+        tl.store(cache_ptr + offsets, _cast_for_store(value, cache_ptr.dtype.element_ty), mask=mask)
+
+    # Two-pass statistics on the registers already holding the row (masked lanes are 0 in x_out
+    # and are zeroed again after centring).
+    mean = tl.sum(x_out, axis=1) / D
+    centred = tl.where(mask, x_out - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    shift = tl.load(shift_ptr + b * shift_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * scale_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+    h = centred * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    tl.store(h_ptr + offsets, _cast_for_store(h, h_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Shapes are [B, N, D]; `*_stride_b` are batch strides in elements (0 = broadcast).
+
+
+def _elementwise_grid(B: int, N: int, D: int) -> tuple[tuple[int, int], int, int, int]:
+    """(grid, BLOCK_N, BLOCK_D, n_tiles) for the elementwise kernels."""
+    block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
+    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
+    n_tiles = triton.cdiv(N, block_n)
+    return (B * n_tiles, triton.cdiv(D, block_d)), block_n, block_d, n_tiles
+
+
+def launch_gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    gate_stride_b: int,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    cache_out: torch.Tensor | None,
+) -> None:
+    """out = x + gate * value; cache_out[:] = value when given."""
+    B, N, D = x.shape
+    if x.numel() == 0:
+        return
+    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
+    _gated_residual_kernel[grid](
+        x,
+        gate if gate is not None else x,
+        value,
+        out,
+        cache_out if cache_out is not None else out,
+        N,
+        D,
+        gate_stride_b,
+        n_tiles,
+        HAS_GATE=gate is not None,
+        WRITE_CACHE=cache_out is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def launch_routed_gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    gate_stride_b: int,
+    branch: torch.Tensor,
+    cache: torch.Tensor,
+    r: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """out = x + gate * (r * branch + (1 - r) * cache)."""
+    B, N, D = x.shape
+    if x.numel() == 0:
+        return
+    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
+    _routed_gated_residual_kernel[grid](
+        x,
+        gate if gate is not None else x,
+        branch,
+        cache,
+        r,
+        out,
+        N,
+        D,
+        gate_stride_b,
+        n_tiles,
+        HAS_GATE=gate is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def launch_routed_gated_residual_backward(
+    grad_out: torch.Tensor,
+    gate: torch.Tensor | None,
+    gate_stride_b: int,
+    branch: torch.Tensor,
+    cache: torch.Tensor,
+    r: torch.Tensor,
+    grad_branch: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Writes grad_branch; returns the fp32 sums (grad_gate_rows [B, D] or None, grad_r scalar).
+
+    The kernel leaves one fp32 partial per (sample, token tile, feature) for the gate and one per
+    program for r; the last reduction runs as a torch sum on the same device (no host sync)."""
+    B, N, D = grad_out.shape
+    device = grad_out.device
+    if grad_out.numel() == 0:
+        rows = torch.zeros(B, D, dtype=torch.float32, device=device) if gate is not None else None
+        return rows, torch.zeros((), dtype=torch.float32, device=device)
+    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
+    partial_r = torch.empty(grid, dtype=torch.float32, device=device)
+    partial_gate = (
+        torch.empty(B, n_tiles, D, dtype=torch.float32, device=device) if gate is not None else partial_r
+    )
+    _routed_gated_residual_backward_kernel[grid](
+        grad_out,
+        gate if gate is not None else grad_out,
+        branch,
+        cache,
+        r,
+        grad_branch,
+        partial_gate,
+        partial_r,
+        N,
+        D,
+        gate_stride_b,
+        n_tiles,
+        HAS_GATE=gate is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    grad_gate_rows = partial_gate.sum(dim=1) if gate is not None else None
+    return grad_gate_rows, partial_r.sum()
+
+
+def launch_gated_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    gate_stride_b: int,
+    value: torch.Tensor,
+    shift: torch.Tensor,
+    shift_stride_b: int,
+    scale: torch.Tensor,
+    scale_stride_b: int,
+    eps: float,
+    x_out: torch.Tensor,
+    h: torch.Tensor,
+    cache_out: torch.Tensor | None,
+) -> None:
+    """x_out = x + gate * value (cache_out[:] = value when given); h = LN(x_out) * (1 + scale) + shift."""
+    B, N, D = x.shape
+    if x.numel() == 0:
+        return
+    block_d = triton.next_power_of_2(D)
+    # A few short rows per program so small D still moves a useful amount per program; long rows
+    # get one row each and more warps.
+    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
+    n_tiles = triton.cdiv(N, block_n)
+    num_warps = min(16, max(4, block_n * block_d // 512))
+    _gated_residual_norm_modulate_kernel[(B * n_tiles, 1)](
+        x,
+        gate if gate is not None else x,
+        value,
+        shift,
+        scale,
+        x_out,
+        h,
+        cache_out if cache_out is not None else x_out,
+        N,
+        D,
+        gate_stride_b,
+        shift_stride_b,
+        scale_stride_b,
+        n_tiles,
+        eps,
+        HAS_GATE=gate is not None,
+        WRITE_CACHE=cache_out is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )

@@ -1,0 +1,256 @@
+"""Registration of the Triton-backed ops ``harmonica::triton_*``.
+
+Each op is a ``torch.library.custom_op`` with the signature of its C++ twin in
+``csrc/bindings.cpp``; fake impls and the autograd formula are shared with the C++ backend
+(``harmonica_kernels._meta``). ``custom_op`` + an explicit fake (rather than ``triton_op`` +
+``wrap_triton``) is what passes ``opcheck`` and ``torch.compile(fullgraph=True)`` both on a GPU and
+under ``TRITON_INTERPRET=1``.
+
+The wrappers validate their arguments (clear ``ValueError``s), allocate every output (contiguous,
+x's dtype, never a view of an input) and launch one kernel; per-sample vectors are passed with
+their batch stride, never copied.
+"""
+
+from typing import Optional
+
+import torch
+
+from .._meta import register_fakes, register_routed_autograd
+from . import kernels
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# True under TRITON_INTERPRET=1: kernels run on the host over CPU tensors.
+INTERPRETED = kernels.INTERPRETED
+
+
+def _check_x(x: torch.Tensor, name: str = "x") -> None:
+    if x.dim() != 3:
+        raise ValueError(f"harmonica: {name} must be [B, N, D], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"harmonica: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if not INTERPRETED and x.device.type == "cpu":
+        raise ValueError(
+            "harmonica: the triton backend needs GPU tensors (set TRITON_INTERPRET=1 before importing "
+            "triton to run its kernels on the CPU); use the cpp or torch backend for CPU tensors"
+        )
+
+
+def _check_like_x(t: torch.Tensor, x: torch.Tensor, name: str, same_dtype: bool, x_name: str = "x") -> None:
+    if t.shape != x.shape:
+        raise ValueError(f"harmonica: {name} must have {x_name}'s shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"harmonica: {name} is on {t.device} but {x_name} is on {x.device}")
+    if same_dtype and t.dtype != x.dtype:
+        raise ValueError(f"harmonica: {name} has dtype {t.dtype} but {x_name} has {x.dtype}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"harmonica: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _row_vector_batch_stride(v: torch.Tensor, x: torch.Tensor, name: str) -> int:
+    """Validate a per-sample vector ([B, D] or [B, 1, D], batch B or 1, x's dtype/device, unit
+    stride along D) and return its batch stride in elements (0 when it broadcasts)."""
+    B, _, D = x.shape
+    ok_shape = (v.dim() == 2 and v.shape[1] == D) or (v.dim() == 3 and v.shape[1] == 1 and v.shape[2] == D)
+    if not ok_shape or v.shape[0] not in (B, 1):
+        raise ValueError(
+            f"harmonica: {name} must be [B, D] or [B, 1, D] with B={B} (or 1) and D={D}, got {tuple(v.shape)}"
+        )
+    if v.device != x.device:
+        raise ValueError(f"harmonica: {name} is on {v.device} but x is on {x.device}")
+    if v.dtype != x.dtype:
+        raise ValueError(f"harmonica: {name} has dtype {v.dtype} but x has {x.dtype}")
+    if D > 1 and v.stride(-1) != 1:
+        raise ValueError(f"harmonica: {name} must have unit stride along D, got strides {v.stride()}")
+    return 0 if v.shape[0] == 1 else v.stride(0)
+
+
+def _check_r(r: torch.Tensor, x: torch.Tensor) -> None:
+    if r.numel() != 1:
+        raise ValueError(f"harmonica: r must hold exactly one element, got shape {tuple(r.shape)}")
+    if r.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise ValueError(f"harmonica: r must be a floating tensor, got {r.dtype}")
+    if r.device != x.device:
+        raise ValueError(f"harmonica: r is on {r.device} but x is on {x.device}")
+
+
+def _check_writable_cache(cache: torch.Tensor, x: torch.Tensor, reads: dict[str, Optional[torch.Tensor]]) -> None:
+    """The cache is written in place: it must be contiguous and must not share memory with
+    anything the kernel reads (other programs may still be reading it)."""
+    _check_like_x(cache, x, "cache", same_dtype=False)
+    if not cache.is_contiguous():
+        raise ValueError(
+            "harmonica: cache is written in place and must be contiguous; allocate it with "
+            "torch.empty_like(x) (or call .contiguous() once and keep that buffer)"
+        )
+    for name, t in reads.items():
+        if t is not None and torch._C._overlaps(cache, t):
+            raise ValueError(
+                f"harmonica: cache shares memory with {name}; pass a separate buffer (e.g. {name}.clone())"
+            )
+
+
+class _on_device:
+    """Make x's GPU current for the launch (triton launches on the current device)."""
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, x: torch.Tensor):
+        self._guard = torch.cuda.device(x.device) if x.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self._guard is not None:
+            self._guard.__enter__()
+
+    def __exit__(self, *exc):
+        if self._guard is not None:
+            self._guard.__exit__(*exc)
+
+
+def _gate_stride(gate: Optional[torch.Tensor], x: torch.Tensor) -> int:
+    return 0 if gate is None else _row_vector_batch_stride(gate, x, "gate")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops. Signatures mirror csrc/bindings.cpp exactly (names, order, types, no defaults).
+
+
+@torch.library.custom_op("harmonica::triton_cached_gated_residual", mutates_args=())
+def triton_cached_gated_residual(x: torch.Tensor, gate: Optional[torch.Tensor], cache: torch.Tensor) -> torch.Tensor:
+    """out = x + gate * cache. x, cache [B, N, D] (cache in any float dtype); gate [B, D] or
+    [B, 1, D] (batch B or 1, any batch stride) or None; out contiguous in x's dtype."""
+    _check_x(x)
+    _check_like_x(cache, x, "cache", same_dtype=False)
+    gate_stride_b = _gate_stride(gate, x)
+    x, cache = x.contiguous(), cache.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_gated_residual(x, gate, gate_stride_b, cache, out, None)
+    return out
+
+
+@torch.library.custom_op("harmonica::triton_gated_residual_update_", mutates_args=("cache",))
+def triton_gated_residual_update_(
+    x: torch.Tensor, gate: Optional[torch.Tensor], branch: torch.Tensor, cache: torch.Tensor
+) -> torch.Tensor:
+    """out = x + gate * branch and cache[:] = branch (rounded to cache's dtype), one pass.
+    cache must be contiguous and must not overlap x, gate or branch."""
+    _check_x(x)
+    _check_like_x(branch, x, "branch", same_dtype=True)
+    gate_stride_b = _gate_stride(gate, x)
+    _check_writable_cache(cache, x, {"x": x, "gate": gate, "branch": branch})
+    x, branch = x.contiguous(), branch.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_gated_residual(x, gate, gate_stride_b, branch, out, cache)
+    return out
+
+
+@torch.library.custom_op("harmonica::triton_routed_gated_residual", mutates_args=())
+def triton_routed_gated_residual(
+    x: torch.Tensor, gate: Optional[torch.Tensor], branch: torch.Tensor, cache: torch.Tensor, r: torch.Tensor
+) -> torch.Tensor:
+    """out = x + gate * (r * branch + (1 - r) * cache); r a one-element tensor read by the kernel."""
+    _check_x(x)
+    _check_like_x(branch, x, "branch", same_dtype=True)
+    _check_like_x(cache, x, "cache", same_dtype=False)
+    _check_r(r, x)
+    gate_stride_b = _gate_stride(gate, x)
+    x, branch, cache = x.contiguous(), branch.contiguous(), cache.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_routed_gated_residual(x, gate, gate_stride_b, branch, cache, r, out)
+    return out
+
+
+@torch.library.custom_op("harmonica::triton_routed_gated_residual_backward", mutates_args=())
+def triton_routed_gated_residual_backward(
+    grad_out: torch.Tensor, gate: Optional[torch.Tensor], branch: torch.Tensor, cache: torch.Tensor, r: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_branch, grad_gate, grad_r) of routed_gated_residual, sums accumulated in fp32.
+
+    grad_branch = grad_out * gate * r (branch's dtype); grad_gate = sum over tokens (and over the
+    batch when gate's batch is 1) of grad_out * mixed, in gate's shape and dtype, or an empty
+    tensor when gate is None; grad_r = sum(grad_out * gate * (branch - cache)) in r's shape/dtype.
+    """
+    _check_x(grad_out, "grad_out")
+    _check_like_x(branch, grad_out, "branch", same_dtype=False, x_name="grad_out")
+    _check_like_x(cache, grad_out, "cache", same_dtype=False, x_name="grad_out")
+    _check_r(r, grad_out)
+    gate_stride_b = _gate_stride(gate, grad_out)
+    grad_out, branch, cache = grad_out.contiguous(), branch.contiguous(), cache.contiguous()
+    grad_branch = torch.empty_like(branch, memory_format=torch.contiguous_format)
+    with _on_device(grad_out):
+        gate_rows, r_sum = kernels.launch_routed_gated_residual_backward(
+            grad_out, gate, gate_stride_b, branch, cache, r, grad_branch
+        )
+    if gate is None:
+        grad_gate = grad_out.new_empty(0)
+    else:
+        if gate.shape[0] == 1:
+            gate_rows = gate_rows.sum(dim=0, keepdim=True)
+        # .to() always copies here (fp32 -> gate dtype) or reshapes a fresh sum: never an alias.
+        grad_gate = gate_rows.reshape(gate.shape).to(gate.dtype)
+    grad_r = r_sum.reshape(r.shape).to(r.dtype)
+    return grad_branch, grad_gate, grad_r
+
+
+@torch.library.custom_op("harmonica::triton_gated_residual_norm_modulate", mutates_args=("cache",))
+def triton_gated_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    y: Optional[torch.Tensor],
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    cache: Optional[torch.Tensor],
+    reuse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_out = x + gate * (cache if reuse else y), cache[:] = y when given and not reuse; then
+    h = LayerNorm(x_out) * (1 + scale) + shift over D (no affine, biased variance, from the fp32
+    x_out). shift/scale like gate ([B, D] or [B, 1, D], batch B or 1, any batch stride).
+    Returns (x_out, h), contiguous in x's dtype."""
+    _check_x(x)
+    if reuse:
+        if cache is None:
+            raise ValueError("harmonica: reuse=True needs a cache to read from")
+        if y is not None:
+            raise ValueError("harmonica: reuse=True reads the cache; pass y=None")
+    elif y is None:
+        raise ValueError("harmonica: y is required unless reuse=True")
+    gate_stride_b = _gate_stride(gate, x)
+    shift_stride_b = _row_vector_batch_stride(shift, x, "shift")
+    scale_stride_b = _row_vector_batch_stride(scale, x, "scale")
+    x = x.contiguous()
+    if reuse:
+        _check_like_x(cache, x, "cache", same_dtype=False)
+        value, cache_out = cache.contiguous(), None
+    else:
+        _check_like_x(y, x, "y", same_dtype=True)
+        value, cache_out = y.contiguous(), cache
+        if cache is not None:
+            _check_writable_cache(
+                cache, x, {"x": x, "gate": gate, "y": y, "shift": shift, "scale": scale}
+            )
+    x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_gated_residual_norm_modulate(
+            x,
+            gate,
+            gate_stride_b,
+            value,
+            shift,
+            shift_stride_b,
+            scale,
+            scale_stride_b,
+            float(eps),
+            x_out,
+            h,
+            cache_out,
+        )
+    return x_out, h
+
+
+register_fakes("triton_")
+register_routed_autograd("triton_")
