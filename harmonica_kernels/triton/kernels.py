@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per program of the elementwise kernels: 4096 keeps a few 16-byte vectors in flight per
-# thread at 4 warps, enough to saturate HBM without spilling.
+# Elements per program: 4096 at 8 warps is 16 per thread, i.e. a few 16-byte vector loads in flight
+# per tensor per thread. Compiled for sm_90 this needs 39-64 registers in the elementwise kernels
+# (no spills); 4 warps at this tile needed up to 128 registers (backward), halving occupancy.
 _TILE_ELEMENTS = 4096
 # Widest feature tile of the elementwise kernels; a row segment of 128 elements is 256-512
 # contiguous bytes, and D = 1152 (DiT-XL, PixArt) splits into 9 full tiles.
@@ -56,6 +57,14 @@ else:
     @triton.jit
     def _cast_for_store(v, dst: tl.constexpr):
         return v.to(dst)
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    """torch.lerp's formula, exact at both ends: weight 1 gives `end` itself, so r = 1 reproduces
+    the compute path bit for bit (start + weight * (end - start) need not)."""
+    diff = end - start
+    return tl.where(tl.abs(weight) < 0.5, tl.fma(weight, diff, start), tl.fma(-diff, 1.0 - weight, end))
 
 
 @triton.jit
@@ -97,7 +106,7 @@ def _gated_residual_kernel(
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
-        out = x + gate[None, :] * value.to(tl.float32)
+        out = tl.fma(gate[None, :], value.to(tl.float32), x)
     else:
         out = x + value.to(tl.float32)
     tl.store(out_ptr + offsets, _cast_for_store(out, out_ptr.dtype.element_ty), mask=mask)
@@ -127,10 +136,10 @@ def _routed_gated_residual_kernel(
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     branch = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     cache = tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    mixed = cache + r * (branch - cache)
+    mixed = _lerp(cache, branch, r)
     if HAS_GATE:
         gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
-        out = x + gate[None, :] * mixed
+        out = tl.fma(gate[None, :], mixed, x)
     else:
         out = x + mixed
     tl.store(out_ptr + offsets, _cast_for_store(out, out_ptr.dtype.element_ty), mask=mask)
@@ -166,13 +175,15 @@ def _routed_gated_residual_backward_kernel(
     if HAS_GATE:
         gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
         g_gated = g * gate[None, :]
-        mixed = cache + r * diff
+        mixed = _lerp(cache, branch, r)
         pid_bn = tl.program_id(0)
         partial_gate = tl.sum(g * mixed, axis=0)
         tl.store(partial_gate_ptr + pid_bn.to(tl.int64) * D + d, partial_gate, mask=d_mask)
     else:
         g_gated = g
-    tl.store(grad_branch_ptr + offsets, _cast_for_store(g_gated * r, grad_branch_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        grad_branch_ptr + offsets, _cast_for_store(g_gated * r, grad_branch_ptr.dtype.element_ty), mask=mask
+    )
     partial_r = tl.sum(tl.sum(g_gated * diff, axis=1), axis=0)
     tl.store(partial_r_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), partial_r)
 
@@ -206,7 +217,7 @@ def _gated_residual_norm_modulate_kernel(
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
-        x_out = x + gate[None, :] * value.to(tl.float32)
+        x_out = tl.fma(gate[None, :], value.to(tl.float32), x)
     else:
         x_out = x + value.to(tl.float32)
     tl.store(x_out_ptr + offsets, _cast_for_store(x_out, x_out_ptr.dtype.element_ty), mask=mask)
@@ -221,12 +232,17 @@ def _gated_residual_norm_modulate_kernel(
     rstd = 1.0 / tl.sqrt(var + eps)
     shift = tl.load(shift_ptr + b * shift_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * scale_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
-    h = centred * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    h = tl.fma(centred * rstd[:, None], 1.0 + scale[None, :], shift[None, :])
     tl.store(h_ptr + offsets, _cast_for_store(h, h_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers. Shapes are [B, N, D]; `*_stride_b` are batch strides in elements (0 = broadcast).
+
+
+def _num_warps(tile_elements: int) -> int:
+    """16 elements per thread, 1 to 8 warps (16 warps for the largest norm rows)."""
+    return min(16, max(1, tile_elements // 512))
 
 
 def _elementwise_grid(B: int, N: int, D: int) -> tuple[tuple[int, int], int, int, int]:
@@ -264,7 +280,7 @@ def launch_gated_residual(
         WRITE_CACHE=cache_out is not None,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=_num_warps(block_n * block_d),
     )
 
 
@@ -296,7 +312,7 @@ def launch_routed_gated_residual(
         HAS_GATE=gate is not None,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=_num_warps(block_n * block_d),
     )
 
 
@@ -339,7 +355,7 @@ def launch_routed_gated_residual_backward(
         HAS_GATE=gate is not None,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=_num_warps(block_n * block_d),
     )
     grad_gate_rows = partial_gate.sum(dim=1) if gate is not None else None
     return grad_gate_rows, partial_r.sum()
@@ -368,7 +384,7 @@ def launch_gated_residual_norm_modulate(
     # get one row each and more warps.
     block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
     n_tiles = triton.cdiv(N, block_n)
-    num_warps = min(16, max(4, block_n * block_d // 512))
+    num_warps = _num_warps(block_n * block_d)
     _gated_residual_norm_modulate_kernel[(B * n_tiles, 1)](
         x,
         gate if gate is not None else x,

@@ -2,16 +2,14 @@
 
 Each op is a ``torch.library.custom_op`` with the signature of its C++ twin in
 ``csrc/bindings.cpp``; fake impls and the autograd formula are shared with the C++ backend
-(``harmonica_kernels._meta``). ``custom_op`` + an explicit fake (rather than ``triton_op`` +
-``wrap_triton``) is what passes ``opcheck`` and ``torch.compile(fullgraph=True)`` both on a GPU and
-under ``TRITON_INTERPRET=1``.
+(``harmonica_kernels._meta``). ``custom_op`` + an explicit fake passes ``opcheck`` and
+``torch.compile(fullgraph=True)`` under ``TRITON_INTERPRET=1``, where ``triton_op`` + ``wrap_triton``
+fails opcheck's fake-tensor test.
 
 The wrappers validate their arguments (clear ``ValueError``s), allocate every output (contiguous,
 x's dtype, never a view of an input) and launch one kernel; per-sample vectors are passed with
 their batch stride, never copied.
 """
-
-from typing import Optional
 
 import torch
 
@@ -38,7 +36,9 @@ def _check_x(x: torch.Tensor, name: str = "x") -> None:
 
 def _check_like_x(t: torch.Tensor, x: torch.Tensor, name: str, same_dtype: bool, x_name: str = "x") -> None:
     if t.shape != x.shape:
-        raise ValueError(f"harmonica: {name} must have {x_name}'s shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"harmonica: {name} must have {x_name}'s shape {tuple(x.shape)}, got {tuple(t.shape)}"
+        )
     if t.device != x.device:
         raise ValueError(f"harmonica: {name} is on {t.device} but {x_name} is on {x.device}")
     if same_dtype and t.dtype != x.dtype:
@@ -74,7 +74,9 @@ def _check_r(r: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"harmonica: r is on {r.device} but x is on {x.device}")
 
 
-def _check_writable_cache(cache: torch.Tensor, x: torch.Tensor, reads: dict[str, Optional[torch.Tensor]]) -> None:
+def _check_writable_cache(
+    cache: torch.Tensor, x: torch.Tensor, reads: dict[str, torch.Tensor | None]
+) -> None:
     """The cache is written in place: it must be contiguous and must not share memory with
     anything the kernel reads (other programs may still be reading it)."""
     _check_like_x(cache, x, "cache", same_dtype=False)
@@ -107,7 +109,7 @@ class _on_device:
             self._guard.__exit__(*exc)
 
 
-def _gate_stride(gate: Optional[torch.Tensor], x: torch.Tensor) -> int:
+def _gate_stride(gate: torch.Tensor | None, x: torch.Tensor) -> int:
     return 0 if gate is None else _row_vector_batch_stride(gate, x, "gate")
 
 
@@ -116,7 +118,9 @@ def _gate_stride(gate: Optional[torch.Tensor], x: torch.Tensor) -> int:
 
 
 @torch.library.custom_op("harmonica::triton_cached_gated_residual", mutates_args=())
-def triton_cached_gated_residual(x: torch.Tensor, gate: Optional[torch.Tensor], cache: torch.Tensor) -> torch.Tensor:
+def triton_cached_gated_residual(
+    x: torch.Tensor, gate: torch.Tensor | None, cache: torch.Tensor
+) -> torch.Tensor:
     """out = x + gate * cache. x, cache [B, N, D] (cache in any float dtype); gate [B, D] or
     [B, 1, D] (batch B or 1, any batch stride) or None; out contiguous in x's dtype."""
     _check_x(x)
@@ -131,7 +135,7 @@ def triton_cached_gated_residual(x: torch.Tensor, gate: Optional[torch.Tensor], 
 
 @torch.library.custom_op("harmonica::triton_gated_residual_update_", mutates_args=("cache",))
 def triton_gated_residual_update_(
-    x: torch.Tensor, gate: Optional[torch.Tensor], branch: torch.Tensor, cache: torch.Tensor
+    x: torch.Tensor, gate: torch.Tensor | None, branch: torch.Tensor, cache: torch.Tensor
 ) -> torch.Tensor:
     """out = x + gate * branch and cache[:] = branch (rounded to cache's dtype), one pass.
     cache must be contiguous and must not overlap x, gate or branch."""
@@ -148,7 +152,7 @@ def triton_gated_residual_update_(
 
 @torch.library.custom_op("harmonica::triton_routed_gated_residual", mutates_args=())
 def triton_routed_gated_residual(
-    x: torch.Tensor, gate: Optional[torch.Tensor], branch: torch.Tensor, cache: torch.Tensor, r: torch.Tensor
+    x: torch.Tensor, gate: torch.Tensor | None, branch: torch.Tensor, cache: torch.Tensor, r: torch.Tensor
 ) -> torch.Tensor:
     """out = x + gate * (r * branch + (1 - r) * cache); r a one-element tensor read by the kernel."""
     _check_x(x)
@@ -165,7 +169,11 @@ def triton_routed_gated_residual(
 
 @torch.library.custom_op("harmonica::triton_routed_gated_residual_backward", mutates_args=())
 def triton_routed_gated_residual_backward(
-    grad_out: torch.Tensor, gate: Optional[torch.Tensor], branch: torch.Tensor, cache: torch.Tensor, r: torch.Tensor
+    grad_out: torch.Tensor,
+    gate: torch.Tensor | None,
+    branch: torch.Tensor,
+    cache: torch.Tensor,
+    r: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_branch, grad_gate, grad_r) of routed_gated_residual, sums accumulated in fp32.
 
@@ -198,12 +206,12 @@ def triton_routed_gated_residual_backward(
 @torch.library.custom_op("harmonica::triton_gated_residual_norm_modulate", mutates_args=("cache",))
 def triton_gated_residual_norm_modulate(
     x: torch.Tensor,
-    gate: Optional[torch.Tensor],
-    y: Optional[torch.Tensor],
+    gate: torch.Tensor | None,
+    y: torch.Tensor | None,
     shift: torch.Tensor,
     scale: torch.Tensor,
     eps: float,
-    cache: Optional[torch.Tensor],
+    cache: torch.Tensor | None,
     reuse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_out = x + gate * (cache if reuse else y), cache[:] = y when given and not reuse; then
@@ -229,9 +237,7 @@ def triton_gated_residual_norm_modulate(
         _check_like_x(y, x, "y", same_dtype=True)
         value, cache_out = y.contiguous(), cache
         if cache is not None:
-            _check_writable_cache(
-                cache, x, {"x": x, "gate": gate, "y": y, "shift": shift, "scale": scale}
-            )
+            _check_writable_cache(cache, x, {"x": x, "gate": gate, "y": y, "shift": shift, "scale": scale})
     x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(x, memory_format=torch.contiguous_format)
     with _on_device(x):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -30,13 +32,14 @@ def op_cases(device):
         "cached_gated_residual": [(x, gate, cache), (x, None, cache)],
         "gated_residual_update_": [(x, gate, branch, cache), (x, None, branch, cache)],
         "routed_gated_residual": [
-            (x.requires_grad_(), gate.detach().requires_grad_(), branch.requires_grad_(), cache, r.requires_grad_())
+            tuple(t.clone().requires_grad_() for t in (x, gate, branch)) + (cache, r.clone().requires_grad_()),
+            (x, None, branch, cache, r),
         ],
-        "routed_gated_residual_backward": [(torch.randn_like(x), gate, branch, cache, r.detach())],
+        "routed_gated_residual_backward": [(torch.randn_like(x), gate, branch, cache, r), (x, None, branch, cache, r)],
         "gated_residual_norm_modulate": [
-            (x.detach(), gate, branch.detach(), shift, scale, 1e-6, None, False),
-            (x.detach(), gate, branch.detach(), shift, scale, 1e-6, cache, False),
-            (x.detach(), None, None, shift, scale, 1e-5, cache, True),
+            (x, gate, branch, shift, scale, 1e-6, None, False),
+            (x, gate, branch, shift, scale, 1e-6, cache, False),
+            (x, None, None, shift, scale, 1e-5, cache, True),
         ],
     }
 
@@ -90,6 +93,8 @@ def test_strided_gates_are_not_copied(backend, device):
     """chunk() views go straight to the kernel: the profiler must see no copy of them."""
     if backend == "torch":
         pytest.skip("the torch reference upcasts with .float(), which copies by design")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton interpreter copies every kernel argument to the host and back")
     x, gate, branch, cache = make_inputs((2, 5, 24), torch.float32, torch.float32, "chunk", device)
     assert not gate.is_contiguous()
     with torch.profiler.profile() as prof:
@@ -132,9 +137,10 @@ def test_bad_input_messages(backend, device):
 
 
 def test_direct_op_calls_fail_cleanly(backend, device):
-    """Callers that bypass the Python checks get a RuntimeError from the kernel's own checks."""
+    """Callers that bypass the Python checks still get a clear error from the op's own checks
+    (RuntimeError from C++ TORCH_CHECK, ValueError from the Triton wrappers)."""
     x, gate, branch, cache = make_inputs((2, 5, 24), torch.float32, torch.float32, "chunk", device)
-    with pytest.raises(RuntimeError, match="x's shape|shape"):
+    with pytest.raises((RuntimeError, ValueError), match="shape"):
         registered(backend, "cached_gated_residual")(x, gate, cache[:, :3].contiguous())
-    with pytest.raises(RuntimeError, match="shares memory|overlap"):
+    with pytest.raises((RuntimeError, ValueError), match="shares memory|overlap"):
         registered(backend, "gated_residual_update_")(x, gate, branch, x)
