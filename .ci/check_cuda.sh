@@ -11,6 +11,14 @@
 #   PYTHON               interpreter whose torch supplies the headers (default python3)
 #   CUDA_CHECK_ARCHS     space-separated compute capabilities (default "80 90")
 #   CUDA_CHECK_VERBOSE=1 print ptxas register/spill usage per kernel
+#   CUDA_CHECK_KEEP=DIR  keep the objects in DIR (e.g. for `cuobjdump -sass DIR/ops.o`)
+#   CUDA_CHECK_COMPILE=0 skip the compile-only step
+#   CUDA_CHECK_LINK=1    also build the whole extension against a CUDA torch (venv below, created
+#                        on first use: ~5.5 GB, CUDA_LINK_TORCH, default torch==2.14.1, a cu130
+#                        wheel), load it, check every op has a CPU and a CUDA kernel (the
+#                        dispatcher rejects mismatched C++ signatures at load time) and that the
+#                        sm_90 code uses 128-bit global loads/stores. ~10-15 min on 2 cores.
+#   CUDA_LINK_VENV       venv for the link step (default /tmp/harmonica_cuvenv)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -63,30 +71,86 @@ if [[ "${CUDA_CHECK_VERBOSE:-0}" == "1" ]]; then
   EXTRA+=("-Xptxas" "-v,-warn-spills")
 fi
 
-OUT_DIR=$(mktemp -d /tmp/harmonica_check_cuda.XXXXXX)
-trap 'rm -rf "$OUT_DIR"' EXIT
+if [[ -n "${CUDA_CHECK_KEEP:-}" ]]; then
+  OUT_DIR=$CUDA_CHECK_KEEP
+  mkdir -p "$OUT_DIR"
+else
+  OUT_DIR=$(mktemp -d /tmp/harmonica_check_cuda.XXXXXX)
+  trap 'rm -rf "$OUT_DIR"' EXIT
+fi
 
 echo "check_cuda: $("$NVCC" --version | tail -n 2 | head -n 1)"
 echo "check_cuda: torch $("$PYTHON" -c 'import torch; print(torch.__version__)') headers; archs: ${CUDA_CHECK_ARCHS:-80 90}"
 status=0
-for src in "${SOURCES[@]}"; do
-  obj="$OUT_DIR/$(basename "${src%.cu}").o"
-  start=$(date +%s)
-  echo "check_cuda: compiling $src"  # compile-only, object discarded
-  if "$NVCC" -c "$src" -o "$obj" \
-      "${TORCH_FLAGS[@]}" -Icsrc \
-      -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
-      --compiler-options '-fPIC' \
-      -O3 -std=c++20 --use_fast_math -lineinfo \
-      "${GENCODE[@]}" "${EXTRA[@]}"; then
-    echo "check_cuda: OK   $src ($(( $(date +%s) - start )) s, $(stat -c %s "$obj") bytes)"
-  else
-    echo "check_cuda: FAIL $src" >&2
-    status=1
+if [[ "${CUDA_CHECK_COMPILE:-1}" != "0" ]]; then
+  for src in "${SOURCES[@]}"; do
+    obj="$OUT_DIR/$(basename "${src%.cu}").o"
+    start=$(date +%s)
+    echo "check_cuda: compiling $src"
+    if "$NVCC" -c "$src" -o "$obj" \
+        "${TORCH_FLAGS[@]}" -Icsrc \
+        -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
+        --compiler-options '-fPIC' \
+        -O3 -std=c++20 --use_fast_math -lineinfo \
+        "${GENCODE[@]}" "${EXTRA[@]}"; then
+      echo "check_cuda: OK   $src ($(( $(date +%s) - start )) s, $(stat -c %s "$obj") bytes)"
+    else
+      echo "check_cuda: FAIL $src" >&2
+      status=1
+    fi
+  done
+  if [[ $status -ne 0 ]]; then
+    echo "check_cuda: FAILED" >&2
+    exit 1
   fi
-done
-if [[ $status -ne 0 ]]; then
-  echo "check_cuda: FAILED" >&2
-  exit 1
+  echo "check_cuda: all ${#SOURCES[@]} CUDA source(s) compiled"
 fi
-echo "check_cuda: all ${#SOURCES[@]} CUDA source(s) compiled"
+
+if [[ "${CUDA_CHECK_LINK:-0}" == "1" ]]; then
+  VENV=${CUDA_LINK_VENV:-/tmp/harmonica_cuvenv}
+  if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
+    echo "check_cuda: creating $VENV with ${CUDA_LINK_TORCH:-torch==2.14.1}"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install -q "${CUDA_LINK_TORCH:-torch==2.14.1}" setuptools wheel ninja pybind11 numpy
+  fi
+  # Build in a copy so the checkout's own (CPU) build is left alone.
+  BUILD_DIR="$OUT_DIR/link"
+  mkdir -p "$BUILD_DIR"
+  tar --exclude=./build --exclude=./.git --exclude='*.so' --exclude='*.egg-info' --exclude=__pycache__ \
+    -cf - . | tar -xf - -C "$BUILD_DIR"
+  start=$(date +%s)
+  echo "check_cuda: building the extension against $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') in $BUILD_DIR"
+  (cd "$BUILD_DIR" && FORCE_CUDA=1 CUDA_HOME="$CUDA_HOME" MAX_JOBS="${MAX_JOBS:-1}" \
+    "$VENV/bin/python" setup.py -q build_ext --inplace)
+  echo "check_cuda: built in $(( $(date +%s) - start )) s"
+  "$VENV/bin/python" - "$BUILD_DIR" <<'PY'
+import glob, os, re, subprocess, sys
+import torch
+so = glob.glob(os.path.join(sys.argv[1], "harmonica_kernels", "_C*.so"))
+assert len(so) == 1, so
+torch.ops.load_library(so[0])  # raises on a C++ signature mismatch between backends
+ops = ["cached_gated_residual", "gated_residual_update_", "routed_gated_residual",
+       "routed_gated_residual_backward", "gated_residual_norm_modulate"]
+missing = [(op, key) for op in ops for key in ("CPU", "CUDA")
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"harmonica::{op}", key)]
+assert not missing, f"ops without a kernel: {missing}"
+print(f"check_cuda: {so[0]} loads; {len(ops)} ops have CPU and CUDA kernels")
+cuobjdump = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+if not os.path.exists(cuobjdump):
+    try:
+        import triton
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    except ImportError:
+        pass
+if os.path.exists(cuobjdump):
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", so[0]], check=True,
+                          capture_output=True, text=True).stdout
+    n_ld, n_st = len(re.findall(r"LDG\.E\.128", sass)), len(re.findall(r"STG\.E\.128", sass))
+    n_fn = sass.count("Function :")
+    print(f"check_cuda: sm_90: {n_fn} kernels, {n_ld} LDG.E.128, {n_st} STG.E.128")
+    assert n_ld > 0 and n_st > 0, "no 128-bit global loads/stores in the sm_90 code"
+else:
+    print("check_cuda: no cuobjdump found; SASS check skipped")
+PY
+  echo "check_cuda: link check passed"
+fi
