@@ -9,6 +9,7 @@ Environment:
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -30,6 +31,12 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    link_flags = []
+    # at::parallel_for is only parallel when the extension itself is compiled with OpenMP
+    # (it then shares torch's libgomp); without it the CPU kernels silently run on one thread.
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )
@@ -38,6 +45,7 @@ def _extensions():
             "harmonica_kernels._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
             include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_link_args=link_flags,
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
@@ -48,6 +56,7 @@ def _extensions():
             "harmonica_kernels._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags},
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 // `import harmonica_kernels._C` only has to run the static registrations below.
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }

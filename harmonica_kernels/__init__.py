@@ -6,13 +6,17 @@ by the Triton backend): :func:`cached_gated_residual`, :func:`gated_residual_upd
 maths and ``python -m harmonica_kernels.info`` for what is built here.
 """
 
-from ._backend import available_backends, get_backend, missing_backends, set_backend, use_backend
+from ._backend import _ensure_loaded, available_backends, get_backend, missing_backends, set_backend, use_backend
 from .ops import (
     cached_gated_residual,
     gated_residual_norm_modulate,
     gated_residual_update_,
     routed_gated_residual,
 )
+
+# Load the extension (and register its fakes and autograd) now rather than on the first op call,
+# which may happen inside a region that torch.compile traces.
+_ensure_loaded()
 
 __all__ = [
     "available_backends",

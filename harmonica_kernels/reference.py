@@ -1,8 +1,9 @@
 """Pure-torch reference implementations of the harmonica ops.
 
 This is the single oracle: the ``torch`` backend, the test reference and the benchmark
-baseline all call these functions. Arithmetic is done in fp32 whatever the input dtype and
-rounded once to the output dtype, which is the contract every fused backend follows.
+baseline all call these functions. Arithmetic is done in fp32 whatever the input dtype (fp64
+for fp64 inputs, which only the reference accepts, for gradcheck) and rounded once to the output
+dtype: the contract every fused backend follows.
 
 Shapes: ``x``, ``branch``, ``y``, ``cache`` are ``[B, N, D]``; ``gate``, ``shift``, ``scale`` are
 ``[B, D]`` or ``[B, 1, D]`` (batch 1 broadcasts); ``r`` holds one element.
@@ -19,11 +20,16 @@ def as_row(v: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(1) if v.dim() == 2 else v
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the accumulation dtype: fp32, or fp64 for fp64 tensors."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _gated(x: torch.Tensor, gate: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """``x + gate * value`` in fp32 (``x + value`` when gate is None)."""
+    """``x + gate * value`` in the accumulation dtype (``x + value`` when gate is None)."""
     if gate is None:
-        return x.float() + value.float()
-    return torch.addcmul(x.float(), as_row(gate).float(), value.float())
+        return _acc(x) + _acc(value)
+    return torch.addcmul(_acc(x), _acc(as_row(gate)), _acc(value))
 
 
 def cached_gated_residual(x: torch.Tensor, gate: torch.Tensor | None, cache: torch.Tensor) -> torch.Tensor:
@@ -44,8 +50,7 @@ def routed_gated_residual(
     x: torch.Tensor, gate: torch.Tensor | None, branch: torch.Tensor, cache: torch.Tensor, r: torch.Tensor
 ) -> torch.Tensor:
     """``out = x + gate * (r * branch + (1 - r) * cache)``; differentiable in x, gate, branch, r."""
-    rf = r.float().reshape(())
-    mixed = torch.lerp(cache.float(), branch.float(), rf)
+    mixed = torch.lerp(_acc(cache), _acc(branch), _acc(r).reshape(()))
     return _gated(x, gate, mixed).to(x.dtype)
 
 
@@ -57,16 +62,15 @@ def routed_gated_residual_backward(
     ``grad_x`` is ``grad_out`` itself. ``grad_gate`` has the gate's shape (empty when gate is None);
     reductions over tokens and batch are accumulated in fp32.
     """
-    g = grad_out.float()
-    rf = r.float().reshape(())
-    gate_f = as_row(gate).float() if gate is not None else None
-    g_gated = g * gate_f if gate_f is not None else g
+    g = _acc(grad_out)
+    rf = _acc(r).reshape(())
+    g_gated = g if gate is None else g * _acc(as_row(gate))
     grad_branch = (g_gated * rf).to(branch.dtype)
-    grad_r = (g_gated * (branch.float() - cache.float())).sum().reshape(r.shape).to(r.dtype)
+    grad_r = (g_gated * (_acc(branch) - _acc(cache))).sum().reshape(r.shape).to(r.dtype)
     if gate is None:
         grad_gate = grad_out.new_empty(0)
     else:
-        mixed = torch.lerp(cache.float(), branch.float(), rf)
+        mixed = torch.lerp(_acc(cache), _acc(branch), rf)
         per_row = (g * mixed).sum(dim=1, keepdim=True)  # [B, 1, D]
         if gate.shape[0] == 1:
             per_row = per_row.sum(dim=0, keepdim=True)
@@ -96,6 +100,6 @@ def gated_residual_norm_modulate(
     if cache is not None and not reuse:
         cache.copy_(y)
     h = F.layer_norm(x_out, (x.shape[-1],), eps=eps)
-    h = torch.addcmul(as_row(shift).float(), h, 1 + as_row(scale).float())
+    h = torch.addcmul(_acc(as_row(shift)), h, 1 + _acc(as_row(scale)))
     return x_out.to(x.dtype), h.to(x.dtype)
 

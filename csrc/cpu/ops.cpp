@@ -1,218 +1,182 @@
-// CPU kernels of the harmonica ops. Schemas: ../bindings.cpp; exact semantics (the oracle):
-// harmonica_kernels/reference.py.
+// CPU ops of the `harmonica` library. Schemas: ../bindings.cpp; exact semantics (the oracle):
+// harmonica_kernels/reference.py. This file checks arguments, allocates outputs and splits the
+// work; the vector kernels are in kernels.h.
 //
 // Every op sees x as B*N rows of D contiguous elements. Row `row` belongs to sample row / N, whose
 // gate / shift / scale row starts at data + (row / N) * batch_stride (stride 0 broadcasts), so
 // strided views from chunk() are read in place. at::parallel_for splits the rows; arithmetic is
 // fp32 and every value is rounded once, on store.
 //
-// Vectorisation: the per-row loops are plain C++ that GCC auto-vectorises at -O3. The one function
-// that runs a range of rows is multiversioned with target_clones: an x86-64-v3 (AVX2/FMA) clone
-// and a baseline clone, picked at load time by an ifunc, so the binary stays portable (no -march)
-// and the row loops, inlined into each clone, are vectorised for its ISA. We use our own fp16/bf16
-// <-> fp32 conversions because c10's are not vectorisable (c10::Half goes through scalar code):
-// they are the same branch-free, bit-exact formulas, written so that the vectoriser accepts them.
-// Sums use kLanes independent accumulators, which vectorise without -ffast-math and do not depend
-// on the thread count.
+// Vectorisation. The kernels work on 8 fp32 lanes in a GCC vector type (f32x8: one AVX2 register,
+// two SSE/NEON registers). kernels.h is compiled twice: for the baseline ISA, and for
+// AVX2 + FMA + F16C under #pragma GCC target, where fp16 converts with F16C (one instruction
+// instead of ~15, which otherwise makes fp16 kernels compute-bound, 3x slower than torch's). The
+// set is picked at run time from cpuid, so the binary needs no -march flag and runs on any
+// x86-64 or non-x86 machine. (ATen's at::vec::Vectorized would only be wide with per-ISA
+// CPU_CAPABILITY compile flags, which an extension build does not get.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
-#define HARMONICA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+// The AVX2 kernels need GCC's #pragma GCC target; other compilers build the baseline ones only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HARMONICA_AVX2_KERNELS 1
+#include <immintrin.h>
 #else
-#define HARMONICA_MULTIVERSION
+#define HARMONICA_AVX2_KERNELS 0
 #endif
 
-#if defined(__GNUC__)
-#define HARMONICA_INLINE inline __attribute__((always_inline))
-#else
-#define HARMONICA_INLINE inline
+// f32x8 values cross function boundaries only inside inlined code, so GCC's -Wpsabi notes that
+// their ABI differs with and without AVX do not apply. (Vector parameters are passed by const
+// reference: the note on by-value parameters ignores this pragma once <immintrin.h> is included.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
+
+#define HARMONICA_INLINE inline __attribute__((always_inline))
+#define HARMONICA_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace harmonica {
 namespace {
 
-// ---- fp16 / bf16 <-> fp32, bit-exact with c10 (round to nearest even, quiet NaN) ----------------
+// ---- types shared by both kernel sets -----------------------------------------------------------
 
-HARMONICA_INLINE float half_bits_to_float(uint16_t h) {
-  // fp16 -> fp32 (the FP16 library's formula, as in c10): rescale normals through the exponent,
-  // rebuild subnormals with a magic-number subtraction.
-  const uint32_t w = uint32_t{h} << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude =
-      two_w < (1u << 27) ? std::bit_cast<uint32_t>(denormalized) : std::bit_cast<uint32_t>(normalized);
-  return std::bit_cast<float>(sign | magnitude);
-}
+using f32x8 = float __attribute__((vector_size(32)));
+using u32x8 = uint32_t __attribute__((vector_size(32)));
+using i32x8 = int32_t __attribute__((vector_size(32)));
+using u16x8 = uint16_t __attribute__((vector_size(16)));
+constexpr int64_t kW = 8;
 
-HARMONICA_INLINE uint16_t float_to_half_bits(float f) {
-  // fp32 -> fp16: overflow to inf by scaling, then round by adding a power of two that leaves the
-  // fp16 mantissa in the low float bits.
-  const float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = std::bit_cast<uint32_t>(f);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t bias = std::max(shl1_w & 0xFF000000u, 0x71000000u);
-  const uint32_t bits = std::bit_cast<uint32_t>(std::bit_cast<float>((bias >> 1) + 0x07800000u) + base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
-
-HARMONICA_INLINE uint16_t float_to_bfloat16_bits(float f) {
-  const uint32_t w = std::bit_cast<uint32_t>(f);
-  const uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
-}
-
-HARMONICA_INLINE float to_float(float v) { return v; }
-HARMONICA_INLINE float to_float(c10::Half v) { return half_bits_to_float(v.x); }
-HARMONICA_INLINE float to_float(c10::BFloat16 v) { return std::bit_cast<float>(uint32_t{v.x} << 16); }
-
+// A per-sample row vector (gate, shift, scale): base pointer and batch stride in elements.
 template <class T>
-HARMONICA_INLINE T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return c10::Half(float_to_half_bits(v), c10::Half::from_bits());
-  } else {
-    static_assert(std::is_same_v<T, c10::BFloat16>);
-    return c10::BFloat16(float_to_bfloat16_bits(v), c10::BFloat16::from_bits());
-  }
-}
-
-// ---- sums -------------------------------------------------------------------------------------
-
-constexpr int kLanes = 16;
-
-// sum of term(d) for d in [0, D), in kLanes fp32 accumulators.
-template <class Term>
-HARMONICA_INLINE float lane_sum(int64_t D, const Term& term) {
-  float acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += term(d + l);
-  }
-  for (int l = 0; d < D; ++d, ++l) acc[l] += term(d);
-  float total = 0.f;
-  for (float a : acc) total += a;
-  return total;
-}
-
-// ---- row loops (restrict-qualified parameters let GCC vectorise without alias checks) -----------
+struct RowVector {
+  const T* data;
+  int64_t batch_stride;
+  const T* row(int64_t sample) const { return data + sample * batch_stride; }
+};
 
 template <class T, class V>
-HARMONICA_INLINE void gated_row(const T* __restrict x, const T* __restrict gate, const V* __restrict value,
-                                T* __restrict out, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(to_float(x[d]) + to_float(gate[d]) * to_float(value[d]));
-}
-
-template <class T, class C>
-HARMONICA_INLINE void gated_update_row(const T* __restrict x, const T* __restrict gate, const T* __restrict branch,
-                                       T* __restrict out, C* __restrict cache, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) {
-    const float b = to_float(branch[d]);
-    out[d] = from_float<T>(to_float(x[d]) + to_float(gate[d]) * b);
-    cache[d] = from_float<C>(b);
-  }
-}
-
-// torch.lerp(cache, branch, r) with torch's formula, so r = 0 gives cache and r = 1 branch exactly.
-struct Lerp {
-  float weight;
-  bool from_branch;
-  explicit Lerp(float r) : weight(std::fabs(r) < 0.5f ? r : r - 1.f), from_branch(std::fabs(r) >= 0.5f) {}
-  HARMONICA_INLINE float operator()(float cache, float branch) const {
-    return (from_branch ? branch : cache) + weight * (branch - cache);
-  }
+struct GatedResidualArgs {
+  const T* x;
+  RowVector<T> gate;
+  const V* value;
+  T* out;
+  int64_t N, D;
 };
 
 template <class T, class C>
-HARMONICA_INLINE void routed_row(const T* __restrict x, const T* __restrict gate, const T* __restrict branch,
-                                 const C* __restrict cache, T* __restrict out, Lerp lerp, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) {
-    const float mixed = lerp(to_float(cache[d]), to_float(branch[d]));
-    out[d] = from_float<T>(to_float(x[d]) + to_float(gate[d]) * mixed);
-  }
+struct GatedResidualUpdateArgs {
+  const T* x;
+  RowVector<T> gate;
+  const T* branch;
+  T* out;
+  C* cache;
+  int64_t N, D;
+};
+
+template <class T, class C>
+struct RoutedArgs {
+  const T* x;
+  RowVector<T> gate;
+  const T* branch;
+  const C* cache;
+  T* out;
+  float r;
+  int64_t N, D;
+};
+
+// The reductions over tokens run in fixed blocks of block_rows rows of one sample (independent of
+// the thread count, so results are reproducible).
+template <class T, class C>
+struct RoutedBackwardArgs {
+  const T* grad_out;
+  RowVector<T> gate;
+  const T* branch;
+  const C* cache;
+  T* grad_branch;
+  float* partial_gate;  // [blocks, D]; unused without a gate
+  double* partial_r;    // [blocks]
+  float r;
+  int64_t N, D, block_rows, blocks_per_sample;
+};
+
+// C = NoCacheWrite: no cache is written.
+struct NoCacheWrite {};
+
+template <class T, class V, class C>
+struct NormModulateArgs {
+  const T* x;
+  RowVector<T> gate;
+  const V* value;  // y, or the cache when reused
+  C* cache;
+  RowVector<T> shift, scale;
+  T* x_out;
+  T* h;
+  float eps;
+  int64_t N, D;
+};
+
+// ---- the two kernel sets ------------------------------------------------------------------------
+// Both copies live in this file's anonymous namespace, so the linker never merges an AVX2
+// instantiation with a baseline one; every header is included above, before the target pragma, so
+// no library inline function is compiled for AVX2 either.
+
+namespace baseline {
+#include "kernels.h"
+}  // namespace baseline
+
+#if HARMONICA_AVX2_KERNELS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define HARMONICA_KERNELS_AVX2 1
+#include "kernels.h"
+#undef HARMONICA_KERNELS_AVX2
+}  // namespace avx2
+#pragma GCC pop_options
+
+// HARMONICA_CPU_BASELINE=1 forces the baseline kernels, so that tests can cover them on any machine.
+bool use_avx2() {
+  static const bool enabled = [] {
+    const char* force_baseline = std::getenv("HARMONICA_CPU_BASELINE");
+    if (force_baseline != nullptr && std::string_view(force_baseline) == "1") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return enabled;
 }
+#endif
 
-// Adds this row's terms of grad_gate (grad_out * mixed) and grad_r (grad_out * gate * (branch - cache))
-// to per-column accumulators, and writes grad_branch = grad_out * gate * r.
-template <bool kGateGrad, class T, class C>
-HARMONICA_INLINE void routed_backward_row(const T* __restrict grad_out, const T* __restrict gate,
-                                          const T* __restrict branch, const C* __restrict cache,
-                                          T* __restrict grad_branch, float* __restrict gate_acc,
-                                          float* __restrict r_acc, float r, Lerp lerp, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) {
-    const float g = to_float(grad_out[d]);
-    const float b = to_float(branch[d]);
-    const float c = to_float(cache[d]);
-    const float g_gated = g * to_float(gate[d]);
-    grad_branch[d] = from_float<T>(g_gated * r);
-    r_acc[d] += g_gated * (b - c);
-    if constexpr (kGateGrad) gate_acc[d] += g * lerp(c, b);
-  }
-}
-
-// x_out = x + gate * value (value = y or the cache), optionally cache[:] = value;
-// h = LayerNorm(x_out) * (1 + scale) + shift from the fp32 x_out kept in `row`.
-template <bool kWriteCache, class T, class V, class C>
-HARMONICA_INLINE void norm_modulate_row(const T* __restrict x, const T* __restrict gate, const V* __restrict value,
-                                        C* __restrict cache, const T* __restrict shift, const T* __restrict scale,
-                                        T* __restrict x_out, T* __restrict h, float* __restrict row, float eps,
-                                        int64_t D) {
-  for (int64_t d = 0; d < D; ++d) {
-    const float v = to_float(value[d]);
-    if constexpr (kWriteCache) cache[d] = from_float<C>(v);
-    row[d] = to_float(x[d]) + to_float(gate[d]) * v;
-    x_out[d] = from_float<T>(row[d]);
-  }
-  // Two-pass moments (biased variance), like F.layer_norm.
-  const float mean = lane_sum(D, [&](int64_t d) { return row[d]; }) / static_cast<float>(D);
-  const float var = lane_sum(D, [&](int64_t d) { return (row[d] - mean) * (row[d] - mean); }) / static_cast<float>(D);
-  const float rstd = 1.f / std::sqrt(var + eps);
-  for (int64_t d = 0; d < D; ++d) {
-    h[d] = from_float<T>((row[d] - mean) * rstd * (1.f + to_float(scale[d])) + to_float(shift[d]));
-  }
-}
-
-// ---- parallel driver ----------------------------------------------------------------------------
-
-// The only multiversioned function: fn is inlined into each clone and vectorised for its ISA.
+// fn(kernels) with the kernel set (a Kernels struct of static functions) this CPU runs.
 template <class Fn>
-HARMONICA_MULTIVERSION void run_range(int64_t begin, int64_t end, const Fn& fn) {
-  for (int64_t i = begin; i < end; ++i) fn(i);
+void with_kernels(const Fn& fn) {
+#if HARMONICA_AVX2_KERNELS
+  if (use_avx2()) return fn(avx2::Kernels{});
+#endif
+  fn(baseline::Kernels{});
 }
 
-// About 32K elements per task (ATen's own grain): large enough to amortise a task, small enough
-// to balance the threads.
+// About 32K elements per task (ATen's own grain size): enough to amortise a task, small enough to
+// balance the threads.
 constexpr int64_t kGrainElements = 32768;
 
 int64_t rows_per_task(int64_t D) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(D, 1)); }
 
-// make_row_fn(scratch) returns the per-row function; scratch is a per-task fp32 buffer of
-// `scratch_size` elements (per task, not per row, to keep allocation off the row loop).
-template <class MakeRowFn>
-void parallel_rows(int64_t rows, int64_t D, int64_t scratch_size, const MakeRowFn& make_row_fn) {
-  at::parallel_for(0, rows, rows_per_task(D), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(scratch_size);
-    run_range(begin, end, make_row_fn(scratch.data()));
-  });
-}
-
-// ---- dtype dispatch -----------------------------------------------------------------------------
+// ---- arguments ----------------------------------------------------------------------------------
 
 // Calls fn(T{}) with T the C++ type of `type` (float, c10::Half or c10::BFloat16).
 template <class Fn>
@@ -229,14 +193,6 @@ void dispatch_float(at::ScalarType type, const char* name, const Fn& fn) {
   }
 }
 
-// A per-sample row vector (gate, shift, scale) as a base pointer and a batch stride in elements.
-template <class T>
-struct RowVector {
-  const T* data;
-  int64_t batch_stride;
-  const T* row(int64_t sample) const { return data + sample * batch_stride; }
-};
-
 // The gate, or a row of ones when it is None: multiplying by 1 is exact, so one kernel serves both.
 struct Gate {
   at::Tensor tensor;
@@ -250,9 +206,6 @@ struct Gate {
   }
 };
 
-// Marks "no cache to write" in gated_residual_norm_modulate's dispatch.
-struct NoCacheWrite {};
-
 float read_scalar(const at::Tensor& r) {
   switch (r.scalar_type()) {
     case at::kDouble:
@@ -260,9 +213,9 @@ float read_scalar(const at::Tensor& r) {
     case at::kFloat:
       return *r.const_data_ptr<float>();
     case at::kHalf:
-      return to_float(*r.const_data_ptr<c10::Half>());
+      return static_cast<float>(*r.const_data_ptr<c10::Half>());
     case at::kBFloat16:
-      return to_float(*r.const_data_ptr<c10::BFloat16>());
+      return static_cast<float>(*r.const_data_ptr<c10::BFloat16>());
     default:
       TORCH_CHECK(false, "harmonica: r must be a floating tensor, got ", r.scalar_type());
   }
@@ -281,15 +234,16 @@ at::Tensor cached_gated_residual(const at::Tensor& x, const std::optional<at::Te
     using T = decltype(x_type);
     dispatch_float(cache.scalar_type(), "cache", [&](auto cache_type) {
       using C = decltype(cache_type);
-      const T* x_p = x.const_data_ptr<T>();
-      const C* cache_p = cache.const_data_ptr<C>();
-      T* out_p = out.mutable_data_ptr<T>();
-      const RowVector<T> gate_rows = gate.rows<T>();
-      parallel_rows(x.size(0) * N, D, 0, [&](float*) {
-        return [=](int64_t row) {
-          const int64_t o = row * D;
-          gated_row(x_p + o, gate_rows.row(row / N), cache_p + o, out_p + o, D);
-        };
+      const GatedResidualArgs<T, C> args{.x = x.const_data_ptr<T>(),
+                                         .gate = gate.rows<T>(),
+                                         .value = cache.const_data_ptr<C>(),
+                                         .out = out.mutable_data_ptr<T>(),
+                                         .N = N,
+                                         .D = D};
+      with_kernels([&](auto kernels) {
+        at::parallel_for(0, x.size(0) * N, rows_per_task(D), [&](int64_t begin, int64_t end) {
+          kernels.gated_residual(args, begin, end);
+        });
       });
     });
   });
@@ -310,16 +264,17 @@ at::Tensor gated_residual_update_(const at::Tensor& x, const std::optional<at::T
     using T = decltype(x_type);
     dispatch_float(cache.scalar_type(), "cache", [&](auto cache_type) {
       using C = decltype(cache_type);
-      const T* x_p = x.const_data_ptr<T>();
-      const T* branch_p = branch.const_data_ptr<T>();
-      C* cache_p = cache.mutable_data_ptr<C>();
-      T* out_p = out.mutable_data_ptr<T>();
-      const RowVector<T> gate_rows = gate.rows<T>();
-      parallel_rows(x.size(0) * N, D, 0, [&](float*) {
-        return [=](int64_t row) {
-          const int64_t o = row * D;
-          gated_update_row(x_p + o, gate_rows.row(row / N), branch_p + o, out_p + o, cache_p + o, D);
-        };
+      const GatedResidualUpdateArgs<T, C> args{.x = x.const_data_ptr<T>(),
+                                               .gate = gate.rows<T>(),
+                                               .branch = branch.const_data_ptr<T>(),
+                                               .out = out.mutable_data_ptr<T>(),
+                                               .cache = cache.mutable_data_ptr<C>(),
+                                               .N = N,
+                                               .D = D};
+      with_kernels([&](auto kernels) {
+        at::parallel_for(0, x.size(0) * N, rows_per_task(D), [&](int64_t begin, int64_t end) {
+          kernels.gated_residual_update(args, begin, end);
+        });
       });
     });
   });
@@ -333,33 +288,32 @@ at::Tensor routed_gated_residual(const at::Tensor& x, const std::optional<at::Te
   check_like_x(cache, x, "cache", /*same_dtype=*/false);
   check_r(r, x);
   const Gate gate(gate_opt, x);
-  const Lerp lerp(read_scalar(r));
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t N = x.size(1), D = x.size(2);
   dispatch_float(x.scalar_type(), "x", [&](auto x_type) {
     using T = decltype(x_type);
     dispatch_float(cache.scalar_type(), "cache", [&](auto cache_type) {
       using C = decltype(cache_type);
-      const T* x_p = x.const_data_ptr<T>();
-      const T* branch_p = branch.const_data_ptr<T>();
-      const C* cache_p = cache.const_data_ptr<C>();
-      T* out_p = out.mutable_data_ptr<T>();
-      const RowVector<T> gate_rows = gate.rows<T>();
-      parallel_rows(x.size(0) * N, D, 0, [&](float*) {
-        return [=](int64_t row) {
-          const int64_t o = row * D;
-          routed_row(x_p + o, gate_rows.row(row / N), branch_p + o, cache_p + o, out_p + o, lerp, D);
-        };
+      const RoutedArgs<T, C> args{.x = x.const_data_ptr<T>(),
+                                  .gate = gate.rows<T>(),
+                                  .branch = branch.const_data_ptr<T>(),
+                                  .cache = cache.const_data_ptr<C>(),
+                                  .out = out.mutable_data_ptr<T>(),
+                                  .r = read_scalar(r),
+                                  .N = N,
+                                  .D = D};
+      with_kernels([&](auto kernels) {
+        at::parallel_for(0, x.size(0) * N, rows_per_task(D), [&](int64_t begin, int64_t end) {
+          kernels.routed_gated_residual(args, begin, end);
+        });
       });
     });
   });
   return out;
 }
 
-// The reductions over tokens run in fixed blocks of rows of one sample (independent of the thread
-// count, so results are reproducible): block k accumulates its grad_gate partial into row k of a
-// [blocks, D] fp32 buffer and its grad_r partial into partial_r[k]; both are then summed in block
-// order in double.
+// Block k accumulates its grad_gate partial into row k of a [blocks, D] fp32 buffer and its grad_r
+// partial into partial_r[k]; both are then summed in block order in double.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_gated_residual_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& gate_opt, const at::Tensor& branch,
     const at::Tensor& cache, const at::Tensor& r) {
@@ -368,8 +322,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_gated_residual_backward(
   check_like_x(cache, grad_out, "cache", /*same_dtype=*/false);
   check_r(r, grad_out);
   const Gate gate(gate_opt, grad_out);
-  const float r_value = read_scalar(r);
-  const Lerp lerp(r_value);
   const bool gate_grad = gate_opt.has_value();
   const int64_t B = grad_out.size(0), N = grad_out.size(1), D = grad_out.size(2);
   const int64_t block_rows = rows_per_task(D);
@@ -384,40 +336,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_gated_residual_backward(
     using T = decltype(x_type);
     dispatch_float(cache.scalar_type(), "cache", [&](auto cache_type) {
       using C = decltype(cache_type);
-      const T* grad_p = grad_out.const_data_ptr<T>();
-      const T* branch_p = branch.const_data_ptr<T>();
-      const C* cache_p = cache.const_data_ptr<C>();
-      T* grad_branch_p = grad_branch.mutable_data_ptr<T>();
-      const RowVector<T> gate_rows = gate.rows<T>();
-      float* partial_gate_p = partial_gate.data();
-      double* partial_r_p = partial_r.data();
-      auto run = [&](auto gate_grad_tag) {
-        constexpr bool kGateGrad = decltype(gate_grad_tag)::value;
+      const RoutedBackwardArgs<T, C> args{.grad_out = grad_out.const_data_ptr<T>(),
+                                          .gate = gate.rows<T>(),
+                                          .branch = branch.const_data_ptr<T>(),
+                                          .cache = cache.const_data_ptr<C>(),
+                                          .grad_branch = grad_branch.mutable_data_ptr<T>(),
+                                          .partial_gate = partial_gate.data(),
+                                          .partial_r = partial_r.data(),
+                                          .r = read_scalar(r),
+                                          .N = N,
+                                          .D = D,
+                                          .block_rows = block_rows,
+                                          .blocks_per_sample = blocks_per_sample};
+      with_kernels([&](auto kernels) {
         at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-          std::vector<float> r_acc(D);
-          run_range(begin, end, [&, r_acc = r_acc.data()](int64_t block) {
-            const int64_t sample = block / blocks_per_sample;
-            const int64_t n0 = (block % blocks_per_sample) * block_rows;
-            const int64_t n1 = std::min(N, n0 + block_rows);
-            float* gate_acc = kGateGrad ? partial_gate_p + block * D : nullptr;
-            std::fill_n(r_acc, D, 0.f);
-            if constexpr (kGateGrad) std::fill_n(gate_acc, D, 0.f);
-            for (int64_t n = n0; n < n1; ++n) {
-              const int64_t o = (sample * N + n) * D;
-              routed_backward_row<kGateGrad>(grad_p + o, gate_rows.row(sample), branch_p + o, cache_p + o,
-                                             grad_branch_p + o, gate_acc, r_acc, r_value, lerp, D);
-            }
-            double total = 0.0;
-            for (int64_t d = 0; d < D; ++d) total += r_acc[d];
-            partial_r_p[block] = total;
-          });
+          if (gate_grad) {
+            kernels.template routed_gated_residual_backward<true>(args, begin, end);
+          } else {
+            kernels.template routed_gated_residual_backward<false>(args, begin, end);
+          }
         });
-      };
-      if (gate_grad) {
-        run(std::true_type{});
-      } else {
-        run(std::false_type{});
-      }
+      });
     });
   });
 
@@ -431,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_gated_residual_backward(
   const at::Tensor& gate_t = *gate_opt;
   at::Tensor grad_gate = at::empty(gate_t.sizes(), gate_t.options());
   const int64_t gate_batch = gate_t.size(0);
-  const int64_t blocks_per_gate_row = blocks / gate_batch;
+  const int64_t blocks_per_gate_row = gate_batch == 1 ? blocks : blocks_per_sample;
   dispatch_float(grad_gate.scalar_type(), "gate", [&](auto gate_type) {
     using T = decltype(gate_type);
     T* grad_gate_p = grad_gate.mutable_data_ptr<T>();
@@ -444,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_gated_residual_backward(
                          for (int64_t k = s * blocks_per_gate_row; k < (s + 1) * blocks_per_gate_row; ++k) {
                            total += partial_p[k * D + d];
                          }
-                         grad_gate_p[i] = from_float<T>(static_cast<float>(total));
+                         grad_gate_p[i] = static_cast<T>(static_cast<float>(total));
                        }
                      });
   });
@@ -474,30 +413,30 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate(
   at::Tensor x_out = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor h = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t N = x.size(1), D = x.size(2);
-  const float eps_f = static_cast<float>(eps);
 
   dispatch_float(x.scalar_type(), "x", [&](auto x_type) {
     using T = decltype(x_type);
-    // V: element type of the value added under the gate; C: of the cache written, NoCacheWrite if none.
+    // V: element type of the value added under the gate; C: of the cache written, or NoCacheWrite.
     auto launch = [&](auto value_type, auto cache_type) {
       using V = decltype(value_type);
-      constexpr bool kWriteCache = !std::is_same_v<decltype(cache_type), NoCacheWrite>;
-      using C = std::conditional_t<kWriteCache, decltype(cache_type), T>;
-      const T* x_p = x.const_data_ptr<T>();
-      const V* value_p = value.const_data_ptr<V>();
-      C* cache_p = kWriteCache ? cache->mutable_data_ptr<C>() : nullptr;
-      T* x_out_p = x_out.mutable_data_ptr<T>();
-      T* h_p = h.mutable_data_ptr<T>();
-      const RowVector<T> gate_rows = gate.rows<T>();
-      const RowVector<T> shift_rows{shift.const_data_ptr<T>(), shift_stride};
-      const RowVector<T> scale_rows{scale.const_data_ptr<T>(), scale_stride};
-      parallel_rows(x.size(0) * N, D, D, [&](float* row_buffer) {
-        return [=](int64_t row) {
-          const int64_t o = row * D, sample = row / N;
-          norm_modulate_row<kWriteCache>(x_p + o, gate_rows.row(sample), value_p + o,
-                                         kWriteCache ? cache_p + o : nullptr, shift_rows.row(sample),
-                                         scale_rows.row(sample), x_out_p + o, h_p + o, row_buffer, eps_f, D);
-        };
+      using C = decltype(cache_type);
+      C* cache_p = nullptr;
+      if constexpr (!std::is_same_v<C, NoCacheWrite>) cache_p = cache->mutable_data_ptr<C>();
+      const NormModulateArgs<T, V, C> args{.x = x.const_data_ptr<T>(),
+                                           .gate = gate.rows<T>(),
+                                           .value = value.const_data_ptr<V>(),
+                                           .cache = cache_p,
+                                           .shift = {shift.const_data_ptr<T>(), shift_stride},
+                                           .scale = {scale.const_data_ptr<T>(), scale_stride},
+                                           .x_out = x_out.mutable_data_ptr<T>(),
+                                           .h = h.mutable_data_ptr<T>(),
+                                           .eps = static_cast<float>(eps),
+                                           .N = N,
+                                           .D = D};
+      with_kernels([&](auto kernels) {
+        at::parallel_for(0, x.size(0) * N, rows_per_task(D), [&](int64_t begin, int64_t end) {
+          kernels.gated_residual_norm_modulate(args, begin, end);
+        });
       });
     };
     if (reuse) {
