@@ -14,11 +14,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = find_packages(include=["harmonica_kernels", "harmonica_kernels.*"]) + [
-    "harmonica" + p[len("python/harmonica"):].replace("/", ".")
-    for p in sorted(glob.glob("python/harmonica/**/", recursive=True))
-    if os.path.exists(os.path.join(p, "__init__.py"))
-]
+PACKAGES = find_packages(include=["harmonica_kernels", "harmonica_kernels.*"]) + find_packages(
+    "python", include=["harmonica", "harmonica.*"]
+)
 PACKAGE_DIR = {"harmonica_kernels": "harmonica_kernels", "harmonica": "python/harmonica"}
 
 

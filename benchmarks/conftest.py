@@ -100,7 +100,8 @@ def recorder(request, device):
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """`speedup` of each row = its group's baseline median / its median (same run, same device)."""
+    """`speedup` of each row = its group's baseline median / its median (same run, same device),
+    unless the benchmark measured it itself (e.g. from paired rounds)."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group"], []).append(row)
@@ -108,7 +109,7 @@ def _add_ratios(rows: list[dict]) -> None:
         base = [r for r in members if r.get("baseline")]
         if base:
             for r in members:
-                r["speedup"] = base[0]["median_s"] / r["median_s"]
+                r.setdefault("speedup", base[0]["median_s"] / r["median_s"])
 
 
 def measure(benchmark, fn, device: str, inner: int | None = None) -> float | None:
