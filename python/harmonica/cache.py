@@ -1,0 +1,610 @@
+"""The inference engine: cached transformer blocks driven by a :class:`CacheSchedule`.
+
+``enable_cache(pipe_or_transformer, schedule_or_router)`` swaps every ``BasicTransformerBlock`` of
+a ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` for a :class:`CachedTransformerBlock`
+that shares the original's submodules (no weight copies) and runs the fused residual ops of
+:mod:`harmonica_kernels`. At step t, unit k is computed iff ``schedule.compute[t, k]``: a computed
+unit's output overwrites its cache buffer in place; a reused unit's module is not called and its
+cached output enters the residual with the current step's gate (METHOD.md §1).
+
+Step tracking. One transformer call is one denoising step (classifier-free guidance batched into
+that call, as diffusers pipelines do). The step counter is a Python int on the
+:class:`CacheHandle`, advanced by the transformer's ``__call__``; the per-step decisions are Python
+bools taken from the schedule, so nothing in the step path reads device values on the host. A
+pipeline call resets the counter (``pipe.scheduler.set_timesteps`` is wrapped, which also checks
+the step count); users with their own loop call ``handle.reset()`` before each generation.
+
+torch.compile. The bookkeeping runs in the transformer's ``__call__`` outside the traced region
+(``torch.compiler.disable(recursive=False)``); the traced forward only reads the current step's row
+of the schedule. ``torch.compile(transformer, fullgraph=True)`` therefore compiles one graph per
+*distinct row* of the schedule (2 for FORA N=2, up to T for a learned schedule), each reused on every
+step with that row, never one per step; raise ``torch._dynamo.config.recompile_limit`` (default 8)
+above the number of distinct rows when compiling with a learned schedule (with ``fullgraph=True``
+dynamo raises instead of falling back once the limit is hit). The cache buffers are allocated in
+that ``__call__`` too, so a compiled step only reads and overwrites tensors that exist before it runs.
+
+The engine is for inference: run it under ``torch.no_grad()`` / ``torch.inference_mode()`` as the
+diffusers pipelines do (with autograd on, cache writes would keep each step's graph alive).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+from diffusers.models.normalization import AdaLayerNormZero
+from torch import nn
+
+from harmonica_kernels import (
+    available_backends,
+    cached_gated_residual,
+    gated_residual_norm_modulate,
+    gated_residual_update_,
+)
+
+from .models import UnsupportedModelError, supported_class, transformer_of, units
+from .router import Router
+from .schedule import CacheSchedule
+
+__all__ = [
+    "CacheHandle",
+    "CacheStateError",
+    "CachedTransformerBlock",
+    "ScheduleMismatchError",
+    "disable_cache",
+    "enable_cache",
+]
+
+HANDLE_ATTR = "_harmonica_cache"
+"""Attribute of the transformer that holds its :class:`CacheHandle` while caching is enabled."""
+
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+Branch = Callable[[], torch.Tensor]
+"""A unit's module call with its inputs bound; invoked only when the unit is computed."""
+
+
+class CacheStateError(RuntimeError):
+    """The cache cannot serve this call (too many steps, changed shapes, use outside a forward)."""
+
+
+class ScheduleMismatchError(ValueError):
+    """The schedule does not fit the sampling run (wrong number of steps or units)."""
+
+
+def _as_row(v: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` or ``[B, 1, D]`` per-sample vector as ``[B, 1, D]`` (a view)."""
+    return v.unsqueeze(1) if v.dim() == 2 else v
+
+
+class CacheHandle:
+    """State of one cached transformer: schedule, step counter and cache buffers.
+
+    ``transformer._harmonica_cache`` holds it while caching is enabled. Per step the transformer's
+    ``__call__`` checks the step against the schedule, (at step 0) allocates the buffers, and
+    selects the step's row; the cached blocks then ask :meth:`unit_residual` /
+    :meth:`unit_residual_norm_modulate` to apply each unit. Those two methods (and :meth:`computes`)
+    are the whole per-unit policy: a training mode overrides them to blend branch and cache with
+    ``routed_gated_residual`` instead of choosing one.
+
+    Buffers: one contiguous ``[B, N, D]`` tensor per unit that the schedule ever reuses (units
+    computed at every step run the plain residual and need none), allocated at step 0 from the
+    call's batch B, tokens N and width D, in ``cache_dtype`` (default: the activations' dtype),
+    reused in place by every later step and freed by :meth:`reset` and ``disable_cache``.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        schedule: CacheSchedule,
+        *,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
+        self._schedule = schedule
+        self._rows = schedule.rows
+        self._needs_buffer = schedule.reused_units
+        self._cache_dtype = cache_dtype
+        self._patch_size = int(transformer.config.patch_size)
+        self._width = int(transformer.inner_dim)
+        self._unit_names = tuple(units(transformer))
+        self._step = 0
+        self._row: tuple[bool, ...] | None = None
+        self._buffers: list[torch.Tensor | None] = [None] * schedule.num_units
+        self._layout: tuple[Any, ...] | None = None
+        # What disable_cache undoes, kept as plain references (not closures) so that a deepcopy of
+        # a cached model or pipeline gets a handle that undoes its own copy.
+        self._original_class: type[nn.Module] = type(transformer)
+        self._cached_blocks: list[CachedTransformerBlock] = []
+        self._scheduler_hook: _ResetOnSetTimesteps | None = None
+
+    @property
+    def schedule(self) -> CacheSchedule:
+        """The schedule being applied."""
+        return self._schedule
+
+    @property
+    def step(self) -> int:
+        """Index of the next transformer call within the current generation (0 after a reset)."""
+        return self._step
+
+    @property
+    def unit_names(self) -> tuple[str, ...]:
+        """Unit names, one per schedule column."""
+        return self._unit_names
+
+    @property
+    def cache_dtype(self) -> torch.dtype | None:
+        """Dtype of the cache buffers; None means the activations' dtype."""
+        return self._cache_dtype
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes currently held by cache buffers (0 before step 0 and after a reset)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers if b is not None)
+
+    def reset(self) -> None:
+        """Start a new generation: step 0 next, cache buffers freed."""
+        self._step = 0
+        self._row = None
+        self._buffers = [None] * self._schedule.num_units
+        self._layout = None
+
+    def computes(self, unit: int) -> bool:
+        """Whether ``unit`` is computed at the current step (a host-side constant)."""
+        row = self._row
+        if row is None:
+            raise CacheStateError(
+                "a cached block ran outside a call of its transformer; call the transformer, not its blocks"
+            )
+        return row[unit]
+
+    def unit_residual(
+        self, unit: int, x: torch.Tensor, gate: torch.Tensor | None, branch: Branch
+    ) -> torch.Tensor:
+        """``x + gate * branch()`` if the unit is computed (writing its cache), else ``x + gate * cache``.
+
+        ``x``: ``[B, N, D]``; ``gate``: ``[B, D]``/``[B, 1, D]`` or None (ungated).
+        """
+        cache = self._buffers[unit]
+        if self.computes(unit):
+            y = branch()
+            if cache is None:
+                return y + x if gate is None else _as_row(gate) * y + x
+            return gated_residual_update_(x, gate, y, cache)
+        return cached_gated_residual(x, gate, self._cached(unit, cache))
+
+    def unit_residual_norm_modulate(
+        self,
+        unit: int,
+        x: torch.Tensor,
+        gate: torch.Tensor | None,
+        branch: Branch,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`unit_residual` fused with the next ``h = LayerNorm(x) * (1 + scale) + shift``.
+
+        Returns ``(x, h)``, both ``[B, N, D]``.
+        """
+        cache = self._buffers[unit]
+        if self.computes(unit):
+            return gated_residual_norm_modulate(x, gate, branch(), shift, scale, eps, cache=cache)
+        return gated_residual_norm_modulate(
+            x, gate, None, shift, scale, eps, cache=self._cached(unit, cache), reuse=True
+        )
+
+    def _cached(self, unit: int, cache: torch.Tensor | None) -> torch.Tensor:
+        if cache is None:
+            raise CacheStateError(
+                f"unit {self._unit_names[unit]} is reused at step {self._step} but its cache is empty; "
+                "the first step of a generation must compute every unit"
+            )
+        return cache
+
+    # -- per-call bookkeeping: runs in the transformer's __call__, never traced by dynamo (tracing
+    # it would specialise on the step index and recompile every step) --
+
+    @torch.compiler.disable
+    def _begin_step(self, hidden_states: Any) -> None:
+        num_steps = self._schedule.num_steps
+        if self._step >= num_steps:
+            raise CacheStateError(
+                f"the cache schedule was made for {num_steps} denoising steps, but the transformer is "
+                f"being called for step index {self._step} of this generation. Call the pipeline with "
+                f"num_inference_steps={num_steps} (one transformer call per step, CFG batched), or call "
+                "handle.reset() before each generation when you drive the transformer yourself"
+                " (and after replacing pipe.scheduler, enable the cache again)"
+            )
+        layout = self._layout_of(hidden_states)
+        if self._step == 0:
+            self._allocate(layout)
+        elif layout != self._layout:
+            raise CacheStateError(
+                f"step {self._step} runs batch, tokens, width, dtype, device = {_describe(layout)} but this "
+                f"generation's cache was allocated at step 0 for {_describe(self._layout)}; call "
+                "handle.reset() before changing batch size, resolution or dtype"
+            )
+        self._row = self._rows[self._step]
+
+    @torch.compiler.disable
+    def _end_step(self) -> None:
+        self._step += 1
+        self._row = None
+
+    def _layout_of(self, hidden_states: Any) -> tuple[Any, ...]:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 4:
+            shape = (
+                tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
+            )
+            raise ValueError(f"the transformer's hidden_states must be latents [B, C, H, W], got {shape}")
+        batch, _, height, width = hidden_states.shape
+        tokens = (height // self._patch_size) * (width // self._patch_size)
+        return (batch, tokens, self._width, hidden_states.dtype, hidden_states.device)
+
+    def _allocate(self, layout: tuple[Any, ...]) -> None:
+        batch, tokens, width, dtype, device = layout
+        buffer_dtype = self._cache_dtype or dtype
+        self._buffers = [
+            torch.empty(batch, tokens, width, dtype=buffer_dtype, device=device) if needed else None
+            for needed in self._needs_buffer
+        ]
+        self._layout = layout
+
+    def _check_num_steps(self, num_calls: int) -> None:
+        if num_calls != self._schedule.num_steps:
+            raise ScheduleMismatchError(
+                f"the cache schedule was made for {self._schedule.num_steps} denoising steps but the "
+                f"scheduler was set up for {num_calls}; call the pipeline with "
+                f"num_inference_steps={self._schedule.num_steps}, or enable the cache with a schedule "
+                f"(or router) for {num_calls} steps"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheHandle({self._schedule!r}, step={self._step}, cache_bytes={self.cache_bytes}, "
+            f"cache_dtype={self._cache_dtype})"
+        )
+
+
+def _describe(layout: tuple[Any, ...] | None) -> str:
+    if layout is None:
+        return "nothing"
+    batch, tokens, width, dtype, device = layout
+    return f"({batch}, {tokens}, {width}, {dtype}, {device})"
+
+
+class CachedTransformerBlock(nn.Module):
+    """``BasicTransformerBlock.forward`` for ``ada_norm_zero`` (DiT) and ``ada_norm_single`` (PixArt)
+    with each unit applied through a :class:`CacheHandle`.
+
+    It registers the original block's submodules and parameters under the same names (so the
+    transformer's ``state_dict`` and ``.to()`` are unchanged, and no weight is copied) and computes
+    exactly diffusers' maths, with the residual of the last unit before the feed-forward fused with
+    the feed-forward's LayerNorm + modulation (DiT: after ``attn1``, with ``norm3``; PixArt: after
+    ``attn2``, ungated, with ``norm2``). Affine LayerNorms fall back to the unfused sequence; chunked
+    feed-forward, attention masks and ``cross_attention_kwargs`` pass through as in diffusers.
+    Anything else raises :class:`UnsupportedModelError` when caching is enabled.
+    """
+
+    def __init__(
+        self, block: BasicTransformerBlock, handle: CacheHandle, unit_ids: tuple[int, int | None, int]
+    ) -> None:
+        super().__init__()
+        _check_block(block)
+        self.norm_type = block.norm_type
+        self.norm1 = block.norm1
+        self.attn1 = block.attn1
+        self.attn2 = block.attn2
+        self.norm2 = block.norm2
+        self.norm3 = getattr(block, "norm3", None)
+        self.ff = block.ff
+        if self.norm_type == "ada_norm_single":
+            self.scale_shift_table = block.scale_shift_table
+        # Held outside the module tree: its submodules are registered here already.
+        object.__setattr__(self, "_original", block)
+        self._handle = handle
+        self._attn1_unit, self._attn2_unit, self._ff_unit = unit_ids
+        ff_norm = self._ff_norm()
+        plain_norm = ff_norm.weight is None and ff_norm.bias is None
+        # The fused op normalises without affine weights; affine norms take the unfused path.
+        self._ff_norm_eps = float(ff_norm.eps) if plain_norm else None
+
+    def _ff_norm(self) -> nn.LayerNorm:
+        """The LayerNorm in front of the feed-forward: DiT's norm3, PixArt's norm2."""
+        return self.norm3 if self.norm_type == "ada_norm_zero" else self.norm2
+
+    def original(self) -> BasicTransformerBlock:
+        """The block this one replaced, with any directly owned parameter re-synced to this one's."""
+        block = self._original
+        if self.norm_type == "ada_norm_single" and block.scale_shift_table is not self.scale_shift_table:
+            block.scale_shift_table = self.scale_shift_table
+        return block
+
+    def set_chunk_feed_forward(self, chunk_size: int | None, dim: int = 0) -> None:
+        """As ``BasicTransformerBlock.set_chunk_feed_forward`` (kept on the original block)."""
+        self._original.set_chunk_feed_forward(chunk_size, dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        class_labels: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        handle = self._handle
+        x = hidden_states
+        attn_kwargs = dict(cross_attention_kwargs or {})
+        if "gligen" in attn_kwargs:
+            raise UnsupportedModelError(
+                "GLIGEN (cross_attention_kwargs['gligen']) is not supported with caching"
+            )
+
+        # The adaLN modulation always runs; the normalised inputs of attn1 and ff are computed only
+        # when those units are (a reused unit's input is dead work: a LayerNorm and two passes).
+        if self.norm_type == "ada_norm_zero":
+            norm1 = self.norm1  # AdaLayerNormZero.forward, with its LayerNorm moved into the branch
+            emb = norm1.linear(norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)))
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        else:
+            modulation = self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
+
+        attn1 = functools.partial(self._self_attention, x, shift_msa, scale_msa, attention_mask, attn_kwargs)
+        ff_runs = handle.computes(self._ff_unit)
+        if self.attn2 is None:
+            x, h = self._residual_before_ff(
+                self._attn1_unit, x, gate_msa, attn1, shift_mlp, scale_mlp, ff_runs
+            )
+        else:
+            x = handle.unit_residual(self._attn1_unit, x, gate_msa, attn1)
+            attn2 = functools.partial(
+                self.attn2,
+                x,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                **attn_kwargs,
+            )
+            x, h = self._residual_before_ff(self._attn2_unit, x, None, attn2, shift_mlp, scale_mlp, ff_runs)
+
+        return handle.unit_residual(self._ff_unit, x, gate_mlp, functools.partial(self._feed_forward, h))
+
+    def _self_attention(
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """attn1 on ``LN(x) * (1 + scale) + shift``, exactly as diffusers writes it per norm type."""
+        if self.norm_type == "ada_norm_zero":
+            h = self.norm1.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        else:
+            h = self.norm1(x) * (1 + scale) + shift
+        return self.attn1(h, encoder_hidden_states=None, attention_mask=attention_mask, **attn_kwargs)
+
+    def _residual_before_ff(
+        self,
+        unit: int,
+        x: torch.Tensor,
+        gate: torch.Tensor | None,
+        branch: Branch,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        ff_runs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Residual of ``unit``, then (if the ff unit runs) its input ``h = LN(x) * (1 + scale) + shift``."""
+        if not ff_runs:
+            return self._handle.unit_residual(unit, x, gate, branch), None
+        if self._ff_norm_eps is not None:
+            return self._handle.unit_residual_norm_modulate(
+                unit, x, gate, branch, shift, scale, self._ff_norm_eps
+            )
+        x = self._handle.unit_residual(unit, x, gate, branch)
+        return x, self._ff_norm()(x) * (1 + _as_row(scale)) + _as_row(shift)
+
+    def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        chunk_size = self._original._chunk_size
+        if chunk_size is not None:
+            return _chunked_feed_forward(self.ff, h, self._original._chunk_dim, chunk_size)
+        return self.ff(h)
+
+
+def _check_block(block: nn.Module) -> None:
+    """Raise UnsupportedModelError for any block whose forward CachedTransformerBlock would not reproduce."""
+    if type(block) is not BasicTransformerBlock:
+        raise UnsupportedModelError(f"expected diffusers BasicTransformerBlock, got {type(block).__name__}")
+    reasons = []
+    if block.norm_type not in ("ada_norm_zero", "ada_norm_single"):
+        reasons.append(f"norm_type {block.norm_type!r} (supported: 'ada_norm_zero', 'ada_norm_single')")
+    if block.pos_embed is not None:
+        reasons.append("per-block positional embeddings")
+    if block.only_cross_attention:
+        reasons.append("only_cross_attention=True")
+    if hasattr(block, "fuser"):
+        reasons.append("GLIGEN gated attention")
+    if block.norm_type == "ada_norm_zero":
+        if block.attn2 is not None:
+            reasons.append("cross-attention in an ada_norm_zero block")
+        if type(block.norm1) is not AdaLayerNormZero or block.norm1.emb is None:
+            reasons.append("an ada_norm_zero block without diffusers' AdaLayerNormZero and its embedding")
+    ff_norm = getattr(block, "norm3", None) if block.norm_type == "ada_norm_zero" else block.norm2
+    if not isinstance(ff_norm, nn.LayerNorm):
+        reasons.append(f"feed-forward norm {type(ff_norm).__name__} (expected nn.LayerNorm)")
+    if reasons:
+        raise UnsupportedModelError("this transformer block cannot be cached: " + "; ".join(reasons))
+
+
+def _stepped_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``cls`` whose ``__call__`` advances the cache handle around each forward."""
+    stepped = _STEPPED_CLASSES.get(cls)
+    if stepped is not None:
+        return stepped
+
+    # Dynamo skips this frame but traces the forward it calls, so the step bookkeeping stays on the
+    # host and out of any compiled graph (no guard on the step index).
+    @torch.compiler.disable(recursive=False)
+    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        handle: CacheHandle = self.__dict__[HANDLE_ATTR]
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        handle._begin_step(hidden_states)
+        output = super(stepped, self).__call__(*args, **kwargs)
+        handle._end_step()
+        return output
+
+    # Same name, module and qualname, so configs saved while caching is on name the real class.
+    stepped = type(
+        cls.__name__,
+        (cls,),
+        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+    )
+    _STEPPED_CLASSES[cls] = stepped
+    return stepped
+
+
+_STEPPED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def enable_cache(
+    pipe_or_transformer: Any,
+    schedule_or_router: CacheSchedule | Router,
+    *,
+    threshold: float = 0.1,
+    cache_dtype: torch.dtype | None = None,
+) -> CacheHandle:
+    """Make a diffusers DiT or PixArt transformer (or a pipeline holding one) skip units per a schedule.
+
+    Args:
+        pipe_or_transformer: a ``DiTTransformer2DModel`` / ``PixArtTransformer2DModel``, or a pipeline
+            with one as ``.transformer`` (then ``pipe.scheduler.set_timesteps`` also resets the step
+            counter at the start of every pipeline call and checks its step count).
+        schedule_or_router: a :class:`CacheSchedule` ``[T, U]`` with U = ``len(harmonica.units(model))``,
+            or a :class:`Router` (checked against the model's fingerprint, then thresholded).
+        threshold: a router's inference threshold τ: unit computed iff ``sigmoid(logit) > τ``.
+        cache_dtype: dtype of the cache buffers (e.g. ``torch.bfloat16`` under an fp32 model to halve
+            the cache memory); None stores the cache in the activations' dtype.
+
+    Returns:
+        The :class:`CacheHandle`, also at ``transformer._harmonica_cache`` until :func:`disable_cache`.
+
+    Raises:
+        UnsupportedModelError: the model or one of its blocks cannot be cached exactly.
+        RouterMismatchError: the router was made for a model of another shape.
+        ScheduleMismatchError: the schedule's unit count differs from the model's.
+        CacheStateError: caching is already enabled on this transformer.
+    """
+    transformer = transformer_of(pipe_or_transformer)
+    model_class = supported_class(transformer)
+    if transformer.__dict__.get(HANDLE_ATTR) is not None:
+        raise CacheStateError("caching is already enabled on this transformer; call disable_cache() first")
+    if cache_dtype is not None and cache_dtype not in _CACHE_DTYPES:
+        raise TypeError(
+            f"cache_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {cache_dtype}"
+        )
+
+    if isinstance(schedule_or_router, Router):
+        schedule_or_router.check_model(transformer)
+        _warn_on_other_sampler(schedule_or_router, pipe_or_transformer)
+        schedule = schedule_or_router.to_schedule(threshold)
+    elif isinstance(schedule_or_router, CacheSchedule):
+        schedule = schedule_or_router
+    else:
+        raise TypeError(f"expected a CacheSchedule or a Router, got {type(schedule_or_router).__name__}")
+    unit_names = units(transformer)
+    if schedule.num_units != len(unit_names):
+        raise ScheduleMismatchError(
+            f"the schedule has {schedule.num_units} units but {model_class.__name__} with "
+            f"{len(transformer.transformer_blocks)} blocks has {len(unit_names)}; build it with "
+            "num_units=len(harmonica.units(model))"
+        )
+
+    # Discover the op backends now (it imports the extensions), not inside a compiled first step.
+    available_backends()
+    handle = CacheHandle(transformer, schedule, cache_dtype=cache_dtype)
+    # Build every cached block first: an unsupported block raises before anything is modified.
+    index = {name: k for k, name in enumerate(unit_names)}
+    handle._cached_blocks = [
+        CachedTransformerBlock(
+            block,
+            handle,
+            (index[f"blocks.{i}.attn1"], index.get(f"blocks.{i}.attn2"), index[f"blocks.{i}.ff"]),
+        )
+        for i, block in enumerate(transformer.transformer_blocks)
+    ]
+    for i, cached in enumerate(handle._cached_blocks):
+        transformer.transformer_blocks[i] = cached
+    setattr(transformer, HANDLE_ATTR, handle)
+    transformer.__class__ = _stepped_class(handle._original_class)
+    scheduler = (
+        getattr(pipe_or_transformer, "scheduler", None) if pipe_or_transformer is not transformer else None
+    )
+    if scheduler is not None:
+        handle._scheduler_hook = _ResetOnSetTimesteps(scheduler, handle)
+        scheduler.set_timesteps = handle._scheduler_hook
+    return handle
+
+
+def disable_cache(pipe_or_transformer: Any) -> None:
+    """Undo :func:`enable_cache`: original blocks, class and scheduler restored, cache freed.
+
+    A no-op when caching is not enabled.
+    """
+    transformer = transformer_of(pipe_or_transformer)
+    handle = transformer.__dict__.get(HANDLE_ATTR)
+    if handle is None:
+        return
+    for i, cached in enumerate(handle._cached_blocks):
+        transformer.transformer_blocks[i] = cached.original()
+    transformer.__class__ = handle._original_class
+    del transformer.__dict__[HANDLE_ATTR]
+    if handle._scheduler_hook is not None:
+        handle._scheduler_hook.unwrap()
+    handle._cached_blocks = []
+    handle._scheduler_hook = None
+    handle.reset()
+
+
+class _ResetOnSetTimesteps:
+    """Replaces ``scheduler.set_timesteps`` (called once at the start of every diffusers pipeline
+    call): sets the timesteps as before, then resets the cache handle and checks the step count."""
+
+    def __init__(self, scheduler: Any, handle: CacheHandle) -> None:
+        self.scheduler = scheduler
+        self.handle = handle
+        # A set_timesteps already patched on the instance by someone else is chained and restored.
+        self.previous = scheduler.__dict__.get("set_timesteps")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.previous is not None:
+            result = self.previous(*args, **kwargs)
+        else:
+            result = type(self.scheduler).set_timesteps(self.scheduler, *args, **kwargs)
+        self.handle.reset()
+        self.handle._check_num_steps(len(self.scheduler.timesteps))
+        return result
+
+    def unwrap(self) -> None:
+        if self.previous is None:
+            del self.scheduler.set_timesteps
+        else:
+            self.scheduler.set_timesteps = self.previous
+
+
+def _warn_on_other_sampler(router: Router, pipe_or_transformer: Any) -> None:
+    scheduler = getattr(pipe_or_transformer, "scheduler", None)
+    made_for = (router.sampler or {}).get("class")
+    if scheduler is not None and made_for is not None and type(scheduler).__name__ != made_for:
+        warnings.warn(
+            f"the router was trained with {made_for} but the pipeline samples with "
+            f"{type(scheduler).__name__}; its schedule may not suit this sampler",
+            stacklevel=3,
+        )

@@ -1,0 +1,204 @@
+"""Supported diffusers transformers: detection, routable units, fingerprints and FLOP profiles.
+
+A **unit** is one residual branch of one ``BasicTransformerBlock`` (METHOD.md §1): for block i,
+``"blocks.{i}.attn1"`` (self-attention), then ``"blocks.{i}.attn2"`` if the block has
+cross-attention (PixArt), then ``"blocks.{i}.ff"``. Units are numbered in that order; a schedule's
+column k is unit k.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "SUPPORTED_MODELS",
+    "FlopProfile",
+    "UnsupportedModelError",
+    "describe_fingerprint",
+    "fingerprint",
+    "fingerprint_mismatch",
+    "flop_profile",
+    "supported_class",
+    "transformer_of",
+    "units",
+]
+
+SUPPORTED_MODELS: tuple[type[nn.Module], ...] = (DiTTransformer2DModel, PixArtTransformer2DModel)
+"""Transformer classes :func:`harmonica.enable_cache` knows how to patch."""
+
+# Fingerprint keys that must match for a router to fit a model. ``sample_size`` is recorded but not
+# compared: the same architecture runs at several resolutions (PixArt's aspect-ratio buckets).
+_SHAPE_KEYS = (
+    "class",
+    "depth",
+    "width",
+    "heads",
+    "head_dim",
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "units",
+)
+
+# Text tokens assumed for PixArt's cross-attention FLOPs (PixArt-α's T5 length, max_sequence_length).
+DEFAULT_TEXT_TOKENS = 120
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its blocks) is not something harmonica can cache exactly."""
+
+
+def supported_class(model: nn.Module) -> type[nn.Module]:
+    """The supported diffusers class ``model`` is an instance of.
+
+    Raises:
+        UnsupportedModelError: for any other model, naming the supported classes.
+    """
+    for cls in SUPPORTED_MODELS:
+        if isinstance(model, cls):
+            return cls
+    names = ", ".join(c.__name__ for c in SUPPORTED_MODELS)
+    raise UnsupportedModelError(
+        f"harmonica supports {names}; got {type(model).__name__}. Pass the pipeline or its `.transformer`."
+    )
+
+
+def transformer_of(pipe_or_transformer: Any) -> nn.Module:
+    """The supported transformer itself, or a pipeline's ``.transformer``."""
+    candidate = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    supported_class(candidate)
+    return candidate
+
+
+def units(model: nn.Module) -> list[str]:
+    """Names of the routable units of ``model``, in schedule-column order.
+
+    Block i contributes ``blocks.{i}.attn1``, ``blocks.{i}.attn2`` (only if it has cross-attention)
+    and ``blocks.{i}.ff``. Works on a model whose blocks are currently cached, too.
+    """
+    supported_class(model)
+    names = []
+    for i, block in enumerate(model.transformer_blocks):
+        names.append(f"blocks.{i}.attn1")
+        if getattr(block, "attn2", None) is not None:
+            names.append(f"blocks.{i}.attn2")
+        names.append(f"blocks.{i}.ff")
+    return names
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What a router records about the model it was made for (JSON-serialisable).
+
+    Keys: ``class``, ``depth`` (blocks), ``width`` (inner dim), ``heads``, ``head_dim``,
+    ``patch_size``, ``in_channels``, ``out_channels``, ``sample_size`` (latent side),
+    ``cross_attention_dim`` (None for DiT) and ``units`` (:func:`units`).
+    """
+    cls = supported_class(model)
+    config = model.config
+    return {
+        "class": cls.__name__,
+        "depth": len(model.transformer_blocks),
+        "width": int(model.inner_dim),
+        "heads": int(config.num_attention_heads),
+        "head_dim": int(config.attention_head_dim),
+        "patch_size": int(config.patch_size),
+        "in_channels": int(config.in_channels),
+        "out_channels": int(model.out_channels),
+        "sample_size": int(config.sample_size),
+        "cross_attention_dim": config.get("cross_attention_dim"),
+        "units": units(model),
+    }
+
+
+def describe_fingerprint(fp: dict[str, Any]) -> str:
+    """A one-line shape description, e.g. ``DiTTransformer2DModel(depth=28, width=1152, ...; 56 units)``."""
+    return (
+        f"{fp.get('class')}(depth={fp.get('depth')}, width={fp.get('width')}, heads={fp.get('heads')}, "
+        f"patch_size={fp.get('patch_size')}, in_channels={fp.get('in_channels')}; "
+        f"{len(fp.get('units') or [])} units)"
+    )
+
+
+def fingerprint_mismatch(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """Shape keys on which two fingerprints differ (empty when a router for ``expected`` fits ``actual``)."""
+    return [key for key in _SHAPE_KEYS if expected.get(key) != actual.get(key)]
+
+
+@dataclass(frozen=True)
+class FlopProfile:
+    """FLOPs of one forward of a batch-1 sample at the model's native token count.
+
+    ``units[k]`` is unit k's branch (its module only: projections and attention, or the MLP);
+    ``always`` is everything that runs on every step whatever the schedule (patch embedding,
+    timestep/label/caption embeddings, adaLN modulation, final layer). Counted by torch's
+    ``FlopCounterMode``, i.e. matmuls, convolutions and attention; elementwise work (norms,
+    activations, residual adds) is not counted. Every count is linear in the batch size, so ratios
+    hold for any batch.
+    """
+
+    always: int
+    units: tuple[int, ...]
+    tokens: int
+
+    @property
+    def total(self) -> int:
+        """FLOPs of one uncached forward."""
+        return self.always + sum(self.units)
+
+
+def flop_profile(model: nn.Module, *, text_tokens: int = DEFAULT_TEXT_TOKENS) -> FlopProfile:
+    """Per-unit FLOPs of ``model`` at its native resolution (``sample_size`` latents).
+
+    Measured on a copy built on the meta device from the model's config (no memory, no compute;
+    the real weights are never touched), once per architecture. PixArt's cross-attention is
+    counted with ``text_tokens`` prompt tokens.
+    """
+    cls = supported_class(model)
+    config_json = json.dumps(dict(model.config), sort_keys=True, default=str)
+    return _flop_profile(cls, config_json, text_tokens)
+
+
+@functools.lru_cache(maxsize=32)
+def _flop_profile(cls: type[nn.Module], config_json: str, text_tokens: int) -> FlopProfile:
+    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        meta_model = cls.from_config(config)
+        inputs = _example_inputs(meta_model, text_tokens)
+    counter = FlopCounterMode(display=False, depth=None)
+    with counter, torch.no_grad():
+        meta_model(**inputs)
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    prefix = f"{cls.__name__}.transformer_blocks"
+    unit_flops = []
+    for name in units(meta_model):
+        _, index, branch = name.split(".")
+        unit_flops.append(int(per_module.get(f"{prefix}.{index}.{branch}", 0)))
+    total = int(counter.get_total_flops())
+    side = meta_model.config.sample_size // meta_model.config.patch_size
+    return FlopProfile(always=total - sum(unit_flops), units=tuple(unit_flops), tokens=side * side)
+
+
+def _example_inputs(model: nn.Module, text_tokens: int) -> dict[str, Any]:
+    """Batch-1 inputs at the native resolution (created under the caller's device context)."""
+    config = model.config
+    size = config.sample_size
+    inputs: dict[str, Any] = {
+        "hidden_states": torch.empty(1, config.in_channels, size, size),
+        "timestep": torch.zeros(1, dtype=torch.long),
+    }
+    if isinstance(model, DiTTransformer2DModel):
+        inputs["class_labels"] = torch.zeros(1, dtype=torch.long)
+    else:
+        text_width = config.caption_channels or config.cross_attention_dim
+        if text_width is not None:
+            inputs["encoder_hidden_states"] = torch.empty(1, text_tokens, text_width)
+        inputs["added_cond_kwargs"] = {"resolution": torch.empty(1, 2), "aspect_ratio": torch.empty(1, 1)}
+    return inputs

@@ -1,0 +1,143 @@
+"""Cache schedules: which unit is computed at which denoising step (METHOD.md §1–2, §7)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import DEFAULT_TEXT_TOKENS, flop_profile, units
+
+__all__ = ["CacheSchedule"]
+
+
+class CacheSchedule:
+    """An immutable boolean table ``compute[T, U]``: unit k is computed at step t iff ``compute[t, k]``.
+
+    Step t is the t-th transformer call of a generation (one call per denoising step, classifier-
+    free guidance batched into that call); unit k is column k of :func:`harmonica.units`. A unit
+    that is not computed is *reused*: its branch is skipped and its cached output (from the last
+    step that computed it) enters the residual with the current step's gate. Row 0 must compute
+    every unit, because the cache is empty at the first step.
+
+    Nothing in a schedule depends on the input, so the whole run is known before it starts.
+    """
+
+    __slots__ = ("_compute", "_rows")
+
+    def __init__(self, compute: Any) -> None:
+        mask = torch.as_tensor(compute).detach().to("cpu")
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() or mask.is_complex():
+                raise TypeError(
+                    f"a cache schedule is boolean; got {mask.dtype}. Threshold probabilities first "
+                    "(e.g. Router.to_schedule(threshold))"
+                )
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("an integer schedule mask may only hold 0 (reuse) and 1 (compute)")
+            mask = mask.bool()
+        if mask.dim() != 2 or mask.shape[0] < 1 or mask.shape[1] < 1:
+            raise ValueError(
+                f"a cache schedule is [T, U] (steps, units) with T, U >= 1; got shape {tuple(mask.shape)}"
+            )
+        if not bool(mask[0].all()):
+            missing = [k for k in range(mask.shape[1]) if not bool(mask[0, k])]
+            raise ValueError(
+                f"step 0 must compute every unit (the cache is empty then), but units {missing} are "
+                "marked for reuse; set mask[0] = True"
+            )
+        self._compute = mask.clone()
+        # Equal rows share one tuple object: per-step decisions are host constants, and a compiled
+        # transformer sees one graph per distinct row.
+        interned: dict[tuple[bool, ...], tuple[bool, ...]] = {}
+        self._rows = tuple(interned.setdefault(row, row) for row in map(tuple, mask.tolist()))
+
+    @classmethod
+    def from_mask(cls, mask: Any) -> CacheSchedule:
+        """A schedule from a ``[T, U]`` boolean (or 0/1 integer) mask; True = compute.
+
+        Raises ``ValueError`` unless row 0 is all True.
+        """
+        return cls(mask)
+
+    @classmethod
+    def full(cls, num_steps: int, num_units: int) -> CacheSchedule:
+        """Every unit computed at every step: no reuse, the uncached model's output."""
+        _check_size(num_steps, num_units)
+        return cls(torch.ones(num_steps, num_units, dtype=torch.bool))
+
+    @classmethod
+    def fora(cls, num_steps: int, num_units: int, interval: int) -> CacheSchedule:
+        """FORA (METHOD.md §7): all units computed on steps ``t % interval == 0``, reused otherwise."""
+        _check_size(num_steps, num_units)
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+        steps = torch.arange(num_steps) % interval == 0
+        return cls(steps[:, None].expand(num_steps, num_units))
+
+    @property
+    def compute(self) -> torch.Tensor:
+        """A copy of the ``[T, U]`` bool table (CPU)."""
+        return self._compute.clone()
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of transformer calls (denoising steps) the schedule covers."""
+        return self._compute.shape[0]
+
+    @property
+    def num_units(self) -> int:
+        """U, the number of units (columns)."""
+        return self._compute.shape[1]
+
+    @property
+    def rows(self) -> tuple[tuple[bool, ...], ...]:
+        """The table as Python bools, one tuple per step (equal rows are the same object)."""
+        return self._rows
+
+    @property
+    def reused_units(self) -> tuple[bool, ...]:
+        """Per unit: whether any step reuses it (such units need a cache buffer)."""
+        return tuple(not bool(col) for col in self._compute.all(dim=0).tolist())
+
+    @property
+    def cache_usage_ratio(self) -> float:
+        """CUR: the share of (step, unit) pairs served from the cache."""
+        return 1.0 - self._compute.float().mean().item()
+
+    def ideal_speedup(self, model: nn.Module, *, text_tokens: int = DEFAULT_TEXT_TOKENS) -> float:
+        """FLOP ratio uncached / cached over the whole run: ``T·F_full / (T·F_always + Σ_t Σ_k c[t,k]·F_k)``.
+
+        ``F_k`` are the units' FLOPs and ``F_always`` those of everything that runs every step, from
+        :func:`harmonica.models.flop_profile` at the model's native token count. This is an upper
+        bound from arithmetic alone, not a measured speedup.
+        """
+        names = units(model)
+        if len(names) != self.num_units:
+            raise ValueError(f"the schedule has {self.num_units} units but the model has {len(names)}")
+        profile = flop_profile(model, text_tokens=text_tokens)
+        unit_flops = torch.tensor(profile.units, dtype=torch.float64)
+        computed = (self._compute.double() * unit_flops).sum().item()
+        cached_cost = self.num_steps * profile.always + computed
+        return self.num_steps * profile.total / cached_cost
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CacheSchedule):
+            return NotImplemented
+        return self._rows == other._rows
+
+    def __hash__(self) -> int:
+        return hash(self._rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheSchedule(num_steps={self.num_steps}, num_units={self.num_units}, "
+            f"cache_usage_ratio={self.cache_usage_ratio:.3f})"
+        )
+
+
+def _check_size(num_steps: int, num_units: int) -> None:
+    for name, value in (("num_steps", num_steps), ("num_units", num_units)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")

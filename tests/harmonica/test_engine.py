@@ -1,0 +1,607 @@
+"""The inference engine: enable_cache / disable_cache on tiny random DiT and PixArt models."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel, EulerDiscreteScheduler
+from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
+from harmonica.cache import CachedTransformerBlock, CacheStateError, ScheduleMismatchError
+from harmonica.models import UnsupportedModelError
+from harmonica.router import RouterMismatchError
+
+import harmonica_kernels as hk
+
+from .tiny_models import (
+    CAPTION_CHANNELS,
+    CHANNELS,
+    LATENT,
+    TEXT_TOKENS,
+    ReferenceCache,
+    ddim,
+    dit_pipeline,
+    pixart_pipeline,
+    prompt_kwargs,
+    sample,
+    tiny_dit,
+    tiny_pixart,
+)
+
+STEPS = 4
+FP32 = dict(rtol=1e-5, atol=1e-5)
+# bf16 activations: harmonica rounds each fused residual once, diffusers twice.
+BF16 = dict(rtol=3e-2, atol=3e-2)
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_model(kind: str, **overrides):
+    return tiny_dit(**overrides) if kind == "dit" else tiny_pixart(**overrides)
+
+
+def make_cond(kind: str, batch: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "dit":
+        return torch.randint(0, 1000, (batch,), generator=g), None
+    mask = torch.ones(batch, TEXT_TOKENS, dtype=torch.long)
+    mask[:, -1] = 0
+    return torch.randn(batch, TEXT_TOKENS, CAPTION_CHANNELS, generator=g), mask
+
+
+def noise(batch: int, size: int = LATENT, seed: int = 0, dtype=torch.float32):
+    return torch.randn(batch, CHANNELS, size, size, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def reference_sample(model, compute, noise_, cond, mask, steps=STEPS, guidance=1.5, cache_dtype=None):
+    """The same loop on the unpatched model with METHOD.md §1 applied by ReferenceCache."""
+    oracle = ReferenceCache(model, compute, cache_dtype=cache_dtype)
+    try:
+        return sample(model, ddim(), noise_, cond, steps, guidance, text_mask=mask)
+    finally:
+        oracle.remove()
+
+
+def random_schedule(num_steps: int, num_units: int, seed: int = 0) -> CacheSchedule:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(num_steps, num_units, generator=g) > 0.5
+    mask[0] = True
+    return CacheSchedule.from_mask(mask)
+
+
+def count_unit_calls(model) -> tuple[Counter, list]:
+    calls: Counter = Counter()
+    hooks = []
+    for i, block in enumerate(model.transformer_blocks):
+        for branch in ("attn1", "attn2", "ff"):
+            module = getattr(block, branch, None)
+            if module is not None:
+                name = f"blocks.{i}.{branch}"
+                hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: calls.update([name])))
+    return calls, hooks
+
+
+@pytest.fixture(autouse=True)
+def op_backend():
+    # The pure-torch ops by default (their exactness is the kernels' tests' business);
+    # HARMONICA_BACKEND=cpp (or triton, cuda) runs the engine on that backend instead.
+    with hk.use_backend(os.environ.get("HARMONICA_BACKEND", "torch")):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Units and blocks
+
+
+def test_units_name_attn1_attn2_ff_per_block():
+    assert units(tiny_dit(num_layers=2)) == ["blocks.0.attn1", "blocks.0.ff", "blocks.1.attn1", "blocks.1.ff"]
+    assert units(tiny_pixart(num_layers=1)) == ["blocks.0.attn1", "blocks.0.attn2", "blocks.0.ff"]
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_full_schedule_forward_matches_original_model(kind):
+    model = make_model(kind)
+    cond, mask = make_cond(kind, 2)
+    x, t = noise(2), torch.tensor([999, 10])
+    kwargs = (
+        dict(class_labels=cond)
+        if kind == "dit"
+        else dict(
+            encoder_hidden_states=cond,
+            encoder_attention_mask=mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+    )
+    with torch.no_grad():
+        expected = model(x, timestep=t, **kwargs).sample
+        enable_cache(model, CacheSchedule.full(1, len(units(model))))
+        assert all(isinstance(b, CachedTransformerBlock) for b in model.transformer_blocks)
+        got = model(x, timestep=t, **kwargs).sample
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_cached_blocks_share_the_original_parameters(kind):
+    model = make_model(kind)
+    keys = list(model.state_dict())
+    params = {name: p.data_ptr() for name, p in model.named_parameters()}
+    originals = list(model.transformer_blocks)
+    enable_cache(model, CacheSchedule.fora(4, len(units(model)), 2))
+    assert list(model.state_dict()) == keys
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == params
+    assert model.transformer_blocks[0].attn1 is originals[0].attn1
+    disable_cache(model)
+    assert all(a is b for a, b in zip(model.transformer_blocks, originals, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness against the independent METHOD.md §1 oracle, bare sampling loop
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+@pytest.mark.parametrize("schedule_name", ["full", "fora2", "fora3", "random"])
+def test_bare_loop_matches_reference(kind, schedule_name):
+    model = make_model(kind)
+    num_units = len(units(model))
+    schedule = {
+        "full": CacheSchedule.full(STEPS, num_units),
+        "fora2": CacheSchedule.fora(STEPS, num_units, 2),
+        "fora3": CacheSchedule.fora(STEPS, num_units, 3),
+        "random": random_schedule(STEPS, num_units),
+    }[schedule_name]
+    cond, mask = make_cond(kind, 2)
+    with torch.no_grad():
+        uncached = sample(model, ddim(), noise(2), cond, STEPS, text_mask=mask)
+        expected = reference_sample(model, schedule.compute, noise(2), cond, mask)
+        handle = enable_cache(model, schedule)
+        handle.reset()
+        got = sample(model, ddim(), noise(2), cond, STEPS, text_mask=mask)
+    torch.testing.assert_close(got, expected, **FP32)
+    if schedule_name == "full":
+        torch.testing.assert_close(got, uncached, **FP32)
+    else:
+        assert not torch.allclose(got, uncached, atol=1e-4), "reuse must change the samples of a random model"
+    assert handle.step == STEPS
+
+
+def test_bare_loop_reset_starts_a_new_generation():
+    model = tiny_dit()
+    schedule = CacheSchedule.fora(STEPS, len(units(model)), 2)
+    cond, _ = make_cond("dit", 2)
+    handle = enable_cache(model, schedule)
+    with torch.no_grad():
+        first = sample(model, ddim(), noise(2), cond, STEPS)
+        with pytest.raises(CacheStateError, match=f"made for {STEPS} denoising steps"):
+            sample(model, ddim(), noise(2), cond, STEPS)
+        handle.reset()
+        assert handle.step == 0 and handle.cache_bytes == 0
+        second = sample(model, ddim(), noise(2), cond, STEPS)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines
+
+
+def dit_call(pipe, labels, steps=STEPS, guidance=4.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        labels, guidance_scale=guidance, generator=generator, num_inference_steps=steps, output_type="pt"
+    ).images
+
+
+def pixart_call(pipe, batch, steps=STEPS, guidance=4.5, seed=0, size=2 * LATENT):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
+        output_type="latent",
+        height=size,
+        width=size,
+        **prompt_kwargs(batch),
+    ).images
+
+
+@pytest.fixture
+def dit_pipe():
+    pipe = dit_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def pixart_pipe():
+    if not _has_transformers():
+        pytest.skip("PixArtAlphaPipeline needs the `transformers` package")
+    pipe = pixart_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_dit_pipeline_full_and_fora_match_reference(dit_pipe):
+    model = dit_pipe.transformer
+    num_units = len(units(model))
+    labels = [3, 7]
+    uncached = dit_call(dit_pipe, labels)
+    fora = CacheSchedule.fora(STEPS, num_units, 2)
+    oracle = ReferenceCache(model, fora.compute)
+    expected = dit_call(dit_pipe, labels)
+    oracle.remove()
+
+    enable_cache(dit_pipe, CacheSchedule.full(STEPS, num_units))
+    torch.testing.assert_close(dit_call(dit_pipe, labels), uncached, **FP32)
+    disable_cache(dit_pipe)
+
+    handle = enable_cache(dit_pipe, fora)
+    got = dit_call(dit_pipe, labels)
+    torch.testing.assert_close(got, expected, **FP32)
+    # A second pipeline call resets the step counter itself and repeats the result exactly.
+    torch.testing.assert_close(dit_call(dit_pipe, labels), got, rtol=0, atol=0)
+    assert handle.step == STEPS
+
+
+def test_pixart_pipeline_full_and_fora_match_reference(pixart_pipe):
+    model = pixart_pipe.transformer
+    num_units = len(units(model))
+    uncached = pixart_call(pixart_pipe, 2)
+    fora = CacheSchedule.fora(STEPS, num_units, 3)
+    oracle = ReferenceCache(model, fora.compute)
+    expected = pixart_call(pixart_pipe, 2)
+    oracle.remove()
+
+    enable_cache(pixart_pipe, CacheSchedule.full(STEPS, num_units))
+    torch.testing.assert_close(pixart_call(pixart_pipe, 2), uncached, **FP32)
+    disable_cache(pixart_pipe)
+
+    enable_cache(pixart_pipe, fora)
+    got = pixart_call(pixart_pipe, 2)
+    torch.testing.assert_close(got, expected, **FP32)
+    torch.testing.assert_close(pixart_call(pixart_pipe, 2), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_reused_units_are_not_called(kind, request):
+    pipe = request.getfixturevalue(f"{kind}_pipe")
+    model = pipe.transformer
+    schedule = random_schedule(STEPS, len(units(model)), seed=3)
+    enable_cache(pipe, schedule)
+    calls, hooks = count_unit_calls(model)
+    if kind == "dit":
+        dit_call(pipe, [1])
+    else:
+        pixart_call(pipe, 1)
+    for hook in hooks:
+        hook.remove()
+    expected = dict(zip(units(model), schedule.compute.sum(dim=0).tolist(), strict=True))
+    assert dict(calls) == expected
+
+
+def test_pipeline_batch_size_and_cfg_changes_between_calls(dit_pipe):
+    model = dit_pipe.transformer
+    fora = CacheSchedule.fora(STEPS, len(units(model)), 2)
+    expected = {}
+    oracle = ReferenceCache(model, fora.compute)
+    for labels, guidance in (([1, 2], 4.0), ([5], 1.0), ([1, 2, 3], 4.0)):
+        oracle.reset()
+        expected[len(labels), guidance] = dit_call(dit_pipe, labels, guidance=guidance)
+    oracle.remove()
+
+    handle = enable_cache(dit_pipe, fora)
+    width = model.inner_dim
+    tokens = (LATENT // 2) ** 2
+    for labels, guidance in (([1, 2], 4.0), ([5], 1.0), ([1, 2, 3], 4.0)):
+        got = dit_call(dit_pipe, labels, guidance=guidance)
+        torch.testing.assert_close(got, expected[len(labels), guidance], **FP32)
+        batch = len(labels) * (2 if guidance > 1 else 1)  # CFG doubles the transformer batch
+        assert handle.cache_bytes == len(units(model)) * batch * tokens * width * 4
+
+
+def test_pixart_pipeline_resolution_and_cfg_changes_rebuild_the_cache(pixart_pipe):
+    model = pixart_pipe.transformer
+    fora = CacheSchedule.fora(STEPS, len(units(model)), 2)
+    oracle = ReferenceCache(model, fora.compute)
+    expected_small = pixart_call(pixart_pipe, 1, size=16)
+    oracle.reset()
+    expected_large = pixart_call(pixart_pipe, 1, size=24, guidance=1.0)
+    oracle.remove()
+
+    handle = enable_cache(pixart_pipe, fora)
+    torch.testing.assert_close(pixart_call(pixart_pipe, 1, size=16), expected_small, **FP32)
+    small_bytes = handle.cache_bytes  # 2 rows (CFG) x 4x4 tokens
+    torch.testing.assert_close(pixart_call(pixart_pipe, 1, size=24, guidance=1.0), expected_large, **FP32)
+    assert handle.cache_bytes == small_bytes * (1 * 6 * 6) // (2 * 4 * 4)
+
+
+def test_pipeline_with_other_num_inference_steps_is_an_error(dit_pipe):
+    handle = enable_cache(dit_pipe, CacheSchedule.fora(STEPS, len(units(dit_pipe.transformer)), 2))
+    with pytest.raises(
+        ScheduleMismatchError, match=f"made for {STEPS} denoising steps but the scheduler was set up for 9"
+    ):
+        dit_call(dit_pipe, [1], steps=9)
+    assert handle.step == 0
+    dit_call(dit_pipe, [1])  # the right count still works afterwards
+    assert handle.step == STEPS
+
+
+def test_shape_change_within_a_generation_is_an_error():
+    model = tiny_dit()
+    handle = enable_cache(model, CacheSchedule.fora(STEPS, len(units(model)), 2))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        model(noise(2), timestep=t.expand(2), class_labels=torch.tensor([1, 2]))
+        with pytest.raises(CacheStateError, match=r"allocated at step 0 for \(2, 16, 32"):
+            model(noise(3), timestep=t.expand(3), class_labels=torch.tensor([1, 2, 3]))
+        with pytest.raises(CacheStateError, match="call handle.reset"):
+            model(noise(2, size=2 * LATENT), timestep=t.expand(2), class_labels=torch.tensor([1, 2]))
+        with pytest.raises(CacheStateError, match="bfloat16"):
+            model.to(torch.bfloat16)(
+                noise(2, dtype=torch.bfloat16), timestep=t.expand(2), class_labels=torch.tensor([1, 2])
+            )
+        model.float()
+        assert handle.step == 1
+        handle.reset()
+        model(noise(2, size=2 * LATENT), timestep=t.expand(2), class_labels=torch.tensor([1, 2]))
+    assert handle.cache_bytes == len(units(model)) * 2 * 64 * 32 * 4
+
+
+def test_bare_resolution_change_after_reset_matches_reference():
+    model = tiny_dit()
+    schedule = CacheSchedule.fora(STEPS, len(units(model)), 3)
+    cond, _ = make_cond("dit", 1)
+    with torch.no_grad():
+        expected = reference_sample(model, schedule.compute, noise(1, size=2 * LATENT), cond, None)
+        handle = enable_cache(model, schedule)
+        handle.reset()
+        sample(model, ddim(), noise(1), cond, STEPS)
+        handle.reset()
+        got = sample(model, ddim(), noise(1, size=2 * LATENT), cond, STEPS)
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_bf16_model_matches_reference(kind):
+    model = make_model(kind).to(torch.bfloat16)
+    schedule = CacheSchedule.fora(STEPS, len(units(model)), 2)
+    cond, mask = make_cond(kind, 2)
+    if kind == "pixart":
+        cond = cond.to(torch.bfloat16)
+    x = noise(2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = reference_sample(model, schedule.compute, x, cond, mask)
+        handle = enable_cache(model, schedule)
+        handle.reset()
+        got = sample(model, ddim(), x, cond, STEPS, text_mask=mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), **BF16)
+    assert handle.cache_bytes == len(units(model)) * 4 * 16 * 32 * 2
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_bf16_cache_under_fp32_model(kind):
+    model = make_model(kind)
+    schedule = CacheSchedule.fora(STEPS, len(units(model)), 2)
+    cond, mask = make_cond(kind, 2)
+    with torch.no_grad():
+        expected = reference_sample(model, schedule.compute, noise(2), cond, mask, cache_dtype=torch.bfloat16)
+        handle = enable_cache(model, schedule, cache_dtype=torch.bfloat16)
+        handle.reset()
+        got = sample(model, ddim(), noise(2), cond, STEPS, text_mask=mask)
+    assert got.dtype == torch.float32
+    # A last-ulp fp32 difference (fused vs unfused residual) can flip one bf16 rounding of the cache.
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert handle.cache_bytes == len(units(model)) * 4 * 16 * 32 * 2  # half the fp32 cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def test_buffers_only_for_reused_units_and_freed_on_reset_and_disable():
+    model = tiny_dit()
+    mask = torch.ones(STEPS, 4, dtype=torch.bool)
+    mask[1:, 1] = False  # only blocks.0.ff is ever reused
+    handle = enable_cache(model, CacheSchedule.from_mask(mask))
+    assert handle.cache_bytes == 0
+    cond, _ = make_cond("dit", 2)
+    with torch.no_grad():
+        sample(model, ddim(), noise(2), cond, STEPS)
+    assert handle.cache_bytes == 4 * 16 * 32 * 4
+    handle.reset()
+    assert handle.cache_bytes == 0
+    with torch.no_grad():
+        sample(model, ddim(), noise(2), cond, 1, guidance=1.0)
+    disable_cache(model)
+    assert handle.cache_bytes == 0
+
+    full = enable_cache(model, CacheSchedule.full(STEPS, 4))
+    with torch.no_grad():
+        sample(model, ddim(), noise(2), cond, 1)
+    assert full.cache_bytes == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Enabling and disabling
+
+
+def test_disable_restores_the_model_and_scheduler_exactly(dit_pipe):
+    model = dit_pipe.transformer
+    original_class = type(model)
+    blocks = list(model.transformer_blocks)
+    before = dit_call(dit_pipe, [4])
+    handle = enable_cache(dit_pipe, CacheSchedule.fora(STEPS, len(units(model)), 2))
+    assert model._harmonica_cache is handle
+    assert "set_timesteps" in dit_pipe.scheduler.__dict__
+    dit_call(dit_pipe, [4])
+    disable_cache(dit_pipe)
+    assert type(model) is original_class
+    assert getattr(model, "_harmonica_cache", None) is None
+    assert "set_timesteps" not in dit_pipe.scheduler.__dict__
+    assert all(a is b for a, b in zip(model.transformer_blocks, blocks, strict=True))
+    torch.testing.assert_close(dit_call(dit_pipe, [4]), before, rtol=0, atol=0)
+    disable_cache(dit_pipe)  # a no-op once disabled
+
+
+def test_disable_after_dtype_change_keeps_original_blocks_in_sync():
+    model = tiny_pixart()
+    enable_cache(model, CacheSchedule.full(2, len(units(model))))
+    model.to(torch.bfloat16)
+    disable_cache(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.transformer_blocks[0].scale_shift_table.dtype == torch.bfloat16
+
+
+def test_enable_errors_leave_the_model_untouched():
+    model = tiny_dit()
+    blocks = list(model.transformer_blocks)
+    with pytest.raises(ScheduleMismatchError, match="has 4"):
+        enable_cache(model, CacheSchedule.full(STEPS, 6))
+    with pytest.raises(TypeError, match="CacheSchedule or a Router"):
+        enable_cache(model, torch.ones(STEPS, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="cache_dtype"):
+        enable_cache(model, CacheSchedule.full(STEPS, 4), cache_dtype=torch.int8)
+    model.transformer_blocks[1].only_cross_attention = True
+    with pytest.raises(UnsupportedModelError, match="only_cross_attention"):
+        enable_cache(model, CacheSchedule.full(STEPS, 4))
+    model.transformer_blocks[1].only_cross_attention = False
+    assert all(a is b for a, b in zip(model.transformer_blocks, blocks, strict=True))
+    assert type(model) is DiTTransformer2DModel
+    enable_cache(model, CacheSchedule.full(STEPS, 4))
+    with pytest.raises(CacheStateError, match="already enabled"):
+        enable_cache(model, CacheSchedule.full(STEPS, 4))
+
+
+def test_unsupported_models_are_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="DiTTransformer2DModel, PixArtTransformer2DModel"):
+        enable_cache(torch.nn.Linear(2, 2), CacheSchedule.full(1, 1))
+
+
+def test_cached_block_outside_a_transformer_call_is_an_error():
+    model = tiny_dit()
+    enable_cache(model, CacheSchedule.full(1, 4))
+    x = torch.randn(1, 16, 32)
+    with pytest.raises(CacheStateError, match="outside a call of its transformer"):
+        model.transformer_blocks[0](x, timestep=torch.tensor([1]), class_labels=torch.tensor([1]))
+
+
+def test_affine_norms_take_the_exact_diffusers_path():
+    model = tiny_pixart(norm_elementwise_affine=True)
+    for block in model.transformer_blocks:
+        torch.nn.init.normal_(block.norm2.weight)
+        torch.nn.init.normal_(block.norm2.bias)
+    schedule = random_schedule(STEPS, len(units(model)), seed=5)
+    cond, mask = make_cond("pixart", 1)
+    with torch.no_grad():
+        expected = reference_sample(model, schedule.compute, noise(1), cond, mask)
+        enable_cache(model, schedule).reset()
+        got = sample(model, ddim(), noise(1), cond, STEPS, text_mask=mask)
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+def test_chunked_feed_forward_is_honoured():
+    model = tiny_dit()
+    schedule = random_schedule(STEPS, len(units(model)), seed=6)
+    cond, _ = make_cond("dit", 1)
+    handle = enable_cache(model, schedule)
+    with torch.no_grad():
+        handle.reset()
+        expected = sample(model, ddim(), noise(1), cond, STEPS)
+        calls, _ = count_unit_calls(model)
+        for block in model.transformer_blocks:
+            block.set_chunk_feed_forward(8, dim=1)  # 16 tokens -> the MLP runs on 2 chunks
+        handle.reset()
+        got = sample(model, ddim(), noise(1), cond, STEPS)
+    assert calls["blocks.0.ff"] == 2 * int(schedule.compute[:, 1].sum())
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routers
+
+
+def test_router_enables_its_thresholded_schedule_and_refuses_other_models():
+    model = tiny_dit()
+    router = Router.for_model(model, STEPS, scheduler=ddim(), seed=1)
+    handle = enable_cache(model, router, threshold=0.4)
+    assert handle.schedule == router.to_schedule(0.4)
+    disable_cache(model)
+    other = tiny_dit(num_layers=3)
+    with pytest.raises(RouterMismatchError, match=r"depth=2, width=32.*depth=3, width=32"):
+        enable_cache(other, router)
+
+
+def test_router_made_for_another_sampler_warns(dit_pipe):
+    router = Router.for_model(dit_pipe.transformer, STEPS, scheduler=EulerDiscreteScheduler())
+    expected = "trained with EulerDiscreteScheduler but the pipeline samples with DDIMScheduler"
+    with pytest.warns(UserWarning, match=expected):
+        enable_cache(dit_pipe, router)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=pytest.mark.skipif(
+                os.environ.get("HARMONICA_TEST_INDUCTOR") != "1",
+                reason="compiling C++ for two graphs takes minutes on 2 cores; set HARMONICA_TEST_INDUCTOR=1",
+            ),
+        ),
+    ],
+)
+def test_compiled_steps_fullgraph_match_eager(backend):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = tiny_dit()
+    num_units = len(units(model))
+    schedule = CacheSchedule.fora(STEPS, num_units, 2)
+    cond, _ = make_cond("dit", 2)
+    handle = enable_cache(model, schedule)
+    with torch.no_grad():
+        handle.reset()
+        eager = sample(model, ddim(), noise(2), cond, STEPS)
+        counter = CompileCounterWithBackend(backend)
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        handle.reset()
+        got = sample(compiled, ddim(), noise(2), cond, STEPS)
+        handle.reset()
+        again = sample(compiled, ddim(), noise(2), cond, STEPS)
+    # One graph per distinct schedule row (compute-all, reuse-all), not one per step.
+    assert counter.frame_count == 2
+    assert handle.step == STEPS
+    torch.testing.assert_close(got, eager, **FP32)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_deepcopy_of_a_cached_pipeline_is_independent(dit_pipe):
+    handle = enable_cache(dit_pipe, CacheSchedule.fora(STEPS, 4, 2))
+    clone = copy.deepcopy(dit_pipe)
+    clone_handle = clone.transformer._harmonica_cache
+    assert clone_handle is not handle
+    assert clone.transformer.transformer_blocks[0]._handle is clone_handle
+    torch.testing.assert_close(dit_call(clone, [2]), dit_call(dit_pipe, [2]), rtol=0, atol=0)
+    disable_cache(clone)
+    assert type(clone.transformer) is DiTTransformer2DModel
+    assert "set_timesteps" not in clone.scheduler.__dict__
+    assert dit_pipe.transformer._harmonica_cache is handle
+    assert isinstance(dit_pipe.transformer.transformer_blocks[0], CachedTransformerBlock)
