@@ -1,0 +1,283 @@
+"""``harmonica quickstart``: the reference model sampled uncached and under cache schedules.
+
+Every method samples the same class labels from the same initial noise, so fidelity to the
+uncached model (PSNR, SSIM, MSE of the final images) isolates what caching changed; fidelity
+to the data is the classifier-feature FID against the held-out test digits and the share of
+samples the classifier recognises as the asked class. Speed is wall-clock on this machine,
+measured in paired rounds (uncached, then cached, same batch and noise), next to the cache usage
+ratio and the FLOP-ideal speedup of each schedule. Everything lands in one report folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import harmonica_kernels as hk
+
+from ._io import atomic_path, write_text
+from .cache import disable_cache, enable_cache
+from .eval import class_accuracy, classifier_fid, mse, psnr, ssim
+from .models import units
+from .reference import load_classifier, load_dataset, load_model, load_scheduler
+from .reference.report import class_balanced_subset, save_grid
+from .router import Router
+from .sampling import sample
+from .schedule import CacheSchedule
+
+
+@dataclass
+class MethodResult:
+    method: str
+    cache_usage_ratio: float
+    ideal_speedup: float
+    measured_speedup: float
+    psnr: float
+    ssim: float
+    mse: float
+    fid: float
+    accuracy: float
+
+
+def _schedules(num_steps: int, num_units: int, routers: list[Path], threshold: float) -> dict[str, CacheSchedule]:
+    methods = {
+        "full": CacheSchedule.full(num_steps, num_units),
+        "FORA N=2": CacheSchedule.fora(num_steps, num_units, 2),
+        "FORA N=3": CacheSchedule.fora(num_steps, num_units, 3),
+    }
+    for path in routers:
+        methods[f"router {path.stem}"] = Router.load(path).to_schedule(threshold)
+    return methods
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _paired_speedup(model, scheduler, schedule, labels, noise, steps, guidance, repeats) -> float:
+    """Median over rounds of uncached / cached wall-clock, each round on the same batch and noise."""
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, noise=noise)
+    ratios = []
+    for _ in range(repeats + 1):  # the first round warms both paths up and is dropped
+        start = time.perf_counter()
+        sample(model, scheduler, labels, **kwargs)
+        uncached = time.perf_counter() - start
+        enable_cache(model, schedule)
+        try:
+            start = time.perf_counter()
+            sample(model, scheduler, labels, **kwargs)
+            cached = time.perf_counter() - start
+        finally:
+            disable_cache(model)
+        ratios.append(uncached / cached)
+    return statistics.median(ratios[1:])
+
+
+def _plot_schedules(schedules: dict[str, CacheSchedule], unit_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(schedules), figsize=(3.2 * len(schedules), 3.6), squeeze=False)
+    for ax, (name, schedule) in zip(axes[0], schedules.items()):
+        ax.imshow(schedule.compute.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{name}\nCUR {schedule.cache_usage_ratio:.0%}", fontsize=9)
+        ax.set_xlabel(f"unit ({len(unit_names)}: attn1/ff per block)", fontsize=8)
+        ax.set_ylabel("denoising step", fontsize=8)
+    fig.suptitle("Schedules: green = computed, white = served from cache", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _plot_speed_quality(results: list[MethodResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cached = [r for r in results if r.method != "uncached"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "psnr", "PSNR vs uncached (dB, higher is better)"),
+                              (axes[1], "fid", "classifier FID vs test digits (lower is better)")):
+        for r in cached:
+            value = getattr(r, metric)
+            value = min(value, 60.0) if metric == "psnr" else value  # identical images: PSNR = inf
+            ax.scatter(r.measured_speedup, value, s=40, label=f"{r.method} (measured)")
+            ax.scatter(r.ideal_speedup, value, s=40, facecolors="none", edgecolors="grey")
+            ax.annotate(r.method, (r.measured_speedup, value), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        if metric == "fid":
+            base = next(r.fid for r in results if r.method == "uncached")
+            ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="uncached")
+        ax.set_xlabel("speedup over uncached (filled: measured; hollow: FLOP-ideal)")
+        ax.set_ylabel(label)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _markdown(results: list[MethodResult], context: dict) -> str:
+    lines = [
+        "# harmonica quickstart report",
+        "",
+        f"Reference digits DiT ({context['num_units']} units), {context['num_inference_steps']} DDIM steps, "
+        f"CFG {context['guidance_scale']}, {context['num_samples']} samples (seed {context['seed']}); "
+        f"speed on {context['device']} with the `{context['backend']}` op backend, "
+        f"timing batch {context['timing_batch']} + CFG, median of {context['timing_repeats']} paired rounds.",
+        "",
+        "| method | CUR | FLOP-ideal speedup | measured speedup | PSNR dB | SSIM | MSE | FID | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.method} | {r.cache_usage_ratio:.1%} | {r.ideal_speedup:.2f}× | {r.measured_speedup:.2f}× | "
+            f"{r.psnr:.2f} | {r.ssim:.4f} | {r.mse:.2e} | {r.fid:.2f} | {r.accuracy:.1%} |"
+        )
+    lines += [
+        "",
+        f"Real-vs-real FID floor (train subset vs test, same count): {context['fid_floor']:.2f}.",
+        "PSNR/SSIM/MSE compare each method with the uncached samples from the same noise. "
+        "FLOP-ideal speedups are arithmetic bounds, not measurements.",
+        "",
+        "![schedules](schedules.png)",
+        "",
+        "![speed vs quality](speed_quality.png)",
+        "",
+    ]
+    lines += [f"![{r.method}](grid_{_slug(r.method)}.png)" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def _table(results: list[MethodResult]) -> str:
+    head = f"{'method':<16}{'CUR':>7}{'ideal':>8}{'measured':>10}{'PSNR':>8}{'SSIM':>8}{'FID':>8}{'acc':>7}"
+    rows = [
+        f"{r.method:<16}{r.cache_usage_ratio:>7.1%}{r.ideal_speedup:>7.2f}x{r.measured_speedup:>9.2f}x"
+        f"{r.psnr:>8.2f}{r.ssim:>8.4f}{r.fid:>8.2f}{r.accuracy:>7.1%}"
+        for r in results
+    ]
+    return "\n".join([head, *rows])
+
+
+def run_quickstart(
+    out_dir: str | os.PathLike[str] = "harmonica-report",
+    *,
+    n_per_class: int = 10,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 1.5,
+    seed: int = 0,
+    timing_batch: int = 8,
+    timing_repeats: int = 3,
+    routers: list[str | os.PathLike[str]] = (),
+    threshold: float = 0.1,
+    progress: bool = True,
+) -> list[MethodResult]:
+    """Sample the reference model uncached and under each schedule; write the report to ``out_dir``.
+
+    Writes ``report.md``, ``report.json``, ``schedules.png``, ``speed_quality.png`` and one
+    ``grid_<method>.png`` per method (one row per digit class). Returns the rows of the table.
+    """
+    if n_per_class < 2:
+        raise ValueError(f"n_per_class must be at least 2 (FID needs a covariance), got {n_per_class}")
+    out = Path(out_dir)
+    model, scheduler, classifier = load_model(), load_scheduler(), load_classifier()
+    test_images, _ = load_dataset("test")
+    unit_names = units(model)
+    schedules = _schedules(num_inference_steps, len(unit_names), [Path(r) for r in routers], threshold)
+
+    labels = torch.arange(10).repeat_interleave(n_per_class)
+    size, channels = model.config.sample_size, model.config.in_channels
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(labels), channels, size, size, generator=gen)
+    timing_labels, timing_noise = labels[:: max(1, len(labels) // timing_batch)][:timing_batch], noise[:timing_batch]
+    kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+
+    bar = tqdm(total=1 + len(schedules), desc="quickstart", disable=not progress)
+    bar.set_postfix_str("uncached")
+    with torch.inference_mode():
+        reference = sample(model, scheduler, labels, noise=noise, **kwargs)
+    samples = {"uncached": reference}
+    bar.update()
+    for name, schedule in schedules.items():
+        bar.set_postfix_str(name)
+        enable_cache(model, schedule)
+        try:
+            with torch.inference_mode():
+                samples[name] = sample(model, scheduler, labels, noise=noise, **kwargs)
+        finally:
+            disable_cache(model)
+        bar.update()
+    bar.close()
+
+    results = []
+    for name, images in samples.items():
+        schedule = schedules.get(name)
+        with torch.inference_mode():
+            speedup = (
+                1.0
+                if schedule is None
+                else _paired_speedup(
+                    model, scheduler, schedule, timing_labels, timing_noise,
+                    num_inference_steps, guidance_scale, timing_repeats,
+                )
+            )
+        results.append(
+            MethodResult(
+                method=name,
+                cache_usage_ratio=0.0 if schedule is None else schedule.cache_usage_ratio,
+                ideal_speedup=1.0 if schedule is None else schedule.ideal_speedup(model),
+                measured_speedup=speedup,
+                psnr=psnr(images, reference).item(),
+                ssim=ssim(images, reference).item(),
+                mse=mse(images, reference).item(),
+                fid=classifier_fid(images, test_images, classifier).item(),
+                accuracy=class_accuracy(images, labels, classifier).item(),
+            )
+        )
+        with atomic_path(out / f"grid_{_slug(name)}.png") as tmp:
+            save_grid(images, rows=10, path=tmp)
+
+    train_images, train_labels = load_dataset("train")
+    floor_images, _ = class_balanced_subset(train_images, train_labels, n_per_class, seed)
+    context = {
+        "num_units": len(unit_names),
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "num_samples": len(labels),
+        "seed": seed,
+        "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
+        "backend": hk.get_backend("cpu"),
+        "timing_batch": len(timing_labels),
+        "timing_repeats": timing_repeats,
+        "fid_floor": classifier_fid(floor_images, test_images, classifier).item(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    _plot_schedules(schedules, unit_names, out / "schedules.png")
+    _plot_speed_quality(results, out / "speed_quality.png")
+    write_text(out / "report.json", json.dumps({"context": context, "results": [asdict(r) for r in results]}, indent=1))
+    write_text(out / "report.md", _markdown(results, context))
+    print(_table(results))
+    print(f"\nreport written to {out}/report.md")
+    return results
