@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from harmonica.reference.data import IMAGE_SIZE, NUM_CLASSES, load_dataset
 from torch import nn
+
+from .data import IMAGE_SIZE, NUM_CLASSES, load_dataset
 
 __all__ = [
     "DIT_CONFIG",
@@ -217,10 +218,13 @@ def train(
     start, elapsed, losses = 0, 0.0, []
 
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["cfg"] != asdict(cfg):
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        # Only the step count may change on resume (to extend a run); the rest must match.
+        saved = {k: v for k, v in state["cfg"].items() if k != "steps"}
+        wanted = {k: v for k, v in asdict(cfg).items() if k != "steps"}
+        if saved != wanted:
             raise ValueError(
-                f"checkpoint {ckpt_path} was written with {state['cfg']}, not {asdict(cfg)}; "
+                f"checkpoint {ckpt_path} was written with {saved}, not {wanted}; "
                 "pass the same settings or drop --resume"
             )
         model.load_state_dict(state["model"])

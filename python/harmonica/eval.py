@@ -1,0 +1,263 @@
+"""Quality metrics: fidelity to the uncached model and fidelity to the data.
+
+Fidelity to the uncached model compares two batches generated from the same noise and labels
+(cached vs uncached), image by image: :func:`mse`, :func:`psnr`, :func:`ssim` (the last two from
+torchmetrics). Fidelity to the data compares sets: :func:`fid` is the Fréchet distance between
+Gaussian fits of two feature sets, :func:`classifier_fid` applies it to the features of the
+reference digits classifier (Inception weights cannot be fetched here), and
+:func:`class_accuracy` is the share of class-conditional samples that the classifier assigns
+to the class they were asked for.
+
+Images are float ``[B, C, H, W]`` in [-1, 1] (hence ``data_range = 2``). Every metric returns a
+0-dim tensor (``reduction="mean"``) or one value per image (``reduction="none"``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["class_accuracy", "classifier_features", "classifier_fid", "fid", "mse", "psnr", "ssim"]
+
+Reduction = Literal["mean", "none"]
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"expected two tensors, got {type(a).__name__} and {type(b).__name__}")
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"dtype mismatch: {a.dtype} vs {b.dtype}")
+    if not a.is_floating_point():
+        raise ValueError(f"expected floating-point images, got {a.dtype}")
+    if a.dim() != 4 or a.numel() == 0:
+        raise ValueError(f"expected non-empty images [B, C, H, W], got shape {tuple(a.shape)}")
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _reduce(values: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "none":
+        return values
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """Mean squared error per image, ``mean((a - b)²)`` over C, H, W.
+
+    Args:
+        a, b: float ``[B, C, H, W]``, same shape and dtype.
+        reduction: ``"mean"`` (average over the batch, 0-dim) or ``"none"`` (``[B]``).
+
+    Returns:
+        float32 (float64 for float64 inputs) tensor; computed in at least float32.
+    """
+    _check_pair(a, b)
+    return _reduce((_at_least_fp32(a) - _at_least_fp32(b)).square().mean(dim=(1, 2, 3)), reduction)
+
+
+def psnr(
+    a: torch.Tensor, b: torch.Tensor, *, data_range: float = 2.0, reduction: Reduction = "mean"
+) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image, ``10·log10(data_range² / mse_i)`` dB, then averaged.
+
+    Built on ``torchmetrics.functional.image.peak_signal_noise_ratio`` with ``dim=(1, 2, 3)``,
+    so the mean is over per-image PSNRs (not the PSNR of the batch's pooled MSE). An image pair
+    that is identical gives ``inf``.
+
+    Args:
+        a, b: float ``[B, C, H, W]``, same shape and dtype.
+        data_range: max minus min of the pixel range; 2.0 for images in [-1, 1].
+        reduction: ``"mean"`` (0-dim) or ``"none"`` (``[B]``).
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    _check_pair(a, b)
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+    a, b = _at_least_fp32(a), _at_least_fp32(b)
+    values = peak_signal_noise_ratio(a, b, data_range=data_range, dim=(1, 2, 3), reduction="none")
+    return _reduce(values, reduction)
+
+
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    data_range: float = 2.0,
+    sigma: float = 1.0,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Structural similarity per image (Gaussian window), then averaged; 1 for identical images.
+
+    Built on ``torchmetrics.functional.image.structural_similarity_index_measure`` with the
+    standard constants (k1 = 0.01, k2 = 0.03). The window is a Gaussian of standard deviation
+    ``sigma``, which torchmetrics truncates to ``2·round(3.5σ) + 1`` pixels, and the SSIM map
+    is averaged over the positions where the window fits inside the image. The usual σ = 1.5
+    (11×11 window) is meant for large images and would leave only the central 6×6 positions of
+    a 16×16 image; the default here, σ = 1.0, gives a 9×9 window whose 8×8 central positions
+    together cover every pixel of a 16×16 image.
+
+    Args:
+        a, b: float ``[B, C, H, W]``, same shape and dtype; H and W larger than the window.
+        data_range: max minus min of the pixel range; 2.0 for images in [-1, 1].
+        sigma: standard deviation of the Gaussian window in pixels.
+        reduction: ``"mean"`` (0-dim) or ``"none"`` (``[B]``).
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _check_pair(a, b)
+    window = 2 * int(3.5 * sigma + 0.5) + 1
+    if min(a.shape[-2:]) <= window:
+        raise ValueError(
+            f"images of {tuple(a.shape[-2:])} are too small for a {window}×{window} window (sigma={sigma})"
+        )
+    a, b = _at_least_fp32(a), _at_least_fp32(b)
+    values = structural_similarity_index_measure(
+        a, b, gaussian_kernel=True, sigma=sigma, data_range=data_range, reduction="none"
+    )
+    return _reduce(values, reduction)
+
+
+def _gaussian_fit(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = features.to(torch.float64)
+    mean = x.mean(dim=0)
+    centred = x - mean
+    return mean, centred.T @ centred / (x.shape[0] - 1)
+
+
+def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix (negative round-off clipped)."""
+    eigvals, eigvecs = torch.linalg.eigh(matrix)
+    return (eigvecs * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
+
+
+def fid(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Tensor:
+    """Fréchet distance between Gaussian fits of two feature sets.
+
+    ``‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2})`` with unbiased covariances (divisor
+    n − 1), computed in float64. The trace of the matrix square root is taken as
+    ``Tr((Σ_a^{1/2} Σ_b Σ_a^{1/2})^{1/2})`` (same eigenvalues), which stays real and symmetric,
+    so no complex round-off has to be discarded. For 1-D features it reduces to
+    ``(μ_a − μ_b)² + (σ_a − σ_b)²``.
+
+    The estimate is biased upward at small sample counts (a few hundred), so only compare FIDs
+    computed with equal numbers of samples; with fewer samples than feature dimensions the
+    covariances are rank-deficient and the value is unreliable.
+
+    Args:
+        features_a: ``[N_a, D]`` floats, ``N_a >= 2``.
+        features_b: ``[N_b, D]`` floats, ``N_b >= 2``, same ``D``.
+
+    Returns:
+        0-dim float64 tensor (≥ 0 up to round-off).
+    """
+    for name, f in (("features_a", features_a), ("features_b", features_b)):
+        if not isinstance(f, torch.Tensor) or f.dim() != 2 or not f.is_floating_point():
+            got = f"{f.dtype} {tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ValueError(f"{name} must be a float tensor [N, D], got {got}")
+        if f.shape[0] < 2:
+            raise ValueError(f"{name} needs at least 2 samples to fit a covariance, got {f.shape[0]}")
+    if features_a.shape[1] != features_b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {features_a.shape[1]} vs {features_b.shape[1]}")
+    mean_a, cov_a = _gaussian_fit(features_a)
+    mean_b, cov_b = _gaussian_fit(features_b.to(features_a.device))
+    root_a = _sqrtm_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return (mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt
+
+
+def _classifier_or_default(classifier: nn.Module | None) -> nn.Module:
+    if classifier is not None:
+        return classifier
+    from harmonica.reference import load_classifier
+
+    return load_classifier()
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        got = (
+            f"{images.dtype} {tuple(images.shape)}"
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
+        raise ValueError(f"expected float images [B, C, H, W] in [-1, 1], got {got}")
+
+
+@torch.no_grad()
+def classifier_features(
+    images: torch.Tensor, classifier: nn.Module | None = None, *, batch_size: int = 512
+) -> torch.Tensor:
+    """FID features of ``images``: the classifier's ``features(x)`` (penultimate, pre-ReLU).
+
+    Args:
+        images: float ``[N, 1, 16, 16]`` in [-1, 1] (any device; moved to the classifier's).
+        classifier: a model with a ``features`` method; default: the packaged reference
+            classifier (:func:`harmonica.reference.load_classifier`).
+        batch_size: images per classifier call.
+
+    Returns:
+        float32 ``[N, D]`` on the classifier's device.
+    """
+    _check_images(images)
+    model = _classifier_or_default(classifier)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = [
+        model.features(images[i : i + batch_size].to(device, torch.float32))
+        for i in range(0, len(images), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(chunks).float()
+
+
+def classifier_fid(
+    images_a: torch.Tensor, images_b: torch.Tensor, classifier: nn.Module | None = None
+) -> torch.Tensor:
+    """:func:`fid` on :func:`classifier_features` of two image sets (float64 0-dim tensor).
+
+    Compare only values computed with the same numbers of images; the real-vs-real floor
+    (e.g. train split vs test split at the same counts) is the reference point.
+    """
+    model = _classifier_or_default(classifier)
+    return fid(classifier_features(images_a, model), classifier_features(images_b, model))
+
+
+@torch.no_grad()
+def class_accuracy(
+    images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module | None = None, *, batch_size: int = 512
+) -> torch.Tensor:
+    """Share of ``images`` that the classifier assigns to ``labels`` (0-dim float32 in [0, 1]).
+
+    Args:
+        images: float ``[N, 1, 16, 16]`` in [-1, 1].
+        labels: int ``[N]``, the class each image was generated for.
+        classifier: default: the packaged reference classifier.
+    """
+    _check_images(images)
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+        raise ValueError(
+            f"labels must be integer [N={images.shape[0]}], got {labels.dtype} {tuple(labels.shape)}"
+        )
+    model = _classifier_or_default(classifier)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predicted = torch.cat(
+        [
+            model(images[i : i + batch_size].to(device, torch.float32)).argmax(1)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+    model.train(was_training)
+    return (predicted.cpu() == labels.cpu()).float().mean()
