@@ -88,7 +88,16 @@ def cases(x, y, cache, gate, shift, scale, r):
     }
 
 
-OPS = list(cases(*[torch.empty(1, 1, 1)] * 3, *[torch.empty(1, 1)] * 3, torch.empty(())))
+OPS = [
+    "cached_gated_residual",
+    "gated_residual_update_",
+    "routed_gated_residual",
+    "routed_gated_residual_backward",
+    "gated_residual_norm_modulate[update]",
+    "gated_residual_norm_modulate[reuse]",
+]
+# The read path is also held against torch's best single op for it.
+VARIANTS = [(op, impl) for op in OPS for impl in ("fused", "unfused")] + [("cached_gated_residual", "addcmul")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
