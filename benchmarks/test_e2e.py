@@ -113,9 +113,13 @@ def test_sampling(benchmark, recorder, setup, variant):
     def disable(*_):
         disable_cache(model)
 
-    benchmark.pedantic(
-        sample, setup=run_uncached_then_enable, teardown=disable, rounds=ROUNDS, warmup_rounds=1
-    )
+    try:
+        benchmark.pedantic(
+            sample, setup=run_uncached_then_enable, teardown=disable, rounds=ROUNDS, warmup_rounds=1
+        )
+    finally:  # --benchmark-disable runs setup but not teardown
+        if getattr(model, "_harmonica_cache", None) is not None:
+            disable_cache(model)
     if benchmark.disabled:
         return
     cached_seconds = benchmark.stats.stats.data
