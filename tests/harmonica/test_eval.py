@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from harmonica.eval import class_accuracy, classifier_features, classifier_fid, fid, mse, psnr, ssim
 from torch import nn
+
+from harmonica.eval import class_accuracy, classifier_features, classifier_fid, fid, mse, psnr, ssim
 
 
 def _const(values: list[float], shape: tuple[int, int, int] = (1, 16, 16)) -> torch.Tensor:

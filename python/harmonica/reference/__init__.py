@@ -10,7 +10,7 @@ trained with, and :func:`load_classifier` the digits CNN that the metrics in
 ``model.config.num_embeds_ada_norm`` = :data:`NULL_CLASS` = 10.
 
 Retrain with ``python -m harmonica.reference.train --out DIR`` and
-``python -m harmonica.reference.classifier --out DIR``.
+``python -m harmonica.reference.train_classifier --out DIR``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from ..sampling import null_class_id
 from .classifier import DigitsClassifier
 from .data import IMAGE_SIZE, NUM_CLASSES, load_dataset
-from .train import disable_block_label_dropout
+from .model import disable_block_label_dropout
 
 __all__ = [
     "ASSETS",
