@@ -26,16 +26,15 @@ import time
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
-from harmonica import CacheSchedule, disable_cache, enable_cache, units
 
 import harmonica_kernels as hk
+from harmonica import CacheSchedule, disable_cache, enable_cache, units
 
 STEPS = 10
 BATCH = 2
 GUIDANCE = 1.5
 ROUNDS = 3
 GROUP = f"DiT-S/2 256 tokens, {STEPS} DDIM steps, batch {BATCH}+CFG, fp32, CPU"
-
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,9 @@ def cases(x, y, cache, gate, shift, scale, r):
             [x, x, cache],
         ),
         "gated_residual_norm_modulate[reuse]": (
-            lambda: hk.gated_residual_norm_modulate(x, gate, None, shift, scale, EPS, cache=cache, reuse=True),
+            lambda: hk.gated_residual_norm_modulate(
+                x, gate, None, shift, scale, EPS, cache=cache, reuse=True
+            ),
             {"unfused": lambda: modulate(x + g * cache)},
             [x, cache],
             [x, x],
@@ -97,7 +99,9 @@ OPS = [
     "gated_residual_norm_modulate[reuse]",
 ]
 # The read path is also held against torch's best single op for it.
-VARIANTS = [(op, impl) for op in OPS for impl in ("fused", "unfused")] + [("cached_gated_residual", "addcmul")]
+VARIANTS = [(op, impl) for op in OPS for impl in ("fused", "unfused")] + [
+    ("cached_gated_residual", "addcmul")
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

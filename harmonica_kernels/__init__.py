@@ -6,7 +6,14 @@ by the Triton backend): :func:`cached_gated_residual`, :func:`gated_residual_upd
 maths and ``python -m harmonica_kernels.info`` for what is built here.
 """
 
-from ._backend import _ensure_loaded, available_backends, get_backend, missing_backends, set_backend, use_backend
+from ._backend import (
+    _ensure_loaded,
+    available_backends,
+    get_backend,
+    missing_backends,
+    set_backend,
+    use_backend,
+)
 from .ops import (
     cached_gated_residual,
     gated_residual_norm_modulate,

@@ -45,7 +45,9 @@ def _written(cache: torch.Tensor, x: torch.Tensor, reads: dict[str, torch.Tensor
     """Checks a buffer that the op overwrites in place: x's shape, contiguous, not aliasing inputs."""
     _like_x(cache, x, "cache", same_dtype=False)
     if not cache.is_contiguous():
-        raise ValueError("cache is written in place and must be contiguous; allocate it with torch.empty_like(x)")
+        raise ValueError(
+            "cache is written in place and must be contiguous; allocate it with torch.empty_like(x)"
+        )
     if not torch.compiler.is_compiling():
         start = cache.data_ptr()
         end = start + cache.numel() * cache.element_size()
@@ -65,7 +67,9 @@ def _row(v: torch.Tensor | None, x: torch.Tensor, name: str, *, optional: bool =
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
     batch, width = x.shape[0], x.shape[2]
-    shape_ok = (v.dim() == 2 and v.shape[1] == width) or (v.dim() == 3 and v.shape[1] == 1 and v.shape[2] == width)
+    shape_ok = (v.dim() == 2 and v.shape[1] == width) or (
+        v.dim() == 3 and v.shape[1] == 1 and v.shape[2] == width
+    )
     if not shape_ok or v.shape[0] not in (batch, 1):
         raise ValueError(
             f"{name} must be [B, D] or [B, 1, D] with B={batch} (or 1) and D={width}, got {tuple(v.shape)}"

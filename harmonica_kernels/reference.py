@@ -55,7 +55,11 @@ def routed_gated_residual(
 
 
 def routed_gated_residual_backward(
-    grad_out: torch.Tensor, gate: torch.Tensor | None, branch: torch.Tensor, cache: torch.Tensor, r: torch.Tensor
+    grad_out: torch.Tensor,
+    gate: torch.Tensor | None,
+    branch: torch.Tensor,
+    cache: torch.Tensor,
+    r: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(grad_branch, grad_gate, grad_r)`` of :func:`routed_gated_residual`.
 
@@ -102,4 +106,3 @@ def gated_residual_norm_modulate(
     h = F.layer_norm(x_out, (x.shape[-1],), eps=eps)
     h = torch.addcmul(_acc(as_row(shift)), h, 1 + _acc(as_row(scale)))
     return x_out.to(x.dtype), h.to(x.dtype)
-

@@ -32,7 +32,9 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harmonica", description="Learned feature caching for Diffusion Transformers")
+    parser = argparse.ArgumentParser(
+        prog="harmonica", description="Learned feature caching for Diffusion Transformers"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser(
@@ -40,13 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample the reference digits DiT uncached and cached; write a report with tables, images and plots",
     )
     q.add_argument("--out", default="harmonica-report", help="report folder (default: harmonica-report)")
-    q.add_argument("--n-per-class", type=int, default=10, help="samples per digit class for the quality metrics")
+    q.add_argument(
+        "--n-per-class", type=int, default=10, help="samples per digit class for the quality metrics"
+    )
     q.add_argument("--steps", type=int, default=20, help="DDIM steps")
     q.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--timing-batch", type=int, default=8, help="images per timed sampling run")
     q.add_argument("--timing-repeats", type=int, default=3, help="paired timing rounds per method")
-    q.add_argument("--router", action="append", default=[], help="a trained router file to compare (repeatable)")
+    q.add_argument(
+        "--router", action="append", default=[], help="a trained router file to compare (repeatable)"
+    )
     q.add_argument("--threshold", type=float, default=0.1, help="router threshold τ")
     q.set_defaults(func=_quickstart)
 

@@ -47,7 +47,9 @@ class MethodResult:
     accuracy: float
 
 
-def _schedules(num_steps: int, num_units: int, routers: list[Path], threshold: float) -> dict[str, CacheSchedule]:
+def _schedules(
+    num_steps: int, num_units: int, routers: list[Path], threshold: float
+) -> dict[str, CacheSchedule]:
     methods = {
         "full": CacheSchedule.full(num_steps, num_units),
         "FORA N=2": CacheSchedule.fora(num_steps, num_units, 2),
@@ -94,8 +96,10 @@ def _plot_schedules(schedules: dict[str, CacheSchedule], unit_names: list[str], 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(schedules), figsize=(3.2 * len(schedules), 3.6), squeeze=False)
-    for ax, (name, schedule) in zip(axes[0], schedules.items()):
-        ax.imshow(schedule.compute.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    for ax, (name, schedule) in zip(axes[0], schedules.items(), strict=True):
+        ax.imshow(
+            schedule.compute.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest"
+        )
         ax.set_title(f"{name}\nCUR {schedule.cache_usage_ratio:.0%}", fontsize=9)
         ax.set_xlabel(f"unit ({len(unit_names)}: attn1/ff per block)", fontsize=8)
         ax.set_ylabel("denoising step", fontsize=8)
@@ -114,14 +118,18 @@ def _plot_speed_quality(results: list[MethodResult], path: Path) -> None:
 
     cached = [r for r in results if r.method != "uncached"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, label in ((axes[0], "psnr", "PSNR vs uncached (dB, higher is better)"),
-                              (axes[1], "fid", "classifier FID vs test digits (lower is better)")):
+    for ax, metric, label in (
+        (axes[0], "psnr", "PSNR vs uncached (dB, higher is better)"),
+        (axes[1], "fid", "classifier FID vs test digits (lower is better)"),
+    ):
         for r in cached:
             value = getattr(r, metric)
             value = min(value, 60.0) if metric == "psnr" else value  # identical images: PSNR = inf
             ax.scatter(r.measured_speedup, value, s=40, label=f"{r.method} (measured)")
             ax.scatter(r.ideal_speedup, value, s=40, facecolors="none", edgecolors="grey")
-            ax.annotate(r.method, (r.measured_speedup, value), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(
+                r.method, (r.measured_speedup, value), fontsize=8, xytext=(4, 4), textcoords="offset points"
+            )
         if metric == "fid":
             base = next(r.fid for r in results if r.method == "uncached")
             ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="uncached")
@@ -210,7 +218,10 @@ def run_quickstart(
     size, channels = model.config.sample_size, model.config.in_channels
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), channels, size, size, generator=gen)
-    timing_labels, timing_noise = labels[:: max(1, len(labels) // timing_batch)][:timing_batch], noise[:timing_batch]
+    timing_labels, timing_noise = (
+        labels[:: max(1, len(labels) // timing_batch)][:timing_batch],
+        noise[:timing_batch],
+    )
     kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
 
     bar = tqdm(total=1 + len(schedules), desc="quickstart", disable=not progress)
@@ -238,8 +249,14 @@ def run_quickstart(
                 1.0
                 if schedule is None
                 else _paired_speedup(
-                    model, scheduler, schedule, timing_labels, timing_noise,
-                    num_inference_steps, guidance_scale, timing_repeats,
+                    model,
+                    scheduler,
+                    schedule,
+                    timing_labels,
+                    timing_noise,
+                    num_inference_steps,
+                    guidance_scale,
+                    timing_repeats,
                 )
             )
         results.append(
@@ -276,7 +293,10 @@ def run_quickstart(
     }
     _plot_schedules(schedules, unit_names, out / "schedules.png")
     _plot_speed_quality(results, out / "speed_quality.png")
-    write_text(out / "report.json", json.dumps({"context": context, "results": [asdict(r) for r in results]}, indent=1))
+    write_text(
+        out / "report.json",
+        json.dumps({"context": context, "results": [asdict(r) for r in results]}, indent=1),
+    )
     write_text(out / "report.md", _markdown(results, context))
     print(_table(results))
     print(f"\nreport written to {out}/report.md")

@@ -9,12 +9,12 @@ from collections import Counter
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel, EulerDiscreteScheduler
+
+import harmonica_kernels as hk
 from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
 from harmonica.cache import CachedTransformerBlock, CacheStateError, ScheduleMismatchError
 from harmonica.models import UnsupportedModelError
 from harmonica.router import RouterMismatchError
-
-import harmonica_kernels as hk
 
 from .tiny_models import (
     CAPTION_CHANNELS,

@@ -47,7 +47,9 @@ def test_report_numbers_are_consistent(report):
 
 
 def test_cli_info():
-    proc = subprocess.run([sys.executable, "-m", "harmonica.cli", "info"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harmonica.cli", "info"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("harmonica ") and "backends:" in proc.stdout
 
@@ -55,6 +57,8 @@ def test_cli_info():
 def test_cli_rejects_bad_arguments():
     proc = subprocess.run(
         [sys.executable, "-m", "harmonica.cli", "quickstart", "--n-per-class", "1", "--out", "unused"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0 and "n_per_class must be at least 2" in proc.stderr

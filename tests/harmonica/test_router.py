@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from harmonica import CacheSchedule, Router, units
 from harmonica.router import FIRST_STEP_LOGIT, RouterMismatchError
-from safetensors.torch import save_file
 
 from .tiny_models import ddim, tiny_dit, tiny_pixart
 

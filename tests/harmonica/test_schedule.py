@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from harmonica import CacheSchedule, units
 from harmonica.models import fingerprint, flop_profile
 

@@ -74,7 +74,9 @@ def test_no_ext_falls_back_to_torch():
 
 
 def test_info_module_reports_backends():
-    proc = subprocess.run([sys.executable, "-m", "harmonica_kernels.info"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harmonica_kernels.info"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"torch            {torch.__version__}" in proc.stdout
     for name in _backend.BACKENDS:

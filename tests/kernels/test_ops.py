@@ -61,7 +61,10 @@ def run_op(op: str, x, gate, branch, cache, *, impl):
     if op == "norm_update":
         return (*impl.gated_residual_norm_modulate(x, gate, branch, shift, scale, 1e-6, cache=cache), cache)
     if op == "norm_reuse":
-        return (*impl.gated_residual_norm_modulate(x, gate, None, shift, scale, 1e-6, cache=cache, reuse=True), cache)
+        return (
+            *impl.gated_residual_norm_modulate(x, gate, None, shift, scale, 1e-6, cache=cache, reuse=True),
+            cache,
+        )
     raise ValueError(op)
 
 
@@ -73,7 +76,7 @@ def check_against_reference(op, shape, dtype, cache_dtype, gate_kind, device):
     x0, branch0 = x.clone(), branch.clone()
     expected = run_op(op, x.clone(), gate, branch.clone(), cache.clone(), impl=ref)
     actual = run_op(op, x, gate, branch, cache, impl=hk)
-    for a, e in zip(actual[:-1], expected[:-1]):
+    for a, e in zip(actual[:-1], expected[:-1], strict=True):
         assert a.dtype == dtype and a.shape == x.shape and a.is_contiguous()
         close(a, e, dtype)
     torch.testing.assert_close(actual[-1], expected[-1], atol=0, rtol=0)  # cache: exact copy or untouched
@@ -123,7 +126,7 @@ def test_routed_gradients(backend, device, dtype, gate_kind):
         (out.float() * weight.float()).sum().backward()
         return [t.grad for t in leaves] + ([] if g is None else [g.grad])
 
-    for a, e in zip(grads(hk), grads(ref)):
+    for a, e in zip(grads(hk), grads(ref), strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype
         # r's and gate's gradients are sums over many elements: scale the tolerance with them.
         close(a.float(), e.float(), dtype if a.numel() > 1 else torch.float16)
@@ -166,7 +169,11 @@ def test_backward_op_matches_autograd_of_reference():
     """The explicit backward formula (used by every fused backend's autograd) is the true gradient."""
     gen = torch.Generator().manual_seed(0)
     x, branch, cache, grad_out = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64) for _ in range(4))
-    for gate in (None, torch.randn(2, 1, 5, generator=gen, dtype=torch.float64), torch.randn(1, 5, dtype=torch.float64)):
+    for gate in (
+        None,
+        torch.randn(2, 1, 5, generator=gen, dtype=torch.float64),
+        torch.randn(1, 5, dtype=torch.float64),
+    ):
         r = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
         b = branch.clone().requires_grad_()
         g = None if gate is None else gate.clone().requires_grad_()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import harmonica_kernels as hk
-from harmonica_kernels import reference as ref
 
 from .test_ops import make_inputs, make_row
 
@@ -32,10 +31,14 @@ def op_cases(device):
         "cached_gated_residual": [(x, gate, cache), (x, None, cache)],
         "gated_residual_update_": [(x, gate, branch, cache), (x, None, branch, cache)],
         "routed_gated_residual": [
-            tuple(t.clone().requires_grad_() for t in (x, gate, branch)) + (cache, r.clone().requires_grad_()),
+            tuple(t.clone().requires_grad_() for t in (x, gate, branch))
+            + (cache, r.clone().requires_grad_()),
             (x, None, branch, cache, r),
         ],
-        "routed_gated_residual_backward": [(torch.randn_like(x), gate, branch, cache, r), (x, None, branch, cache, r)],
+        "routed_gated_residual_backward": [
+            (torch.randn_like(x), gate, branch, cache, r),
+            (x, None, branch, cache, r),
+        ],
         "gated_residual_norm_modulate": [
             (x, gate, branch, shift, scale, 1e-6, None, False),
             (x, gate, branch, shift, scale, 1e-6, cache, False),
@@ -66,7 +69,9 @@ class TinyBlock(torch.nn.Module):
     def forward(self, x, emb, branch, cache_a, cache_f, r):
         shift, scale, gate, shift2, scale2, gate2 = emb.chunk(6, dim=1)
         x = hk.gated_residual_update_(x, gate, branch, cache_a)
-        x, h = hk.gated_residual_norm_modulate(x, gate2, None, shift2, scale2, 1e-6, cache=cache_f, reuse=True)
+        x, h = hk.gated_residual_norm_modulate(
+            x, gate2, None, shift2, scale2, 1e-6, cache=cache_f, reuse=True
+        )
         return hk.routed_gated_residual(x, gate, h, cache_a, r)
 
 
