@@ -241,11 +241,16 @@ def test_build_model_starts_as_adaln_zero() -> None:
     assert out.shape == x.shape and not out.any()  # zero-initialised output layer
 
 
-def test_train_resumes_exactly_and_saves_a_loadable_folder(tmp_path) -> None:
+def test_train_resumes_exactly_and_saves_a_loadable_folder(tmp_path, monkeypatch) -> None:
     from diffusers import DDIMScheduler
     from safetensors.torch import load_file
 
+    from harmonica.reference.model import DIT_CONFIG
     from harmonica.reference.train import TrainConfig, train
+
+    # A 1-block, width-16 model: the loop, checkpoints and saving are what is tested here.
+    monkeypatch.setitem(DIT_CONFIG, "num_layers", 1)
+    monkeypatch.setitem(DIT_CONFIG, "attention_head_dim", 4)
 
     def run(out: str, steps: int, ckpt: str, resume: bool) -> None:
         cfg = TrainConfig(steps=steps, batch=4)
