@@ -1,9 +1,9 @@
 """One-shot GPU check of the CUDA ops in csrc/cuda/ops.cu (needs a CUDA device; nothing here runs
-on a CPU-only machine).
+on a CPU-only machine). ``benchmarks/gpu_check.sh`` runs it as one stage of the whole GPU check.
 
-    python csrc/cuda/gpu_check.py                 # uses harmonica_kernels._C from the install
-    python csrc/cuda/gpu_check.py --so PATH/_C.so # or a freshly built extension
-    python csrc/cuda/gpu_check.py --no-bench      # correctness only (~1 min)
+    python benchmarks/gpu_check.py                 # uses harmonica_kernels._C from the install
+    python benchmarks/gpu_check.py --so PATH/_C.so # or a freshly built extension
+    python benchmarks/gpu_check.py --no-bench      # correctness only (~1 min)
 
 Checks, against harmonica_kernels/reference.py (the oracle), every op over
 x dtype x cache dtype (3 x 3), shapes with D = 1152 / 4096 (16-byte path), 37 (scalar path) and 8,
@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Both sides compute in fp32 and round once: allow ~2 ulp of the output dtype.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

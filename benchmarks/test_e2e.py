@@ -1,141 +1,397 @@
 """End-to-end sampling speed: cached vs uncached, side by side in one run (pytest-benchmark).
 
-A DiT-S/2-shaped ``DiTTransformer2DModel`` (12 blocks, width 384, 6 heads, 32×32×4 latents →
-256 tokens; random weights time the same as trained ones) samples a batch of 2 with classifier-
-free guidance (4 rows per transformer call) over 10 DDIM steps, through a bare loop:
+A bare DDIM loop with classifier-free guidance batched into one transformer call per step (as the
+diffusers pipelines do), random weights (they time the same as trained ones). Models per size
+(``HARMONICA_BENCH_SIZE``, see conftest.py):
 
-- ``uncached``: the unpatched diffusers model (the baseline);
-- ``full``: ``CacheSchedule.full`` (the engine's overhead; target ≤ 2 % slower than uncached);
-- ``fora2`` / ``fora3``: FORA N=2 / N=3 (target: measured speedup ≥ 90 % of the FLOP-ideal one).
+- ``gpu``: DiT-XL/2 256² (28 blocks, width 1152, 16 heads, 32×32×4 latents, learned sigma),
+  batch 8 + CFG, and PixArt-α 1024² (``PixArtTransformer2DModel``, 28 blocks, width 1152,
+  128×128×4 latents → 4096 tokens, captions 120 × 4096 through its caption projection, cross-
+  attention to 120 text tokens, resolution/aspect micro-conditions), batch 1 + CFG; 20 steps, bf16;
+- ``cpu``: DiT-S/2 and a PixArt of the same size (12 blocks, width 384, 256 tokens), batch 2 + CFG,
+  10 steps, fp32;
+- ``smoke``: 2-block models of width 32, 4 steps (CI: it only has to run).
 
-Each cached round is paired with an uncached round run just before it (same machine load). Each
-variant reports in ``extra_info`` its cache usage ratio, the measured speedup (median over the
-rounds of uncached / cached), the FLOP-ideal speedup of its schedule
-(:meth:`CacheSchedule.ideal_speedup`, an arithmetic bound, not a measurement) and their ratio.
+Variants: ``uncached`` (the unpatched diffusers model), ``full`` (``CacheSchedule.full``: the
+engine's own overhead), ``fora2`` / ``fora3`` (FORA N=2 / N=3) and ``mask37`` (a
+``CacheSchedule.from_mask`` schedule with cache usage 37.5 %, HarmoniCa's DiT-XL/2 T=20 figure:
+row 0 computes everything, every later step reuses an equal share of units drawn at random), each
+run in two modes:
 
-Run: ``pytest benchmarks/test_e2e.py`` (``HARMONICA_BENCH_THREADS=N`` sets torch's threads). Speeds
-are CPU speeds with the op backend active in this process (``python -m harmonica_kernels.info``).
+- ``eager``: the loop as written, one kernel launch after another;
+- ``graph`` (CUDA only): the whole sampling run — every transformer call, the guidance and the DDIM
+  updates — captured once as one CUDA graph and replayed. That is possible because a schedule is
+  fixed before sampling starts and nothing in a step reads device values on the host; the cache
+  buffers, allocated at step 0, live in the graph's memory pool.
+
+Each cached round is paired with an uncached round of the same mode run just before it (same
+machine state); ``speedup`` is the median over rounds of uncached / cached. The ``graph``
+``uncached`` row is paired with the eager uncached model instead (what capture alone gains). Rows
+record the shapes, dtype, device, FLOPs per sampling run (``torch.utils.flop_counter``, matmuls and
+attention), cache usage ratio, the FLOP-ideal speedup of the schedule
+(:meth:`CacheSchedule.ideal_speedup`: an arithmetic bound, not a measurement), measured / ideal,
+the cache memory, and the error of the final latents against the uncached run. On CUDA every time
+is measured between CUDA events (so the device's wall-clock, launch gaps included).
+
+Run: ``pytest benchmarks/test_e2e.py``; ``-k dit`` or ``-k pixart`` picks a model.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 
 import harmonica_kernels as hk
 from harmonica import CacheSchedule, disable_cache, enable_cache, units
+from harmonica.models import DEFAULT_TEXT_TOKENS, flop_profile
 
-STEPS = 10
-BATCH = 2
-GUIDANCE = 1.5
-ROUNDS = 3
-GROUP = f"DiT-S/2 256 tokens, {STEPS} DDIM steps, batch {BATCH}+CFG, fp32, CPU"
+from .conftest import bench_size, timed
 
 
-@pytest.fixture(scope="module")
-def setup():
-    # On a machine shared with other jobs, fewer threads than cores gives steadier timings.
-    threads = os.environ.get("HARMONICA_BENCH_THREADS")
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        num_attention_heads=6,
-        attention_head_dim=64,
+@dataclass(frozen=True)
+class Setup:
+    key: str
+    label: str
+    cls: type
+    config: dict[str, Any] = field(hash=False)
+    batch: int
+    steps: int
+    dtype: torch.dtype
+    guidance: float
+    rounds: int
+    text_tokens: int = 0
+
+
+def _dit(heads: int, head_dim: int, layers: int, sample: int) -> dict[str, Any]:
+    return dict(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,  # learned sigma, as DiT-XL/2
+        num_layers=layers,
+        sample_size=sample,
+        patch_size=2,
+    )
+
+
+def _pixart(heads: int, head_dim: int, layers: int, sample: int, caption: int) -> dict[str, Any]:
+    return dict(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
         in_channels=4,
         out_channels=8,
-        num_layers=12,
-        sample_size=32,
+        num_layers=layers,
+        sample_size=sample,
         patch_size=2,
-    ).eval()
-    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(BATCH, 4, 32, 32, generator=generator)
-    labels = torch.randint(0, 1000, (BATCH,), generator=generator)
-    yield model, scheduler, noise, labels
-    torch.set_num_threads(previous_threads)
+        cross_attention_dim=heads * head_dim,
+        caption_channels=caption,
+    )
 
 
-def schedules(num_units: int) -> dict[str, CacheSchedule | None]:
-    return {
-        "uncached": None,
-        "full": CacheSchedule.full(STEPS, num_units),
-        "fora2": CacheSchedule.fora(STEPS, num_units, 2),
-        "fora3": CacheSchedule.fora(STEPS, num_units, 3),
-    }
+F32, BF16 = torch.float32, torch.bfloat16
+SETUPS: dict[str, tuple[Setup, ...]] = {
+    "smoke": (
+        Setup("dit-tiny", "tiny DiT (2 blocks, width 32, 16 tokens)", DiTTransformer2DModel,
+              _dit(2, 16, 2, 8), batch=1, steps=4, dtype=F32, guidance=1.5, rounds=1),
+        Setup("pixart-tiny", "tiny PixArt (2 blocks, width 32, 16 tokens, 6 text tokens)",
+              PixArtTransformer2DModel, _pixart(2, 16, 2, 8, 24), batch=1, steps=4, dtype=F32,
+              guidance=4.5, rounds=1, text_tokens=6),
+    ),
+    "cpu": (
+        Setup("dit-s-256", "DiT-S/2 256² (12 blocks, width 384, 256 tokens)", DiTTransformer2DModel,
+              _dit(6, 64, 12, 32), batch=2, steps=10, dtype=F32, guidance=1.5, rounds=3),
+        Setup("pixart-s-256", "PixArt-α-shaped S/2 256² (12 blocks, width 384, 256 tokens, 120 text tokens)",
+              PixArtTransformer2DModel, _pixart(6, 64, 12, 32, 4096), batch=2, steps=10, dtype=F32,
+              guidance=4.5, rounds=3, text_tokens=120),
+    ),
+    "gpu": (
+        Setup("dit-xl-256", "DiT-XL/2 256² (28 blocks, width 1152, 256 tokens)", DiTTransformer2DModel,
+              _dit(16, 72, 28, 32), batch=8, steps=20, dtype=BF16, guidance=1.5, rounds=5),
+        Setup("pixart-alpha-1024", "PixArt-α 1024² (28 blocks, width 1152, 4096 tokens, 120 text tokens)",
+              PixArtTransformer2DModel, _pixart(16, 72, 28, 128, 4096), batch=1, steps=20, dtype=BF16,
+              guidance=4.5, rounds=3, text_tokens=120),
+    ),
+}  # fmt: skip
+SIZE_SETUPS = SETUPS[bench_size()]
+
+VARIANTS = {
+    "uncached": "unpatched diffusers model",
+    "full": "CacheSchedule.full",
+    "fora2": "FORA N=2",
+    "fora3": "FORA N=3",
+    "mask37": "from_mask, CUR 37.5 %",
+}
+MODES = ("eager", "graph") if torch.cuda.is_available() else ("eager",)
+TARGET_CUR = 0.375
 
 
-@torch.inference_mode()
-def sample(model, scheduler, noise, labels) -> torch.Tensor:
-    """DDIM with CFG batched into one transformer call per step; resets the cache first."""
-    handle = getattr(model, "_harmonica_cache", None)
-    if handle is not None:
-        handle.reset()
-    scheduler.set_timesteps(STEPS)
-    x = noise
-    class_labels = torch.cat([labels, torch.full_like(labels, 1000)])
-    for t in scheduler.timesteps:
-        out = model(torch.cat([x, x]), timestep=t.expand(2 * BATCH), class_labels=class_labels).sample
-        cond, uncond = out[:, :4].split(BATCH)
-        x = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
-    return x
+def mask_schedule(num_steps: int, num_units: int, cur: float = TARGET_CUR, seed: int = 0) -> CacheSchedule:
+    """Row 0 computes every unit; the ``round(cur · T · U)`` reused (step, unit) pairs are spread as
+    evenly as possible over steps 1..T-1, the units of each step drawn at random (fixed seed)."""
+    reused = round(cur * num_steps * num_units)
+    later = num_steps - 1
+    if reused > later * num_units:
+        raise ValueError(f"cannot reuse {reused} of {num_steps}x{num_units} pairs with row 0 computed")
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.ones(num_steps, num_units, dtype=torch.bool)
+    for step in range(1, num_steps):
+        count = reused // later + (1 if step - 1 < reused % later else 0)
+        mask[step, torch.randperm(num_units, generator=generator)[:count]] = False
+    return CacheSchedule.from_mask(mask)
 
 
-@pytest.mark.parametrize("variant", ["uncached", "full", "fora2", "fora3"])
-def test_sampling(benchmark, recorder, setup, variant):
-    model, scheduler, noise, labels = setup
-    schedule = schedules(len(units(model)))[variant]
-    benchmark.group = GROUP
-    benchmark.extra_info.update(backend=hk.get_backend("cpu"), threads=torch.get_num_threads())
-    args = (model, scheduler, noise, labels)
-    if schedule is None:
-        benchmark.pedantic(sample, args=args, rounds=ROUNDS, warmup_rounds=1)
-        return
+def make_schedule(variant: str, num_steps: int, num_units: int) -> CacheSchedule | None:
+    if variant == "uncached":
+        return None
+    if variant == "full":
+        return CacheSchedule.full(num_steps, num_units)
+    if variant.startswith("fora"):
+        return CacheSchedule.fora(num_steps, num_units, int(variant[4:]))
+    return mask_schedule(num_steps, num_units)
 
-    # Every timed cached round follows an uncached round of its own, so the two see the same
-    # machine load; the speedup is the median of the per-round ratios.
-    uncached_seconds: list[float] = []
 
-    def run_uncached_then_enable():
-        start = time.perf_counter()
-        sample(*args)
-        uncached_seconds.append(time.perf_counter() - start)
-        enable_cache(model, schedule)
-        return args, {}
+class Bench:
+    """A model of one setup with fixed inputs, sampled eagerly or through a captured CUDA graph."""
 
-    def disable(*_):
-        disable_cache(model)
+    def __init__(self, setup: Setup, device: str) -> None:
+        self.setup = setup
+        self.device = device
+        torch.manual_seed(0)
+        with torch.device(device):  # initialise on the device: DiT-XL/2 on a CPU takes seconds
+            model = setup.cls(**setup.config)
+        self.model = model.to(device=device, dtype=setup.dtype).eval().requires_grad_(False)
+        config = self.model.config
+        self.channels = config.in_channels
+        self.sample = config.sample_size
+        self.tokens = (self.sample // config.patch_size) ** 2
+        self.num_units = len(units(self.model))
+        self.text_tokens = setup.text_tokens or DEFAULT_TEXT_TOKENS
+        self.profile = flop_profile(self.model, text_tokens=self.text_tokens)
+
+        B = setup.batch
+        generator = torch.Generator().manual_seed(0)
+        self.noise = torch.randn(B, self.channels, self.sample, self.sample, generator=generator)
+        self.noise = self.noise.to(device=device, dtype=setup.dtype)
+        self.scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+        self.scheduler.set_timesteps(setup.steps)
+        # Model inputs on the device; the scheduler keeps its CPU timesteps (CPU scalars in its
+        # update are kernel arguments, not device reads, so the loop never waits on the device).
+        self.model_timesteps = self.scheduler.timesteps.to(device)
+        if setup.cls is DiTTransformer2DModel:
+            labels = torch.randint(0, 1000, (B,), generator=generator)
+            null = torch.full_like(labels, config.num_embeds_ada_norm)
+            self.conditions = {"class_labels": torch.cat([labels, null]).to(device)}
+        else:
+            text = torch.randn(2 * B, setup.text_tokens, config.caption_channels, generator=generator)
+            micro = {"resolution": None, "aspect_ratio": None}
+            if self.model.use_additional_conditions:
+                side = float(8 * self.sample)  # pixels: the VAE downsamples 8x
+                micro = {
+                    "resolution": torch.tensor([[side, side]] * 2 * B, device=device, dtype=setup.dtype),
+                    "aspect_ratio": torch.tensor([[1.0]] * 2 * B, device=device, dtype=setup.dtype),
+                }
+            self.conditions = {
+                "encoder_hidden_states": text.to(device=device, dtype=setup.dtype),
+                "encoder_attention_mask": torch.ones(2 * B, setup.text_tokens, device=device),
+                "added_cond_kwargs": micro,
+            }
+        self.uncached_graph: tuple[Any, Any] | None = None
+        self.uncached_output: torch.Tensor | None = None
+
+    @property
+    def group(self) -> str:
+        s = self.setup
+        return f"{s.label}, {s.steps} DDIM steps, batch {s.batch}+CFG, {str(s.dtype)[6:]}"
+
+    @torch.inference_mode()
+    def generate(self) -> torch.Tensor:
+        """One sampling run from the fixed noise; final latents ``[B, C, H, W]``."""
+        handle = getattr(self.model, "_harmonica_cache", None)
+        if handle is not None:
+            handle.reset()
+        B, C = self.setup.batch, self.channels
+        x = self.noise
+        for i, t in enumerate(self.scheduler.timesteps):
+            out = self.model(
+                torch.cat([x, x]), timestep=self.model_timesteps[i].expand(2 * B), **self.conditions
+            ).sample
+            cond, uncond = out[:, :C].split(B)  # learned sigma: the first C channels are epsilon
+            x = self.scheduler.step(uncond + self.setup.guidance * (cond - uncond), t, x).prev_sample
+        return x
+
+    def capture(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """``(replay, its static output, the eager output of the warm-up run)`` for the current
+        state of the model (cached or not)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: lazy init, library handles, kernel selection
+            eager = self.generate().clone()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.generate()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return static_out
+
+        replay.graph = graph  # keep the graph alive as long as its replay function
+        return replay, static_out, eager
+
+    def reference(self) -> torch.Tensor:
+        """Final latents of the uncached eager run (computed once)."""
+        if self.uncached_output is None:
+            disable_cache(self.model)
+            self.uncached_output = self.generate().clone()
+        return self.uncached_output
+
+    def uncached_replay(self):
+        if self.uncached_graph is None:
+            disable_cache(self.model)
+            replay, _, _ = self.capture()
+            self.uncached_graph = replay
+        return self.uncached_graph
+
+    def flops(self, schedule: CacheSchedule | None) -> int:
+        """FLOPs of one sampling run (every row of every step, guidance rows included)."""
+        p = self.profile
+        per_row = self.setup.steps * p.total
+        if schedule is not None:
+            unit_flops = torch.tensor(p.units, dtype=torch.float64)
+            per_row = self.setup.steps * p.always + (schedule.compute.double() * unit_flops).sum().item()
+        return int(2 * self.setup.batch * per_row)
+
+    def close(self) -> None:
+        disable_cache(self.model)
+        self.uncached_graph = None
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module", params=[s.key for s in SIZE_SETUPS])
+def bench(request, device):
+    setup = next(s for s in SIZE_SETUPS if s.key == request.param)
+    b = Bench(setup, device)
+    yield b
+    b.close()
+    del b
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize(("mode", "variant"), [(m, v) for m in MODES for v in VARIANTS])
+def test_sampling(benchmark, recorder, bench, device, mode, variant):
+    setup, model = bench.setup, bench.model
+    schedule = make_schedule(variant, setup.steps, bench.num_units)
+    benchmark.group = f"{bench.group} [{mode}]"
+    base_seconds: list[float] = []
+    seconds: list[float] = []
+    extra: dict[str, Any] = {}
+    disable_cache(model)
+
+    baseline_round = None  # the eager uncached row is the baseline itself
+    if mode == "eager":
+        candidate = bench.generate
+        if schedule is not None:
+
+            def baseline_round():
+                disable_cache(model)
+                base_seconds.append(timed(bench.generate, device)[1])
+                enable_cache(model, schedule)
+                return (), {}
+
+    else:
+        uncached_replay = bench.uncached_replay()
+        if schedule is None:  # what capture alone gains over the eager model
+            candidate = uncached_replay
+
+            def baseline_round():
+                base_seconds.append(timed(bench.generate, device)[1])
+                return (), {}
+
+        else:
+            enable_cache(model, schedule)
+            candidate, out, eager = bench.capture()
+            extra["graph_rel_err_vs_eager"] = relative_error(out, eager)
+
+            def baseline_round():
+                base_seconds.append(timed(uncached_replay, device)[1])
+                return (), {}
+
+    def run():
+        out, s = timed(candidate, device)
+        seconds.append(s)
+        return out
 
     try:
-        benchmark.pedantic(
-            sample, setup=run_uncached_then_enable, teardown=disable, rounds=ROUNDS, warmup_rounds=1
-        )
-    finally:  # --benchmark-disable runs setup but not teardown
-        if getattr(model, "_harmonica_cache", None) is not None:
-            disable_cache(model)
-    if benchmark.disabled:
-        return
-    cached_seconds = benchmark.stats.stats.data
-    paired_uncached = uncached_seconds[-len(cached_seconds) :]  # drop the warm-up round
-    measured = statistics.median(u / c for u, c in zip(paired_uncached, cached_seconds, strict=True))
-    ideal = schedule.ideal_speedup(model)
-    row = {
-        "group": GROUP,
-        "impl": f"{variant} ({hk.get_backend('cpu')})",
-        "schedule": variant,
-        "cache_usage_ratio": schedule.cache_usage_ratio,
-        "uncached_median_s": statistics.median(paired_uncached),
-        "median_s": statistics.median(cached_seconds),
-        "speedup": measured,
-        "ideal_speedup": ideal,
-        "pct_of_ideal": 100 * measured / ideal,
+        benchmark.pedantic(run, setup=baseline_round, rounds=setup.rounds, warmup_rounds=1)
+        if benchmark.disabled:
+            return
+        output = run().clone()
+        handle = getattr(model, "_harmonica_cache", None)
+        cache_bytes = handle.cache_bytes if handle is not None else 0
+    finally:
+        disable_cache(model)
+    seconds = seconds[1 : 1 + setup.rounds]  # the warm-up round and the final run are not timed
+    base_seconds = base_seconds[-setup.rounds :]
+    median = statistics.median(seconds)
+    flops = bench.flops(schedule)
+    row: dict[str, Any] = {
+        "group": bench.group,
+        "impl": f"{variant} ({mode})",
+        "setup": setup.key,
+        "model": setup.cls.__name__,
+        "label": setup.label,
+        "blocks": len(model.transformer_blocks),
+        "width": int(model.inner_dim),
+        "tokens": bench.tokens,
+        "text_tokens": setup.text_tokens or None,
+        "units": bench.num_units,
+        "latent": [bench.channels, bench.sample, bench.sample],
+        "batch": setup.batch,
+        "cfg": True,
+        "rows_per_call": 2 * setup.batch,
+        "steps": setup.steps,
+        "sampler": "DDIM",
+        "dtype": str(setup.dtype)[6:],
+        "device": device,
+        "backend": hk.get_backend(device),
         "threads": torch.get_num_threads(),
+        "mode": mode,
+        "schedule": variant,
+        "schedule_desc": VARIANTS[variant],
+        "cache_usage_ratio": schedule.cache_usage_ratio if schedule is not None else 0.0,
+        "distinct_rows": len(set(schedule.rows)) if schedule is not None else 1,
+        "rounds": setup.rounds,
+        "times_s": seconds,
+        "median_s": median,
+        "flops": flops,
+        "flops_uncached": bench.flops(None),
+        "tflops_per_s": flops / median / 1e12,
+        "cache_bytes": cache_bytes,
+        "rel_err_vs_uncached": relative_error(output, bench.reference()),
+        **extra,
     }
-    benchmark.extra_info.update(row)
+    if base_seconds:
+        baseline_median = statistics.median(base_seconds)
+        measured = statistics.median(b / c for b, c in zip(base_seconds, seconds, strict=True))
+        row.update(
+            uncached_median_s=baseline_median,
+            uncached_times_s=base_seconds,
+            speedup=measured,
+            speedup_vs="uncached eager" if mode == "eager" or schedule is None else "uncached graph",
+        )
+    else:
+        row.update(baseline=True, speedup=1.0, speedup_vs="itself")
+    if schedule is not None:
+        ideal = schedule.ideal_speedup(model, text_tokens=bench.text_tokens)
+        row.update(ideal_speedup=ideal, pct_of_ideal=100 * row["speedup"] / ideal)
+    benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
     recorder.add("e2e", row)
