@@ -31,6 +31,16 @@ def _info(args: argparse.Namespace) -> None:
     print(report())
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import load_results, render, update_readme
+
+    payloads = load_results(args.results, suites=args.suite)
+    print(render(payloads), end="")
+    if args.readme:
+        sections = update_readme(args.readme, payloads)
+        print(f"\n{args.readme}: {sections} generated section(s) rewritten")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harmonica", description="Learned feature caching for Diffusion Transformers"
@@ -58,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, built kernels and active backends")
     i.set_defaults(func=_info)
+
+    b = sub.add_parser(
+        "bench", help="render benchmark results (pytest benchmarks) as markdown tables, or into a README"
+    )
+    b.add_argument(
+        "--results", default="benchmarks/results", help="folder of result JSON files (default: %(default)s)"
+    )
+    b.add_argument(
+        "--readme", default=None, help="rewrite the <!-- harmonica-bench:begin --> sections of this file"
+    )
+    b.add_argument("--suite", action="append", default=None, help="only this suite (repeatable)")
+    b.set_defaults(func=_bench)
     return parser
 
 
