@@ -22,10 +22,11 @@
 #   info       python3 -m harmonica_kernels.info
 #   gpu_check  benchmarks/gpu_check.py: every op x dtypes x gate layouts / alignments against the
 #              reference, error messages, no host sync, CUDA-graph capture, bandwidth table
-#   tests      pytest tests/kernels, cuda and triton backends (HARMONICA_REQUIRE_BACKENDS=cuda,triton)
 #   e2e        pytest benchmarks/test_e2e.py at gpu size (DiT-XL/2 256², PixArt-α 1024²)
 #   kernels    pytest benchmarks/test_kernels.py at gpu size
 #   training   pytest benchmarks/test_training.py at gpu size (only if the file exists)
+#   tests      pytest tests/kernels, cuda and triton backends (HARMONICA_REQUIRE_BACKENDS=cuda,triton)
+#              with whatever budget is left (gpu_check already covers the cuda ops)
 #   tables     harmonica bench: the result JSONs as markdown tables
 # Without a CUDA device the GPU stages are skipped with a message and a smoke pass of the
 # benchmarks (tiny shapes, timed, results written) runs instead, so the script itself is tested.
@@ -209,16 +210,16 @@ cp "$RES/logs/env.log" "$RES/env.txt" 2>/dev/null
 stage wheels 60 stage_wheels
 if ((HAVE_CUDA)); then
   stage build 240 stage_build
-  stage info 60 stage_info
-  stage gpu_check 120 stage_gpu_check
-  stage tests 120 stage_tests
-  stage e2e 200 stage_e2e
-  stage kernels 90 stage_kernels
+  stage info 45 stage_info
+  stage gpu_check 90 stage_gpu_check
+  stage e2e 180 stage_e2e
+  stage kernels 75 stage_kernels
   if [[ -f benchmarks/test_training.py ]]; then
-    stage training 90 stage_training
+    stage training 75 stage_training
   else
     record training skipped 0 "no benchmarks/test_training.py"
   fi
+  stage tests 120 stage_tests
 else
   record build skipped 0 "no CUDA device (the installed extension is used)"
   stage info 60 stage_info
