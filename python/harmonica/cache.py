@@ -504,8 +504,6 @@ def enable_cache(
     """
     transformer = transformer_of(pipe_or_transformer)
     model_class = supported_class(transformer)
-    if transformer.__dict__.get(HANDLE_ATTR) is not None:
-        raise CacheStateError("caching is already enabled on this transformer; call disable_cache() first")
     if cache_dtype is not None and cache_dtype not in _CACHE_DTYPES:
         raise TypeError(
             f"cache_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {cache_dtype}"
@@ -530,6 +528,20 @@ def enable_cache(
     # Discover the op backends now (it imports the extensions), not inside a compiled first step.
     available_backends()
     handle = CacheHandle(transformer, schedule, cache_dtype=cache_dtype)
+    attach_handle(pipe_or_transformer, handle)
+    return handle
+
+
+def attach_handle(pipe_or_transformer: Any, handle: CacheHandle) -> None:
+    """Swap the transformer's blocks for cached blocks driven by ``handle`` (any CacheHandle subclass).
+
+    The shared tail of :func:`enable_cache` and of router training, which attaches a handle that
+    blends instead of choosing; :func:`disable_cache` undoes either.
+    """
+    transformer = transformer_of(pipe_or_transformer)
+    if transformer.__dict__.get(HANDLE_ATTR) is not None:
+        raise CacheStateError("caching is already enabled on this transformer; call disable_cache() first")
+    unit_names = units(transformer)
     # Build every cached block first: an unsupported block raises before anything is modified.
     index = {name: k for k, name in enumerate(unit_names)}
     handle._cached_blocks = [
@@ -550,7 +562,6 @@ def enable_cache(
     if scheduler is not None:
         handle._scheduler_hook = _ResetOnSetTimesteps(scheduler, handle)
         scheduler.set_timesteps = handle._scheduler_hook
-    return handle
 
 
 def disable_cache(pipe_or_transformer: Any) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "fingerprint",
     "fingerprint_mismatch",
     "flop_profile",
+    "load_local",
     "supported_class",
     "transformer_of",
     "units",
@@ -202,3 +203,57 @@ def _example_inputs(model: nn.Module, text_tokens: int) -> dict[str, Any]:
             inputs["encoder_hidden_states"] = torch.empty(1, text_tokens, text_width)
         inputs["added_cond_kwargs"] = {"resolution": torch.empty(1, 2), "aspect_ratio": torch.empty(1, 1)}
     return inputs
+
+
+def load_local(
+    path: Any = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Any]:
+    """Load a supported transformer and its scheduler from a local folder (never downloads).
+
+    ``path`` is either a diffusers pipeline folder (``transformer/`` and ``scheduler/`` inside) or a
+    transformer folder (``config.json`` + weights, and ``scheduler_config.json`` beside them, as the
+    reference model ships); None loads the packaged reference model.
+
+    Returns:
+        ``(transformer, scheduler)``, the transformer in eval mode on ``device`` in ``dtype``.
+
+    Raises:
+        FileNotFoundError: no model at ``path``.
+        ValueError: the folder holds no supported transformer or no scheduler.
+    """
+    from pathlib import Path
+
+    from diffusers import SchedulerMixin
+
+    if path is None:
+        from .reference import load_model, load_scheduler
+
+        return load_model(dtype=dtype).to(device), load_scheduler()
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no model folder at {root}")
+    model_dir, scheduler_dir = (
+        (root / "transformer", root / "scheduler") if (root / "transformer").is_dir() else (root, root)
+    )
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{model_dir} has no config.json: expected a diffusers transformer or pipeline folder"
+        )
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    classes = {cls.__name__: cls for cls in SUPPORTED_MODELS}
+    if class_name not in classes:
+        raise ValueError(f"{model_dir} holds a {class_name}; harmonica supports {', '.join(classes)}")
+    scheduler_config = scheduler_dir / "scheduler_config.json"
+    if not scheduler_config.is_file():
+        raise ValueError(
+            f"no scheduler_config.json in {scheduler_dir}: save the scheduler the model samples with there"
+        )
+    import diffusers
+
+    scheduler_class = json.loads(scheduler_config.read_text()).get("_class_name")
+    scheduler_type = getattr(diffusers, str(scheduler_class), None)
+    if not (isinstance(scheduler_type, type) and issubclass(scheduler_type, SchedulerMixin)):
+        raise ValueError(f"{scheduler_config} names an unknown scheduler class {scheduler_class!r}")
+    transformer = classes[class_name].from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
+    return transformer, scheduler_type.from_config(json.loads(scheduler_config.read_text()))

@@ -48,7 +48,8 @@ def sampler_info(scheduler: Any) -> dict[str, Any]:
 class Router(nn.Module):
     """Learnable per-(step, unit) compute probabilities ``r = sigmoid(logits)``, ``logits: [T, U]``.
 
-    Row 0 is fixed at :data:`FIRST_STEP_LOGIT`; the other rows start N(0, 1) from ``seed``. At
+    Row 0 (and any row in ``pinned_steps``, e.g. L2C's full-refresh steps) is fixed at
+    :data:`FIRST_STEP_LOGIT`; the other rows start N(0, 1) from ``seed``. At
     inference unit k is computed at step t iff ``r[t, k] > threshold`` (:meth:`to_schedule`).
 
     Besides the logits a router carries what it was made for: the model's :func:`fingerprint`
@@ -66,6 +67,7 @@ class Router(nn.Module):
         sampler: dict[str, Any] | None = None,
         training: dict[str, Any] | None = None,
         seed: int = 0,
+        pinned_steps: list[int] | None = None,
     ) -> None:
         super().__init__()
         if num_steps < 1 or num_units < 1:
@@ -74,10 +76,14 @@ class Router(nn.Module):
             )
         if unit_names is not None and len(unit_names) != num_units:
             raise ValueError(f"unit_names has {len(unit_names)} entries but num_units is {num_units}")
+        pinned = sorted({0, *(pinned_steps or [])})
+        if pinned[-1] >= num_steps or pinned[0] < 0:
+            raise ValueError(f"pinned_steps must lie in [0, {num_steps - 1}], got {pinned_steps}")
         generator = torch.Generator().manual_seed(seed)
         logits = torch.randn(num_steps, num_units, generator=generator)
-        logits[0] = FIRST_STEP_LOGIT
+        logits[pinned] = FIRST_STEP_LOGIT
         self.logits = nn.Parameter(logits)
+        self.pinned_steps = pinned
         self.unit_names = list(unit_names) if unit_names is not None else None
         self.model_fingerprint = model_fingerprint
         self.sampler = sampler
@@ -92,6 +98,7 @@ class Router(nn.Module):
         scheduler: Any = None,
         training: dict[str, Any] | None = None,
         seed: int = 0,
+        pinned_steps: list[int] | None = None,
     ) -> Router:
         """A fresh router for ``model`` (a supported transformer) and ``num_steps`` sampling steps."""
         names = units(model)
@@ -103,6 +110,7 @@ class Router(nn.Module):
             sampler=sampler_info(scheduler) if scheduler is not None else None,
             training=training,
             seed=seed,
+            pinned_steps=pinned_steps,
         )
 
     @property
@@ -119,18 +127,18 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> Router:
-        """Clamp logits to ``[-LOGIT_BOUND, LOGIT_BOUND]``, re-pin row 0; call after every optimizer step."""
+        """Clamp logits to ``[-LOGIT_BOUND, LOGIT_BOUND]``, re-pin the pinned rows; call after every optimizer step."""
         self.logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
-        self.logits[0] = FIRST_STEP_LOGIT
+        self.logits[self.pinned_steps] = FIRST_STEP_LOGIT
         return self
 
     @torch.no_grad()
     def to_schedule(self, threshold: float = 0.1) -> CacheSchedule:
-        """Hard schedule: compute iff ``sigmoid(logit) > threshold``; row 0 always computes."""
+        """Hard schedule: compute iff ``sigmoid(logit) > threshold``; pinned rows (row 0) always compute."""
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold is a probability in [0, 1), got {threshold}")
         compute = self.probabilities().detach().cpu() > threshold
-        compute[0] = True
+        compute[self.pinned_steps] = True
         return CacheSchedule(compute)
 
     def check_model(self, model: nn.Module) -> None:
@@ -162,6 +170,7 @@ class Router(nn.Module):
             "fingerprint": self.model_fingerprint,
             "sampler": self.sampler,
             "training": self.training_settings,
+            "pinned_steps": self.pinned_steps,
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -222,6 +231,7 @@ class Router(nn.Module):
             model_fingerprint=meta.get("fingerprint"),
             sampler=meta.get("sampler"),
             training=meta.get("training"),
+            pinned_steps=meta.get("pinned_steps"),
         )
         with torch.no_grad():
             router.logits.copy_(logits)

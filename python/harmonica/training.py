@@ -1,0 +1,1095 @@
+"""Router training: Step-wise Denoising Training with the Image-Error Proxy objective, and L2C.
+
+``train_router(transformer, scheduler, num_steps=T)`` learns the logits ``L[T, U]`` of a
+:class:`Router` with the backbone frozen (METHOD.md §2–6):
+
+- ``method="harmonica"`` (SDT + IEPO). Image-free trajectories: pure noise and random classes (or
+  prompts), classifier-free guidance batched as at inference. Step 0 computes every unit and fills
+  the cache. At every later step t the **teacher** (all units computed, cache untouched, no autograd)
+  and the **student** (each unit blended ``r·branch + (1 − r)·cache`` with ``r = sigmoid(L[t])``) run
+  on the same state x_t; loss ``λ_t · MSE(teacher, student) + β · Σ_k r[t, k]``; one AdamW step on the
+  logits; clamp to [-5, 5]; the student's detached blend is written to the cache where r > 0.1; x_t
+  advances with the student's (guided) prediction. ``λ`` is re-estimated every ``lambda_every``
+  iterations from final-image errors (:func:`estimate_lambda`); ``lambda_variant="none"`` is the
+  SDT-only ablation (λ ≡ 1).
+- ``method="l2c"`` (Learning-to-Cache). Real samples noised to a random even step, one full step
+  fills the cache, the next (odd) step trains in isolation with λ ≡ 1. Even steps are pinned to
+  compute, so inference alternates full and cached steps as L2C does.
+
+Memory. Only the student's forward keeps activations (one step of the backbone, parameters frozen);
+the teacher runs without autograd, no gradient crosses steps (cache and x_t are detached).
+
+Budget mode. ``target_cur`` adapts β after every trajectory, multiplicatively (at most ×2), until the
+router's hard schedule (threshold τ) reaches that cache usage ratio; this is how routers of different
+methods are compared at the same compute. Without a given β, the first trajectory trains fidelity
+alone and measures, at each step, λ_t · MSE(all units cached, teacher) / U: the mean per-unit cost
+of caching; β starts at its mean.
+
+Multi-process. Under ``torchrun`` (or any initialised ``torch.distributed`` group; gloo on CPU, nccl
+on CUDA) every rank draws the same global batch from the seed and keeps its shard; gradients of the
+logits and the λ estimates are all-reduced (mean), so W processes compute what one process with the
+same global batch computes. Rank 0 writes checkpoints and the router.
+
+Checkpoints. With ``checkpoint_dir`` the state (logits, optimizer, β, λ, counters, history) is
+written atomically after every trajectory; a killed run started again with the same arguments
+resumes from there, losing at most the unfinished trajectory (≤ T − 1 iterations).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harmonica_kernels import available_backends, routed_gated_residual
+
+from .cache import CacheHandle, CacheStateError, _as_row, attach_handle, disable_cache
+from .models import fingerprint, supported_class, transformer_of, units
+from .router import Router
+from .schedule import CacheSchedule
+
+__all__ = ["TrainingConfig", "TrainingResult", "estimate_lambda", "train_router"]
+
+Method = Literal["harmonica", "l2c"]
+LambdaVariant = Literal["marginal", "leave_one_out", "none"]
+
+_CHECKPOINT_NAME = "router-training.pt"
+_CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainingConfig:
+    """Every setting of a training run (METHOD.md §5 defaults; L2C's own where ``method="l2c"``).
+
+    ``iterations`` counts trained denoising steps (T − 1 per SDT trajectory, one per L2C sample
+    batch). ``batch_size`` is the global number of noise samples per iteration (doubled by CFG).
+    ``lr`` and ``beta`` default to 0.01 / 7e-8 for HarmoniCa and 1e-3 / 1e-6 for L2C.
+    """
+
+    num_steps: int
+    method: Method = "harmonica"
+    iterations: int = 20_000
+    batch_size: int = 32
+    guidance_scale: float = 1.5
+    lr: float | None = None
+    beta: float | None = None
+    target_cur: float | None = None
+    lambda_every: int = 500
+    lambda_variant: LambdaVariant = "marginal"
+    lambda_batch_size: int | None = None
+    write_threshold: float = 0.1
+    threshold: float = 0.1
+    seed: int = 0
+
+    def resolved(self) -> TrainingConfig:
+        """A copy with the method-dependent defaults filled in, validated."""
+        cfg = copy.copy(self)
+        if cfg.method not in ("harmonica", "l2c"):
+            raise ValueError(f"method must be 'harmonica' or 'l2c', got {cfg.method!r}")
+        if cfg.lambda_variant not in ("marginal", "leave_one_out", "none"):
+            raise ValueError(
+                f"lambda_variant must be 'marginal', 'leave_one_out' or 'none', got {cfg.lambda_variant!r}"
+            )
+        is_l2c = cfg.method == "l2c"
+        cfg.lr = cfg.lr if cfg.lr is not None else (1e-3 if is_l2c else 0.01)
+        if cfg.beta is None and cfg.target_cur is None:
+            cfg.beta = 1e-6 if is_l2c else 7e-8
+        if is_l2c:
+            cfg.lambda_variant = "none"
+        if cfg.lambda_batch_size is None:
+            cfg.lambda_batch_size = cfg.batch_size
+        checks = [
+            (
+                cfg.num_steps >= 2,
+                f"num_steps must be >= 2 (step 0 only fills the cache), got {cfg.num_steps}",
+            ),
+            (not is_l2c or cfg.num_steps >= 2, "L2C needs at least 2 steps"),
+            (cfg.iterations >= 1, f"iterations must be >= 1, got {cfg.iterations}"),
+            (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+            (cfg.guidance_scale >= 1, f"guidance_scale must be >= 1, got {cfg.guidance_scale}"),
+            (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+            (cfg.beta is None or cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}"),
+            (cfg.lambda_every >= 1, f"lambda_every must be >= 1, got {cfg.lambda_every}"),
+            (cfg.lambda_batch_size >= 1, f"lambda_batch_size must be >= 1, got {cfg.lambda_batch_size}"),
+            (0 <= cfg.write_threshold < 1, f"write_threshold must be in [0, 1), got {cfg.write_threshold}"),
+            (0 <= cfg.threshold < 1, f"threshold must be in [0, 1), got {cfg.threshold}"),
+        ]
+        if cfg.target_cur is not None:
+            limit = 0.5 if is_l2c else 1.0
+            checks.append(
+                (
+                    0 < cfg.target_cur < limit,
+                    f"target_cur must be in (0, {limit}) for method {cfg.method!r}, got {cfg.target_cur}",
+                )
+            )
+            if cfg.beta == 0:
+                raise ValueError("budget mode scales beta multiplicatively: give beta > 0 or None (automatic)")
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return cfg
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train_router` returns: the router, its per-trajectory history and timings."""
+
+    router: Router
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    iterations: int = 0
+    resumed_from: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The blending handle
+
+
+class _RoutedHandle(CacheHandle):
+    """A :class:`CacheHandle` whose units run in one of three modes, chosen by the trainer per call.
+
+    - ``fill``: every unit computed, its cache overwritten (the first step of a trajectory);
+    - ``teacher``: every unit computed, the cache neither read nor written (the uncached model);
+    - ``soft``: every unit computed and blended ``r·branch + (1 − r)·cache`` with ``r = self.r[k]``
+      (differentiable), the detached blend written to the cache where ``r > write_threshold``.
+      With ``defer_writes`` the writes wait for :meth:`commit_writes` (after the backward pass,
+      which still needs the old cache).
+
+    The trainer sets ``step`` itself: a teacher and a student call share one denoising step.
+    """
+
+    def __init__(self, transformer: nn.Module, num_steps: int, write_threshold: float) -> None:
+        num_units = len(units(transformer))
+        super().__init__(transformer, CacheSchedule.full(num_steps, num_units))
+        self._needs_buffer = (True,) * num_units
+        self._all_units = (True,) * num_units
+        self.write_threshold = write_threshold
+        self.mode = "fill"
+        self.r: torch.Tensor | None = None
+        self.r_host: list[float] = []
+        self.defer_writes = False
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def set_soft(self, r: torch.Tensor, *, defer_writes: bool) -> None:
+        self.mode = "soft"
+        self.r = r
+        self.r_host = r.detach().float().cpu().tolist()
+        self.defer_writes = defer_writes
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        self.r = None
+
+    def unit_residual(self, unit, x, gate, branch):  # type: ignore[override]
+        if self.mode == "fill":
+            return super().unit_residual(unit, x, gate, branch)
+        y = branch()
+        if self.mode == "teacher":
+            return y + x if gate is None else _as_row(gate) * y + x
+        cache = self._buffers[unit]
+        r = self.r[unit]
+        out = routed_gated_residual(x, gate, y, cache, r)
+        if self.r_host[unit] > self.write_threshold:
+            with torch.no_grad():
+                mixed = torch.lerp(cache, y.detach().to(cache.dtype), r.detach().to(cache.dtype))
+            if self.defer_writes:
+                self.pending[unit] = mixed
+            else:
+                cache.copy_(mixed)
+        return out
+
+    def unit_residual_norm_modulate(self, unit, x, gate, branch, shift, scale, eps):  # type: ignore[override]
+        if self.mode == "fill":
+            return super().unit_residual_norm_modulate(unit, x, gate, branch, shift, scale, eps)
+        x = self.unit_residual(unit, x, gate, branch)
+        h = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + _as_row(scale)) + _as_row(shift)
+        return x, h
+
+    def commit_writes(self) -> None:
+        with torch.no_grad():
+            for unit, mixed in self.pending.items():
+                self._buffers[unit].copy_(mixed)
+        self.pending = {}
+
+    def snapshot(self) -> list[torch.Tensor | None]:
+        return [b.clone() if b is not None else None for b in self._buffers]
+
+    def restore(self, buffers: list[torch.Tensor | None]) -> None:
+        self._buffers = [b.clone() if b is not None else None for b in buffers]
+
+    def _begin_step(self, hidden_states: Any) -> None:
+        layout = self._layout_of(hidden_states)
+        if self._layout is None:
+            if any(b is None for b in self._buffers):
+                self._allocate(layout)
+            else:  # buffers restored from a snapshot
+                self._layout = layout
+        elif layout != self._layout:
+            raise CacheStateError(
+                "the training batch changed shape within a trajectory; this is a bug in the trainer"
+            )
+        self._row = self._all_units
+
+    def _end_step(self) -> None:
+        self._row = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conditioning: how one CFG-batched transformer call is made for a model class
+
+
+class _Conditioning:
+    """Draws conditions and makes the CFG-batched transformer call for one model class."""
+
+    channels: int
+    size: int
+
+    def draw(self, generator: torch.Generator, batch: int) -> Any: ...
+
+    def shard(self, cond: Any, rows: slice) -> Any: ...
+
+    def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any, cfg: bool) -> torch.Tensor:
+        """Model prediction (eps channels) for the CFG-doubled batch ``[2B or B, C, H, W]``."""
+        ...
+
+
+class _ClassConditioning(_Conditioning):
+    def __init__(self, transformer: nn.Module, class_labels: torch.Tensor | None) -> None:
+        from .sampling import null_class_id
+
+        self.null_id = null_class_id(transformer)
+        self.channels = int(transformer.config.in_channels)
+        self.size = int(transformer.config.sample_size)
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.null_id:
+                raise ValueError(f"class_labels must be a non-empty set of ids in [0, {self.null_id - 1}]")
+        else:
+            labels = torch.arange(self.null_id)
+        self.labels = labels
+
+    def draw(self, generator: torch.Generator, batch: int) -> torch.Tensor:
+        return self.labels[torch.randint(0, self.labels.numel(), (batch,), generator=generator)]
+
+    def shard(self, cond: torch.Tensor, rows: slice) -> torch.Tensor:
+        return cond[rows]
+
+    def call(self, model, x, t, cond, cfg):
+        labels = cond.to(x.device)
+        if cfg:
+            x = torch.cat([x, x])
+            labels = torch.cat([labels, torch.full_like(labels, self.null_id)])
+        dtype = next(model.parameters()).dtype
+        out = model(x.to(dtype), timestep=t.reshape(1).to(x.device).expand(x.shape[0]), class_labels=labels)
+        return out.sample[:, : self.channels].float()
+
+
+class _PromptConditioning(_Conditioning):
+    """PixArt: conditions are rows of a user-given pool of text embeddings (no text encoder needed)."""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        prompt_embeds: torch.Tensor,
+        prompt_attention_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_attention_mask: torch.Tensor | None,
+    ) -> None:
+        config = transformer.config
+        self.channels = int(config.in_channels)
+        self.size = int(config.sample_size)
+        width = int(config.caption_channels)
+        if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != width:
+            raise ValueError(
+                f"prompt_embeds must be [P, L, {width}] (caption_channels), got {tuple(prompt_embeds.shape)}"
+            )
+        num, length, _ = prompt_embeds.shape
+        mask = prompt_attention_mask if prompt_attention_mask is not None else torch.ones(num, length)
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = torch.zeros(1, length, width, dtype=prompt_embeds.dtype)
+            negative_prompt_attention_mask = torch.ones(1, length)
+        if tuple(negative_prompt_embeds.shape[1:]) != (length, width):
+            raise ValueError(
+                f"negative_prompt_embeds must be [1, {length}, {width}], got {tuple(negative_prompt_embeds.shape)}"
+            )
+        self.embeds = prompt_embeds
+        self.mask = mask
+        self.negative = negative_prompt_embeds[:1]
+        neg_mask = negative_prompt_attention_mask
+        self.negative_mask = neg_mask[:1] if neg_mask is not None else torch.ones(1, length)
+        self.extra_conditions = bool(getattr(transformer, "use_additional_conditions", False))
+
+    def draw(self, generator: torch.Generator, batch: int) -> torch.Tensor:
+        return torch.randint(0, self.embeds.shape[0], (batch,), generator=generator)
+
+    def shard(self, cond: torch.Tensor, rows: slice) -> torch.Tensor:
+        return cond[rows]
+
+    def call(self, model, x, t, cond, cfg):
+        dtype = next(model.parameters()).dtype
+        emb = self.embeds[cond].to(x.device, dtype)
+        mask = self.mask[cond].to(x.device)
+        if cfg:
+            x = torch.cat([x, x])
+            emb = torch.cat([emb, self.negative.to(x.device, dtype).expand_as(emb)])
+            mask = torch.cat([mask, self.negative_mask.to(x.device).expand_as(mask)])
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.extra_conditions:
+            side = float(self.size * 8)  # pixels: PixArt's VAE downsamples by 8
+            added = {
+                "resolution": torch.tensor([[side, side]], device=x.device, dtype=dtype).expand(
+                    x.shape[0], 2
+                ),
+                "aspect_ratio": torch.ones(x.shape[0], 1, device=x.device, dtype=dtype),
+            }
+        out = model(
+            x.to(dtype),
+            encoder_hidden_states=emb,
+            encoder_attention_mask=mask,
+            timestep=t.reshape(1).to(x.device).expand(x.shape[0]),
+            added_cond_kwargs=added,
+        )
+        return out.sample[:, : self.channels].float()
+
+
+def _guide(pred: torch.Tensor, scale: float, cfg: bool) -> torch.Tensor:
+    if not cfg:
+        return pred
+    cond, uncond = pred.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed helpers (a no-op group of one when torch.distributed is not initialised)
+
+
+class _Group:
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        if not dist.is_available() or not dist.is_initialized():
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            if world > 1 and dist.is_available():
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+                dist.init_process_group(backend)
+                self.owns_group = True
+            else:
+                self.owns_group = False
+        else:
+            self.owns_group = False
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active and self.world > 1:
+            self._dist.all_reduce(tensor)
+            tensor.div_(self.world)
+        return tensor
+
+    def shard(self, global_batch: int) -> slice:
+        if global_batch % self.world:
+            raise ValueError(
+                f"the global batch {global_batch} does not split evenly over {self.world} processes; "
+                "pick a batch size divisible by the number of processes"
+            )
+        per = global_batch // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def barrier(self) -> None:
+        if self.active and self.world > 1:
+            self._dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trajectories
+
+
+@dataclass
+class _Setup:
+    model: nn.Module
+    handle: _RoutedHandle
+    scheduler: Any
+    conditioning: _Conditioning
+    cfg: bool
+    guidance_scale: float
+    device: torch.device
+    group: _Group
+
+
+def _noise(setup: _Setup, generator: torch.Generator, batch: int) -> torch.Tensor:
+    c, s = setup.conditioning.channels, setup.conditioning.size
+    return torch.randn(batch, c, s, s, generator=generator)
+
+
+def _predict(setup: _Setup, x: torch.Tensor, t: torch.Tensor, cond: Any, step: int) -> torch.Tensor:
+    setup.handle._step = step
+    pred = setup.conditioning.call(setup.model, x, t, cond, setup.cfg)
+    return pred
+
+
+def _start(setup: _Setup, num_steps: int) -> torch.Tensor:
+    setup.scheduler.set_timesteps(num_steps, device=setup.device)
+    setup.handle.reset()
+    return setup.scheduler.timesteps
+
+
+def _advance(setup: _Setup, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    eps = _guide(pred, setup.guidance_scale, setup.cfg)
+    return setup.scheduler.step(eps, t, x, return_dict=False)[0]
+
+
+@torch.no_grad()
+def _sample(
+    setup: _Setup,
+    x: torch.Tensor,
+    cond: Any,
+    probabilities: torch.Tensor,
+    soft_steps: Callable[[int], bool],
+    *,
+    start: int = 0,
+    buffers: list[torch.Tensor | None] | None = None,
+    timesteps: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Run the sampler from step ``start`` (state ``x``, cache ``buffers``) to the end.
+
+    Steps where ``soft_steps(i)`` is true blend with ``probabilities[i]``; the others compute every
+    unit and refresh the cache (step 0 always does). ``on_step(i, x)`` sees the state before step i.
+    """
+    handle = setup.handle
+    if timesteps is None:
+        timesteps = _start(setup, probabilities.shape[0])
+    if buffers is not None:
+        handle.restore(buffers)
+    for i in range(start, len(timesteps)):
+        if on_step is not None:
+            on_step(i, x)
+        if i > 0 and soft_steps(i):
+            handle.set_soft(probabilities[i], defer_writes=False)
+        else:
+            handle.set_mode("fill")
+        pred = _predict(setup, x, timesteps[i], cond, i)
+        x = _advance(setup, pred, timesteps[i], x)
+    return x
+
+
+def estimate_lambda(
+    setup: _Setup,
+    probabilities: torch.Tensor,
+    x_T: torch.Tensor,
+    cond: Any,
+    variant: LambdaVariant,
+) -> torch.Tensor:
+    """IEPO weights ``λ[T]`` (λ_0 = 0: step 0 is never trained) from final-sample errors, no autograd.
+
+    - ``marginal`` (the authors' released code): x0_ref is the uncached sample; with the soft router
+      enabled on steps 1…t and full compute after, ``e_t = MSE(x0^{≤t}, x0_ref)``;
+      ``λ_t = max(e_t − e_{t−1}, 0)``. The runs share their prefix, so each one is the soft
+      trajectory up to step t followed by an uncached tail: ~T²/2 forwards in all.
+    - ``leave_one_out`` (the poster): ``λ_t = MSE(x0_soft, x0_soft^{(t)})`` where the second run
+      forces step t to compute everything (its cache refreshed with the fresh outputs).
+
+    A step whose estimate is 0 (or negative, for ``marginal``) would carry no fidelity term at all and
+    be cached freely; λ is floored at 1 % of its mean so every step keeps some. Errors are means over
+    all elements, averaged over processes.
+    """
+    num_steps = probabilities.shape[0]
+    x0_states: dict[int, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
+    handle = setup.handle
+    timesteps = _start(setup, num_steps)
+    keep_cache = variant == "leave_one_out"
+
+    def remember(i: int, x: torch.Tensor) -> None:
+        x0_states[i] = (x.clone(), handle.snapshot() if keep_cache else [])
+
+    soft_final = _sample(
+        setup, x_T, cond, probabilities, lambda i: True, timesteps=timesteps, on_step=remember
+    )
+    errors = torch.zeros(num_steps, dtype=torch.float64, device=setup.device)
+    if variant == "marginal":
+        reference = _sample(setup, x_T, cond, probabilities, lambda i: False)
+        # Soft on steps 1..t, uncached after: the soft spine's state before step t+1, then no caching.
+        for t in range(1, num_steps):
+            if t == num_steps - 1:
+                final = soft_final
+            else:
+                timesteps = _start(setup, num_steps)
+                x, _ = x0_states[t + 1]
+                final = _sample(
+                    setup, x, cond, probabilities, lambda i: False, start=t + 1, timesteps=timesteps
+                )
+            errors[t] = F.mse_loss(final.double(), reference.double())
+        setup.group.mean_(errors)
+        lam = torch.zeros_like(errors)
+        lam[1:] = (errors[1:] - errors[:-1]).clamp_min(0)
+    else:
+        for t in range(1, num_steps):
+            timesteps = _start(setup, num_steps)
+            x, buffers = x0_states[t]
+            final = _sample(
+                setup,
+                x,
+                cond,
+                probabilities,
+                lambda i, t=t: i != t,
+                start=t,
+                buffers=buffers,
+                timesteps=timesteps,
+            )
+            errors[t] = F.mse_loss(final.double(), soft_final.double())
+        setup.group.mean_(errors)
+        lam = errors.clone()
+    positive = lam[1:]
+    floor = 0.01 * positive.mean() if positive.mean() > 0 else torch.tensor(1.0, dtype=lam.dtype)
+    lam[1:] = positive.clamp_min(floor)
+    return lam.float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def train_router(
+    pipe_or_transformer: Any,
+    scheduler: Any = None,
+    *,
+    num_steps: int,
+    method: Method = "harmonica",
+    iterations: int = 20_000,
+    batch_size: int = 32,
+    guidance_scale: float = 1.5,
+    lr: float | None = None,
+    beta: float | None = None,
+    target_cur: float | None = None,
+    lambda_every: int = 500,
+    lambda_variant: LambdaVariant = "marginal",
+    lambda_batch_size: int | None = None,
+    write_threshold: float = 0.1,
+    threshold: float = 0.1,
+    seed: int = 0,
+    class_labels: torch.Tensor | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    prompt_attention_mask: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_attention_mask: torch.Tensor | None = None,
+    data: Any = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    callback: Callable[[dict[str, float]], None] | None = None,
+) -> TrainingResult:
+    """Train a :class:`Router` for ``pipe_or_transformer`` sampled with ``scheduler`` in ``num_steps``.
+
+    Args:
+        pipe_or_transformer: a diffusers ``DiTTransformer2DModel`` / ``PixArtTransformer2DModel`` or a
+            pipeline holding one (its ``scheduler`` is used when ``scheduler`` is None). Its weights
+            are frozen during training and restored to their ``requires_grad`` state after.
+        scheduler: the diffusers scheduler the router is for (copied, never modified).
+        num_steps: T, the number of sampling steps.
+        method: ``"harmonica"`` (SDT + IEPO) or ``"l2c"``.
+        iterations: trained denoising steps; SDT trains T − 1 per trajectory.
+        batch_size: global noise samples (or data samples for L2C) per iteration; CFG doubles it.
+        guidance_scale: CFG scale as at inference (1 = no guidance).
+        lr, beta: AdamW learning rate on the logits and the weight of ``Σ r`` (see :class:`TrainingConfig`).
+        target_cur: budget mode: adapt β until the hard schedule's cache usage ratio reaches this.
+        lambda_every: C, iterations between λ re-estimations (IEPO).
+        lambda_variant: ``"marginal"`` (released code, default), ``"leave_one_out"`` (poster) or
+            ``"none"`` (λ ≡ 1: the SDT-only ablation).
+        lambda_batch_size: noise samples for λ's sampling runs (default: ``batch_size``).
+        write_threshold: the student's blend is written to the cache where r exceeds it.
+        threshold: τ of the saved router's schedule (used for the reported CUR and budget mode).
+        seed: seeds the router's initial logits and every draw of noise, classes and data.
+        class_labels: DiT: the classes to draw from (default: all).
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask:
+            PixArt: a pool of text-encoder outputs ``[P, L, caption_channels]`` to draw prompts from,
+            and the unconditional embedding for CFG (default: zeros).
+        data: L2C only: real samples in the model's input space, a tensor ``[N, C, H, W]``, a pair
+            ``(samples, class_labels)`` or a path (:func:`load_samples`). Default for the reference
+            model: its training digits.
+        checkpoint_dir: folder for the resumable training state (written after every trajectory).
+        resume: continue from ``checkpoint_dir``'s state when it exists (it must be from the same run).
+        progress: show a tqdm bar with loss, CUR, λ and β.
+        callback: called with each trajectory's history record.
+
+    Returns:
+        A :class:`TrainingResult` whose ``router`` carries in its metadata the model fingerprint, the
+        sampler, and the training settings (method, T, β, C, τ, CUR, time, …); save it with
+        ``result.router.save(path)`` and pass it to :func:`harmonica.enable_cache`.
+
+    Raises:
+        ValueError: bad settings, a batch not divisible by the number of processes, missing or
+            mismatched conditioning/data, or a checkpoint from another run.
+        UnsupportedModelError: the model cannot be cached.
+    """
+    config = TrainingConfig(
+        num_steps=num_steps,
+        method=method,
+        iterations=iterations,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
+        lr=lr,
+        beta=beta,
+        target_cur=target_cur,
+        lambda_every=lambda_every,
+        lambda_variant=lambda_variant,
+        lambda_batch_size=lambda_batch_size,
+        write_threshold=write_threshold,
+        threshold=threshold,
+        seed=seed,
+    ).resolved()
+    transformer = transformer_of(pipe_or_transformer)
+    model_class = supported_class(transformer)
+    if scheduler is None:
+        scheduler = getattr(pipe_or_transformer, "scheduler", None)
+        if scheduler is None:
+            raise ValueError(
+                "pass the scheduler the router is for: train_router(transformer, scheduler, ...)"
+            )
+    if transformer.__dict__.get("_harmonica_cache") is not None:
+        raise CacheStateError("disable_cache() before training a router on this transformer")
+
+    if model_class.__name__ == "PixArtTransformer2DModel":
+        if prompt_embeds is None:
+            raise ValueError(
+                "PixArt training draws prompts from a pool of text embeddings: pass prompt_embeds "
+                "[P, L, caption_channels] (e.g. from pipe.encode_prompt)"
+            )
+        conditioning: _Conditioning = _PromptConditioning(
+            transformer,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+        )
+    else:
+        conditioning = _ClassConditioning(transformer, class_labels)
+
+    samples = labels = None
+    if config.method == "l2c":
+        from diffusers import DDIMScheduler
+
+        if not isinstance(scheduler, DDIMScheduler):
+            raise ValueError(
+                f"L2C trains on one step from a noised real sample, which needs a single-step sampler such "
+                f"as DDIMScheduler; got {type(scheduler).__name__}"
+            )
+        samples, labels = _l2c_data(data, transformer, conditioning)
+
+    group = _Group()
+    device = next(transformer.parameters()).device
+    available_backends()
+    handle = _RoutedHandle(transformer, config.num_steps, config.write_threshold)
+    setup = _Setup(
+        model=transformer,
+        handle=handle,
+        scheduler=copy.deepcopy(scheduler),
+        conditioning=conditioning,
+        cfg=config.guidance_scale > 1,
+        guidance_scale=config.guidance_scale,
+        device=device,
+        group=group,
+    )
+    pinned = list(range(0, config.num_steps, 2)) if config.method == "l2c" else [0]
+    router = Router.for_model(
+        transformer, config.num_steps, scheduler=scheduler, seed=config.seed, pinned_steps=pinned
+    )
+    router.to(device)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
+    state = _State(beta=config.beta, lam=torch.ones(config.num_steps))
+    state.lam[0] = 0.0
+
+    checkpoint = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
+    resumed_from = None
+    run_key = _run_key(config, transformer, group.world)
+    if checkpoint is not None and resume and checkpoint.is_file():
+        _load_checkpoint(checkpoint, run_key, router, optimizer, state)
+        resumed_from = state.iteration
+
+    frozen = [(p, p.requires_grad) for p in transformer.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    attach_handle(transformer, handle)
+    bar = None
+    if progress and group.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.iterations, initial=state.iteration, desc=f"train {config.method}", unit="it")
+    start_time = time.perf_counter() - state.elapsed
+    try:
+        while state.iteration < config.iterations:
+            if config.method == "harmonica":
+                if config.lambda_variant != "none" and (
+                    state.lambda_at is None or state.iteration - state.lambda_at >= config.lambda_every
+                ):
+                    state.lam = _refresh_lambda(setup, router, config, state)
+                    state.lambda_at = state.iteration
+                losses = _sdt_trajectory(setup, router, optimizer, config, state, bar)
+            else:
+                losses = _l2c_round(setup, router, optimizer, config, state, samples, labels, bar)
+            state.trajectory += 1
+            cur = router.to_schedule(config.threshold).cache_usage_ratio
+            if state.beta is None:
+                state.beta = sum(state.beta_probes) / len(state.beta_probes) or 1e-12
+            elif config.target_cur is not None:
+                # Multiplicative β control towards the budget: at most ×2 per trajectory.
+                error = (config.target_cur - cur) / max(config.target_cur, 0.05)
+                state.beta *= math.exp(max(-math.log(2), min(math.log(2), 2.0 * error)))
+            state.elapsed = time.perf_counter() - start_time
+            record = {
+                "iteration": float(state.iteration),
+                "loss": float(sum(losses) / max(len(losses), 1)),
+                "cur": float(cur),
+                "beta": state.beta,
+                "lambda_mean": float(state.lam[1:].mean()),
+                "seconds": state.elapsed,
+            }
+            state.history.append(record)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3g}",
+                    cur=f"{cur:.1%}",
+                    lam=f"{record['lambda_mean']:.2g}",
+                    beta=f"{state.beta:.2g}",
+                )
+            if callback is not None:
+                callback(record)
+            if checkpoint is not None and group.rank == 0:
+                _save_checkpoint(checkpoint, run_key, router, optimizer, state)
+    finally:
+        if bar is not None:
+            bar.close()
+        disable_cache(transformer)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        if group.owns_group:
+            group._dist.destroy_process_group()
+
+    schedule = router.to_schedule(config.threshold)
+    settings = asdict(config)
+    settings.update(
+        beta_final=state.beta,
+        cur=schedule.cache_usage_ratio,
+        training_seconds=round(state.elapsed, 3),
+        world_size=group.world,
+        lambda_final=[round(v, 8) for v in state.lam.tolist()],
+    )
+    router.training_settings = settings
+    router.to("cpu")
+    return TrainingResult(
+        router=router,
+        history=state.history,
+        seconds=state.elapsed,
+        iterations=state.iteration,
+        resumed_from=resumed_from,
+    )
+
+
+@dataclass
+class _State:
+    beta: float | None
+    lam: torch.Tensor
+    iteration: int = 0
+    trajectory: int = 0
+    lambda_at: int | None = None
+    beta_probes: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _generator(seed: int, *stream: int) -> torch.Generator:
+    # Independent, reproducible streams per (purpose, index), the same on every process.
+    value = seed
+    for s in stream:
+        value = (value * 1_000_003 + s) % (2**62)
+    return torch.Generator().manual_seed(value)
+
+
+def _draw(setup: _Setup, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, Any]:
+    cond = setup.conditioning.draw(generator, batch)
+    noise = _noise(setup, generator, batch)
+    rows = setup.group.shard(batch)
+    x = noise[rows].to(setup.device) * setup.scheduler.init_noise_sigma
+    return x, setup.conditioning.shard(cond, rows)
+
+
+def _refresh_lambda(setup: _Setup, router: Router, config: TrainingConfig, state: _State) -> torch.Tensor:
+    generator = _generator(config.seed, 2, state.iteration)
+    x, cond = _draw(setup, generator, config.lambda_batch_size)
+    with torch.no_grad():
+        probabilities = router.probabilities().detach()
+    return estimate_lambda(setup, probabilities, x, cond, config.lambda_variant)
+
+
+def _train_step(
+    setup: _Setup,
+    router: Router,
+    optimizer: torch.optim.Optimizer,
+    config: TrainingConfig,
+    state: _State,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Any,
+    step: int,
+    weight: float,
+) -> tuple[torch.Tensor, float]:
+    """Teacher and student at state x (step ``step``); one optimizer step. Returns (student pred, loss)."""
+    handle = setup.handle
+    with torch.no_grad():
+        handle.set_mode("teacher")
+        teacher = _predict(setup, x, t, cond, step)
+    r = router.probabilities()[step]
+    if state.beta is None:
+        # Budget mode without a starting β: the first round trains fidelity only and probes the
+        # per-unit cost of caching everything at each step; β starts at its mean (see train_router).
+        with torch.no_grad():
+            handle.set_soft(torch.zeros_like(r), defer_writes=True)
+            cached = _predict(setup, x, t, cond, step)
+            handle.pending = {}
+            cost = weight * F.mse_loss(cached, teacher) / r.numel()
+        state.beta_probes.append(float(setup.group.mean_(cost.reshape(1))))
+    handle.set_soft(r, defer_writes=True)
+    student = _predict(setup, x, t, cond, step)
+    fidelity = weight * F.mse_loss(student, teacher)
+    optimizer.zero_grad(set_to_none=False)
+    fidelity.backward()
+    grad = setup.group.mean_(router.logits.grad)[step]
+    beta = state.beta or 0.0
+    grad.add_(beta * (r * (1 - r)).detach())  # the gradient of β · Σ_k r[t, k]
+    loss = fidelity.detach() + beta * r.detach().sum()
+    optimizer.step()
+    router.clamp_()
+    handle.commit_writes()
+    state.iteration += 1
+    return student.detach(), float(loss.detach())
+
+
+def _sdt_trajectory(setup, router, optimizer, config, state, bar) -> list[float]:
+    generator = _generator(config.seed, 1, state.trajectory)
+    x, cond = _draw(setup, generator, config.batch_size)
+    timesteps = _start(setup, config.num_steps)
+    losses = []
+    for i, t in enumerate(timesteps):
+        if i == 0:
+            with torch.no_grad():
+                setup.handle.set_mode("fill")
+                pred = _predict(setup, x, t, cond, 0)
+        else:
+            if state.iteration >= config.iterations:
+                break
+            pred, loss = _train_step(
+                setup, router, optimizer, config, state, x, t, cond, i, float(state.lam[i])
+            )
+            losses.append(loss)
+            if bar is not None:
+                bar.update(1)
+        with torch.no_grad():
+            x = _advance(setup, pred, t, x)
+    return losses
+
+
+def _l2c_round(setup, router, optimizer, config, state, samples, labels, bar) -> list[float]:
+    """T − 1 L2C iterations (or what is left): one round, like one SDT trajectory, between β updates."""
+    losses = []
+    for _ in range(min(config.num_steps - 1, config.iterations - state.iteration)):
+        losses.append(_l2c_iteration(setup, router, optimizer, config, state, samples, labels))
+        if bar is not None:
+            bar.update(1)
+    return losses
+
+
+def _l2c_iteration(setup, router, optimizer, config, state, samples, labels) -> float:
+    generator = _generator(config.seed, 3, state.iteration)
+    batch = config.batch_size
+    index = torch.randint(0, samples.shape[0], (batch,), generator=generator)
+    noise = torch.randn(batch, *samples.shape[1:], generator=generator)
+    odd_steps = list(range(1, config.num_steps, 2))
+    step = odd_steps[int(torch.randint(0, len(odd_steps), (1,), generator=generator))]
+    rows = setup.group.shard(batch)
+    x0 = samples[index][rows].to(setup.device)
+    if labels is not None:
+        cond = labels[index][rows]
+    else:
+        cond = setup.conditioning.shard(setup.conditioning.draw(generator, batch), rows)
+    timesteps = _start(setup, config.num_steps)
+    previous = timesteps[step - 1]
+    x = setup.scheduler.add_noise(x0, noise[rows].to(setup.device), previous.reshape(1))
+    with torch.no_grad():
+        setup.handle.set_mode("fill")
+        pred = _predict(setup, x, previous, cond, step - 1)
+        x = _advance(setup, pred, previous, x)
+    _, loss = _train_step(setup, router, optimizer, config, state, x, timesteps[step], cond, step, 1.0)
+    return loss
+
+
+def load_samples(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Real samples for L2C from a file or folder, in the model's input space.
+
+    - ``.safetensors`` / ``.pt``: tensor ``samples`` ``[N, C, H, W]`` (and optional int ``labels`` ``[N]``);
+    - a folder of class sub-folders named by class id (``0/``, ``1/`` …) of images, or of images
+      directly: read with Pillow as grey (C = 1) or RGB (C = 3), scaled to [-1, 1].
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no data at {path}")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            content = load_file(str(path))
+        elif path.suffix in (".pt", ".pth"):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"{path}: expected a .safetensors or .pt file with 'samples' (and 'labels')")
+        if not isinstance(content, dict) or "samples" not in content:
+            raise ValueError(
+                f"{path} must hold a tensor named 'samples' [N, C, H, W] (and optionally 'labels')"
+            )
+        return content["samples"].float(), content.get("labels")
+    import numpy as np
+    from PIL import Image
+
+    images, labels = [], []
+    entries = sorted(path.iterdir())
+    class_dirs = [e for e in entries if e.is_dir()]
+    sources = (
+        [(int(d.name), f) for d in class_dirs if d.name.isdigit() for f in sorted(d.iterdir()) if f.is_file()]
+        if class_dirs
+        else [(None, f) for f in entries if f.is_file()]
+    )
+    for label, file in sources:
+        try:
+            with Image.open(file) as image:
+                array = np.asarray(
+                    image.convert("L" if image.mode in ("L", "1", "P") else "RGB"), dtype=np.float32
+                )
+        except OSError:
+            continue
+        tensor = torch.from_numpy(array)
+        tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+        images.append(tensor / 127.5 - 1.0)
+        labels.append(label)
+    if not images:
+        raise ValueError(f"no readable images in {path}")
+    if len({tuple(i.shape) for i in images}) != 1:
+        raise ValueError(f"the images in {path} differ in size; resize them to the model's resolution first")
+    label_tensor = torch.tensor(labels) if labels[0] is not None else None
+    return torch.stack(images), label_tensor
+
+
+def _l2c_data(data: Any, transformer: nn.Module, conditioning: _Conditioning) -> tuple[torch.Tensor, Any]:
+    if data is None:
+        if fingerprint(transformer) != _reference_fingerprint():
+            raise ValueError(
+                "L2C trains on real samples: pass data= (a tensor [N, C, H, W] in the model's input "
+                "space, a (samples, labels) pair, or a file/folder path)"
+            )
+        from .reference import load_dataset
+
+        data = load_dataset("train")
+    if isinstance(data, (str, os.PathLike)):
+        data = load_samples(data)
+    samples, labels = data if isinstance(data, tuple) else (data, None)
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
+        raise ValueError("L2C data must be a tensor [N, C, H, W] (or a (samples, labels) pair)")
+    expected = (conditioning.channels, conditioning.size, conditioning.size)
+    if tuple(samples.shape[1:]) != expected:
+        raise ValueError(
+            f"L2C data samples are {tuple(samples.shape[1:])} but the model takes {expected} "
+            "(channels, height, width); encode images with the pipeline's VAE first for a latent model"
+        )
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() != samples.shape[0]:
+            raise ValueError(f"{labels.numel()} labels for {samples.shape[0]} samples")
+        if not isinstance(conditioning, _ClassConditioning):
+            labels = None
+        elif labels.min() < 0 or labels.max() >= conditioning.null_id:
+            raise ValueError(f"L2C labels must be class ids in [0, {conditioning.null_id - 1}]")
+    return samples.float(), labels
+
+
+def _reference_fingerprint() -> dict[str, Any] | None:
+    try:
+        from .reference import load_model
+
+        return fingerprint(load_model())
+    except FileNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _run_key(config: TrainingConfig, transformer: nn.Module, world: int) -> dict[str, Any]:
+    key = asdict(config)
+    key["fingerprint"] = fingerprint(transformer)
+    return json.loads(json.dumps(key, default=str))
+
+
+def _save_checkpoint(path: Path, run_key, router: Router, optimizer, state: _State) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "version": _CHECKPOINT_VERSION,
+        "run": run_key,
+        "logits": router.logits.detach().cpu(),
+        "optimizer": optimizer.state_dict(),
+        "state": {
+            "beta": state.beta,
+            "lam": state.lam.cpu(),
+            "iteration": state.iteration,
+            "trajectory": state.trajectory,
+            "lambda_at": state.lambda_at,
+            "elapsed": state.elapsed,
+            "history": state.history,
+        },
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_checkpoint(path: Path, run_key, router: Router, optimizer, state: _State) -> None:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(
+            f"{path} is not a readable training checkpoint ({err}); delete it to start over"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a harmonica training checkpoint of version {_CHECKPOINT_VERSION}")
+    saved = payload["run"]
+    differing = sorted(
+        k for k in set(saved) | set(run_key) if saved.get(k) != run_key.get(k) and k != "iterations"
+    )
+    if differing:
+        raise ValueError(
+            f"{path} is from another training run (differs in {', '.join(differing)}); "
+            "use another checkpoint_dir or resume=False"
+        )
+    with torch.no_grad():
+        router.logits.copy_(payload["logits"])
+    optimizer.load_state_dict(payload["optimizer"])
+    saved_state = payload["state"]
+    state.beta = float(saved_state["beta"])
+    state.lam = saved_state["lam"].float()
+    state.iteration = int(saved_state["iteration"])
+    state.trajectory = int(saved_state["trajectory"])
+    state.lambda_at = saved_state["lambda_at"]
+    state.elapsed = float(saved_state["elapsed"])
+    state.history = list(saved_state["history"])

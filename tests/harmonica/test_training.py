@@ -1,0 +1,439 @@
+"""Router training (SDT + IEPO, L2C) on tiny random models: the soft forward, λ, the optimiser loop,
+budget mode, checkpoints and resume, L2C's pinned refresh steps, torchrun, the CLI and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
+from harmonica.cache import attach_handle
+from harmonica.training import (
+    _ClassConditioning,
+    _Group,
+    _RoutedHandle,
+    _sample,
+    _Setup,
+    estimate_lambda,
+    train_router,
+)
+
+from .tiny_models import CAPTION_CHANNELS, TEXT_TOKENS, ddim, tiny_dit, tiny_pixart
+
+STEPS = 5
+
+
+def _setup(model, scheduler=None, guidance=1.5) -> _Setup:
+    handle = _RoutedHandle(model, STEPS, 0.1)
+    attach_handle(model, handle)
+    return _Setup(
+        model=model,
+        handle=handle,
+        scheduler=scheduler or ddim(),
+        conditioning=_ClassConditioning(model, None),
+        cfg=guidance > 1,
+        guidance_scale=guidance,
+        device=torch.device("cpu"),
+        group=_Group(),
+    )
+
+
+def _call(setup: _Setup, x, labels, step, t):
+    setup.handle._step = step
+    return setup.conditioning.call(setup.model, x, t, labels, setup.cfg)
+
+
+@pytest.fixture
+def dit():
+    model = tiny_dit(num_layers=3)
+    yield model
+    disable_cache(model)
+
+
+def test_soft_forward_blends_branch_and_cache_per_unit(dit):
+    """r = 1 is the uncached model; r = 0 is the engine's all-reuse step on the same cache;
+    r in between is linear in r for a single routed unit (the blend enters additively)."""
+    setup = _setup(dit, guidance=1.0)
+    handle = setup.handle
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(2, 2, 4, 8, 8, generator=gen)
+    labels = torch.tensor([3, 7])
+    t0, t1 = torch.tensor(900), torch.tensor(700)
+    handle.reset()
+    handle.set_mode("fill")
+    with torch.no_grad():
+        _call(setup, x0, labels, 0, t0)
+        cache_after_fill = handle.snapshot()
+        handle.set_mode("teacher")
+        teacher = _call(setup, x1, labels, 1, t1)
+        handle.set_soft(torch.ones(len(units(dit))), defer_writes=True)
+        soft_one = _call(setup, x1, labels, 1, t1)
+        handle.set_soft(torch.zeros(len(units(dit))), defer_writes=True)
+        soft_zero = _call(setup, x1, labels, 1, t1)
+    torch.testing.assert_close(soft_one, teacher, rtol=1e-5, atol=1e-5)
+    disable_cache(dit)
+
+    # The engine: step 0 computes everything from x0, step 1 reuses everything.
+    compute = torch.ones(STEPS, len(units(dit)), dtype=torch.bool)
+    compute[1] = False
+    enable_cache(dit, CacheSchedule.from_mask(compute))
+    with torch.no_grad():
+        dit(x0, timestep=t0.expand(2), class_labels=labels)
+        engine_reuse = dit(x1, timestep=t1.expand(2), class_labels=labels).sample[:, :4]
+    torch.testing.assert_close(soft_zero, engine_reuse, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cache_after_fill, dit._harmonica_cache._buffers, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradient_reaches_every_logit_and_matches_finite_differences():
+    """d loss / d logits through the whole routed forward (the active op backend's backward),
+    against central differences (float32 with a wide step: the loss is smooth in the logits)."""
+    model = tiny_dit(num_layers=2)
+    setup = _setup(model, guidance=1.0)
+    handle = setup.handle
+    gen = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(2, 2, 4, 8, 8, generator=gen)
+    labels = torch.tensor([1, 2])
+    handle.reset()
+    handle.set_mode("fill")
+    with torch.no_grad():
+        _call(setup, x0, labels, 0, torch.tensor(900))
+        handle.set_mode("teacher")
+        teacher = _call(setup, x1, labels, 1, torch.tensor(700))
+    logits = torch.randn(len(units(model)), generator=gen, requires_grad=True)
+
+    def loss_of(lg):
+        handle.set_soft(torch.sigmoid(lg), defer_writes=True)
+        out = _call(setup, x1, labels, 1, torch.tensor(700))
+        handle.pending = {}
+        return torch.nn.functional.mse_loss(out, teacher)
+
+    (grad,) = torch.autograd.grad(loss_of(logits), logits)
+    assert (grad != 0).all()
+    eps = 1e-2
+    for k in range(logits.numel()):
+        bump = torch.zeros_like(logits)
+        bump[k] = eps
+        with torch.no_grad():
+            numeric = (loss_of(logits + bump) - loss_of(logits - bump)) / (2 * eps)
+        torch.testing.assert_close(grad[k], numeric, rtol=2e-2, atol=1e-3 * grad.abs().max().item())
+    disable_cache(model)
+
+
+def test_cache_writes_follow_the_write_threshold(dit):
+    setup = _setup(dit, guidance=1.0)
+    handle = setup.handle
+    x = torch.randn(2, 4, 8, 8)
+    labels = torch.tensor([0, 1])
+    handle.reset()
+    handle.set_mode("fill")
+    with torch.no_grad():
+        _call(setup, x, labels, 0, torch.tensor(900))
+    before = handle.snapshot()
+    r = torch.full((len(units(dit)),), 0.05)
+    r[0], r[2] = 0.6, 0.099  # above and just below the threshold 0.1
+    handle.set_soft(r, defer_writes=True)
+    with torch.no_grad():
+        _call(setup, x * 0.5, labels, 1, torch.tensor(700))
+    assert set(handle.pending) == {0}
+    for k, (a, b) in enumerate(zip(before, handle._buffers, strict=True)):
+        torch.testing.assert_close(a, b, msg=f"unit {k} written before commit")
+    handle.commit_writes()
+    assert not torch.equal(before[0], handle._buffers[0])
+    for k in range(1, len(before)):
+        torch.testing.assert_close(before[k], handle._buffers[k])
+
+
+def _brute_force_marginal(setup, probabilities, x, labels):
+    """e_t of the released-code IEPO variant, each run from scratch (no shared prefix)."""
+    reference = _sample(setup, x, labels, probabilities, lambda i: False)
+    errors = [0.0]
+    for t in range(1, STEPS):
+        final = _sample(setup, x, labels, probabilities, lambda i, t=t: i <= t)
+        errors.append(torch.nn.functional.mse_loss(final.double(), reference.double()).item())
+    return torch.tensor(errors, dtype=torch.float64)
+
+
+def test_marginal_lambda_matches_independent_runs(dit):
+    setup = _setup(dit)
+    gen = torch.Generator().manual_seed(2)
+    probabilities = torch.sigmoid(torch.randn(STEPS, len(units(dit)), generator=gen) - 1)
+    x = torch.randn(3, 4, 8, 8, generator=gen)
+    labels = torch.tensor([4, 5, 6])
+    lam = estimate_lambda(setup, probabilities, x, labels, "marginal")
+    errors = _brute_force_marginal(setup, probabilities, x, labels)
+    increase = (errors[1:] - errors[:-1]).clamp_min(0)
+    expected = increase.clamp_min(0.01 * increase.mean()).float()
+    assert lam[0] == 0 and (lam[1:] > 0).all()
+    torch.testing.assert_close(lam[1:], expected, rtol=1e-4, atol=1e-12)
+
+
+def test_leave_one_out_lambda_matches_independent_runs(dit):
+    setup = _setup(dit)
+    gen = torch.Generator().manual_seed(3)
+    probabilities = torch.sigmoid(torch.randn(STEPS, len(units(dit)), generator=gen) - 1)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    labels = torch.tensor([4, 5])
+    lam = estimate_lambda(setup, probabilities, x, labels, "leave_one_out")
+    soft = _sample(setup, x, labels, probabilities, lambda i: True)
+    expected = []
+    for t in range(1, STEPS):
+        forced = _sample(setup, x, labels, probabilities, lambda i, t=t: i != t)
+        expected.append(torch.nn.functional.mse_loss(forced.double(), soft.double()).item())
+    expected = torch.tensor(expected)
+    expected = expected.clamp_min(0.01 * expected.mean()).float()
+    torch.testing.assert_close(lam[1:], expected, rtol=1e-4, atol=1e-12)
+
+
+def test_training_pulls_logits_by_the_budget_term():
+    """β = 0: only fidelity, r rises (nothing cached); a large β: r falls (much cached)."""
+    scheduler = ddim()
+    common = dict(num_steps=STEPS, iterations=4 * (STEPS - 1), batch_size=2, lr=1.0, progress=False)
+    keep = train_router(tiny_dit(), scheduler, beta=0.0, lambda_variant="none", **common)
+    cache = train_router(tiny_dit(), scheduler, beta=1.0, lambda_variant="none", **common)
+    start = Router.for_model(tiny_dit(), STEPS).logits[1:]
+    assert (keep.router.logits[1:] > start).float().mean() > 0.9
+    assert (cache.router.logits[1:] < start).all()
+    assert keep.router.to_schedule().cache_usage_ratio == 0
+    assert cache.router.to_schedule().cache_usage_ratio > 0.5
+    assert len(keep.history) == 4 and keep.iterations == 16
+
+
+def test_budget_mode_steers_beta_by_the_cache_usage_ratio():
+    target = 0.5
+    result = train_router(
+        tiny_dit(num_layers=1),
+        ddim(),
+        num_steps=STEPS,
+        iterations=14 * (STEPS - 1),
+        batch_size=1,
+        lr=0.5,
+        target_cur=target,
+        lambda_every=7 * (STEPS - 1),
+        progress=False,
+    )
+    history = result.history
+    assert history[0]["cur"] < 0.2 and max(h["cur"] for h in history) >= target - 0.1
+    assert result.router.training_settings["target_cur"] == target
+    # After the probe round, β rises in a round that ends under the target and falls over it.
+    for before, after in zip(history, history[1:], strict=False):
+        if after["cur"] < target - 0.01:
+            assert after["beta"] > before["beta"]
+        elif after["cur"] > target + 0.01:
+            assert after["beta"] < before["beta"]
+
+
+def test_router_metadata_save_load_enable(tmp_path):
+    model = tiny_dit()
+    result = train_router(
+        model, ddim(), num_steps=STEPS, iterations=STEPS - 1, batch_size=2, lambda_every=100, progress=False
+    )
+    settings = result.router.training_settings
+    for key in ("method", "num_steps", "beta", "lambda_every", "threshold", "cur", "training_seconds", "lr"):
+        assert key in settings
+    assert settings["method"] == "harmonica" and settings["num_steps"] == STEPS
+    assert result.router.sampler["class"] == "DDIMScheduler"
+    path = tmp_path / "router.safetensors"
+    result.router.save(path)
+    loaded = Router.load(path, model=model)
+    torch.testing.assert_close(loaded.logits, result.router.logits)
+    assert loaded.training_settings["cur"] == settings["cur"]
+    handle = enable_cache(model, loaded)
+    assert handle.schedule.num_steps == STEPS
+    disable_cache(model)
+    assert all(not p.requires_grad for p in []) and all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_checkpoint_resume_after_a_kill_gives_the_uninterrupted_router(tmp_path):
+    common = dict(
+        num_steps=STEPS, iterations=4 * (STEPS - 1), batch_size=2, lr=0.1, lambda_every=2 * (STEPS - 1)
+    )
+    straight = train_router(tiny_dit(), ddim(), progress=False, **common)
+
+    def kill_after_two(record):
+        if record["iteration"] >= 2 * (STEPS - 1):
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        train_router(
+            tiny_dit(), ddim(), progress=False, checkpoint_dir=tmp_path, callback=kill_after_two, **common
+        )
+    resumed = train_router(tiny_dit(), ddim(), progress=False, checkpoint_dir=tmp_path, **common)
+    assert resumed.resumed_from == 2 * (STEPS - 1)
+    torch.testing.assert_close(resumed.router.logits, straight.router.logits)
+    assert [h["iteration"] for h in resumed.history] == [h["iteration"] for h in straight.history]
+
+    other = dict(common, lr=0.2)
+    with pytest.raises(ValueError, match="another training run.*lr"):
+        train_router(tiny_dit(), ddim(), progress=False, checkpoint_dir=tmp_path, **other)
+    (tmp_path / "router-training.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="not a readable training checkpoint"):
+        train_router(tiny_dit(), ddim(), progress=False, checkpoint_dir=tmp_path, **common)
+
+
+def test_l2c_pins_even_steps_and_trains_odd_ones():
+    steps = 6
+    data = torch.randn(10, 4, 8, 8).clamp(-1, 1)
+    labels = torch.arange(10) % 5
+    result = train_router(
+        tiny_dit(),
+        ddim(),
+        num_steps=steps,
+        method="l2c",
+        iterations=10,
+        batch_size=2,
+        lr=0.5,
+        beta=1.0,
+        data=(data, labels),
+        progress=False,
+    )
+    router = result.router
+    assert router.pinned_steps == [0, 2, 4]
+    schedule = router.to_schedule()
+    assert schedule.compute[[0, 2, 4]].all()
+    assert not schedule.compute[[1, 3, 5]].any()  # β = 1 at lr 0.5: the trained rows cache everything
+    assert schedule.cache_usage_ratio == pytest.approx(0.5)
+    assert router.training_settings["lambda_variant"] == "none"
+
+
+def test_l2c_bad_input():
+    with pytest.raises(ValueError, match="pass data="):
+        train_router(tiny_dit(), ddim(), num_steps=4, method="l2c", iterations=1, progress=False)
+    with pytest.raises(ValueError, match=r"samples are \(3, 8, 8\) but the model takes \(4, 8, 8\)"):
+        train_router(
+            tiny_dit(),
+            ddim(),
+            num_steps=4,
+            method="l2c",
+            iterations=1,
+            data=torch.zeros(4, 3, 8, 8),
+            progress=False,
+        )
+    from diffusers import EulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="single-step sampler"):
+        train_router(
+            tiny_dit(),
+            EulerDiscreteScheduler(),
+            num_steps=4,
+            method="l2c",
+            iterations=1,
+            data=torch.zeros(4, 4, 8, 8),
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="target_cur must be in"):
+        train_router(
+            tiny_dit(), ddim(), num_steps=4, method="l2c", target_cur=0.6, data=torch.zeros(4, 4, 8, 8)
+        )
+
+
+def test_bad_settings_are_named():
+    model = tiny_dit()
+    with pytest.raises(ValueError, match="method must be"):
+        train_router(model, ddim(), num_steps=4, method="fora")
+    with pytest.raises(ValueError, match="num_steps must be >= 2"):
+        train_router(model, ddim(), num_steps=1)
+    with pytest.raises(ValueError, match="pass the scheduler"):
+        train_router(model, num_steps=4)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        train_router(tiny_pixart(), ddim(), num_steps=4)
+    enable_cache(model, CacheSchedule.full(4, len(units(model))))
+    with pytest.raises(RuntimeError, match="disable_cache"):
+        train_router(model, ddim(), num_steps=4)
+    disable_cache(model)
+
+
+def test_pixart_trains_with_a_prompt_pool():
+    model = tiny_pixart()
+    gen = torch.Generator().manual_seed(0)
+    result = train_router(
+        model,
+        ddim(),
+        num_steps=4,
+        iterations=3,
+        batch_size=2,
+        beta=1.0,
+        lr=0.5,
+        lambda_variant="none",
+        prompt_embeds=torch.randn(3, TEXT_TOKENS, CAPTION_CHANNELS, generator=gen),
+        progress=False,
+    )
+    assert result.router.unit_names == units(model)
+    assert any(name.endswith("attn2") for name in result.router.unit_names)
+    assert result.router.to_schedule().cache_usage_ratio > 0.5
+
+
+_TORCHRUN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from harmonica.training import train_router
+from tiny_models import ddim, tiny_dit
+result = train_router(tiny_dit(), ddim(), num_steps=4, iterations=6, batch_size=4, lr=0.1,
+                      lambda_every=3, lambda_batch_size=2, progress=False)
+import torch.distributed as dist
+if not dist.is_initialized() or dist.get_rank() == 0:
+    result.router.save({out!r})
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_torchrun_two_processes_give_the_one_process_router(tmp_path):
+    tests = str(Path(__file__).parent)
+    routers = {}
+    for procs in (1, 2):
+        out = tmp_path / f"router{procs}.safetensors"
+        script = tmp_path / f"train{procs}.py"
+        script.write_text(_TORCHRUN_SCRIPT.format(tests=tests, out=str(out)))
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), str(script)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        routers[procs] = Router.load(out)
+    torch.testing.assert_close(routers[2].logits, routers[1].logits, rtol=1e-4, atol=1e-4)
+    assert routers[2].training_settings["world_size"] == 2
+    assert routers[2].training_settings["lambda_final"] == pytest.approx(
+        routers[1].training_settings["lambda_final"], rel=1e-3, abs=1e-9
+    )
+
+
+def test_cli_train_writes_a_router_that_loads(tmp_path, capsys):
+    from harmonica.cli import main
+    from harmonica.reference import load_model
+
+    out = tmp_path / "r.safetensors"
+    code = main(
+        [
+            "train",
+            "--steps",
+            "4",
+            "--iterations",
+            "3",
+            "--batch",
+            "2",
+            "--lambda-every",
+            "100",
+            "--lambda-batch",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert "cache usage ratio" in capsys.readouterr().out
+    router = Router.load(out, model=load_model())
+    assert router.num_steps == 4 and router.training_settings["iterations"] == 3
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--steps", "1", "--out", str(out)])
+    assert exc.value.code == 2
