@@ -22,9 +22,9 @@
 #   info       python3 -m harmonica_kernels.info
 #   gpu_check  benchmarks/gpu_check.py: every op x dtypes x gate layouts / alignments against the
 #              reference, error messages, no host sync, CUDA-graph capture, bandwidth table
+#   training   pytest benchmarks/test_training.py at gpu size (only if the file exists)
 #   e2e        pytest benchmarks/test_e2e.py at gpu size (DiT-XL/2 256², PixArt-α 1024²)
 #   kernels    pytest benchmarks/test_kernels.py at gpu size
-#   training   pytest benchmarks/test_training.py at gpu size (only if the file exists)
 #   tests      pytest tests/kernels, cuda and triton backends (HARMONICA_REQUIRE_BACKENDS=cuda,triton)
 #              with whatever budget is left (gpu_check already covers the cuda ops)
 #   tables     harmonica bench: the result JSONs as markdown tables
@@ -212,13 +212,14 @@ if ((HAVE_CUDA)); then
   stage build 240 stage_build
   stage info 45 stage_info
   stage gpu_check 90 stage_gpu_check
-  stage e2e 180 stage_e2e
-  stage kernels 75 stage_kernels
+  # Training first of the benchmarks: short, and issue 5's only GPU figure.
   if [[ -f benchmarks/test_training.py ]]; then
     stage training 75 stage_training
   else
     record training skipped 0 "no benchmarks/test_training.py"
   fi
+  stage e2e 180 stage_e2e
+  stage kernels 75 stage_kernels
   stage tests 120 stage_tests
 else
   record build skipped 0 "no CUDA device (the installed extension is used)"

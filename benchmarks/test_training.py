@@ -1,0 +1,169 @@
+"""Router training cost: time and peak memory of an SDT + IEPO iteration next to an uncached
+sampling step (one CFG-batched transformer forward without autograd), in one run on one device.
+
+The backbone is frozen and the teacher runs without autograd, so an iteration is: teacher forward
+(no graph), student forward (activations kept for the logits' gradient), backward, an AdamW step on
+``[T, U]`` logits. Expected: about 3–4 sampling steps of time, and the memory of one forward with
+its activations. The λ refresh (IEPO, ~T²/2 sampling forwards every C iterations) is timed apart.
+
+Sizes (``HARMONICA_BENCH_SIZE``, see conftest.py):
+
+- ``gpu``: DiT-XL/2 256² (random weights), T = 20, batch 16 + CFG, bf16, 200 iterations (issue 5's
+  GPU measurement; the authors' code needs ~33 GB per GPU there);
+- ``cpu``: a DiT of the reference model's shape (8 blocks, width 128, 64 tokens), T = 20, batch 16
+  + CFG, fp32, 57 iterations;
+- ``smoke``: a 2-block width-32 DiT, T = 4, 6 iterations (CI: it only has to run).
+
+Peak memory is measured with ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU it is not
+measured (the CPU allocator keeps no high-water mark) and reported as None.
+
+Run: ``pytest benchmarks/test_training.py``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+from harmonica.training import train_router
+
+from .conftest import bench_size, sync, timed
+
+_XL2 = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    num_layers=28,
+    sample_size=32,
+    in_channels=4,
+    out_channels=8,
+)
+_REFERENCE_SHAPED = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    num_layers=8,
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    num_embeds_ada_norm=10,
+)
+_TINY = dict(
+    num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=8, in_channels=4, out_channels=8
+)
+SIZES = {
+    # name, model config, steps, batch, iterations, dtype
+    "gpu": ("DiT-XL/2 256²", _XL2, 20, 16, 200, torch.bfloat16),
+    "cpu": ("reference-shaped DiT (8×128, 64 tokens)", _REFERENCE_SHAPED, 20, 16, 57, torch.float32),
+    "smoke": ("tiny DiT (2×32)", _TINY, 4, 2, 6, torch.float32),
+}  # fmt: skip
+
+
+def _peak_reset(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device: str) -> int | None:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+
+def test_training_iteration_vs_sampling_step(recorder, device):
+    size = bench_size()
+    label, config, steps, batch, iterations, dtype = SIZES[size]
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = DiTTransformer2DModel(patch_size=2, **config).to(dtype).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    channels, side = model.config.in_channels, model.config.sample_size
+    classes = model.config.num_embeds_ada_norm
+    group = f"{label}, T={steps}, batch {batch}+CFG, {str(dtype).removeprefix('torch.')}, {device}"
+
+    # Uncached sampling step: one transformer call on the CFG-doubled batch, no autograd.
+    x = torch.randn(2 * batch, channels, side, side, device=device, dtype=dtype)
+    t = torch.full((2 * batch,), 500, device=device)
+    labels = torch.randint(0, classes, (2 * batch,), device=device)
+
+    def sampling_step():
+        with torch.no_grad():
+            return model(x, timestep=t, class_labels=labels).sample
+
+    sampling_step()
+    _peak_reset(device)
+    times = [timed(sampling_step, device)[1] for _ in range(5 if size != "smoke" else 1)]
+    step_peak = _peak(device)
+    step_s = statistics.median(times)
+    recorder.add(
+        "training",
+        dict(
+            group=group,
+            impl="uncached sampling step",
+            baseline=True,
+            median_s=step_s,
+            peak_bytes=step_peak,
+            weight_bytes=weights,
+            batch=batch,
+            dtype=str(dtype),
+        ),
+    )
+
+    # SDT + IEPO: λ estimated once at the start (C > iterations), then plain iterations.
+    marks: list[tuple[float, float]] = []
+
+    def on_round(record):
+        sync(device)
+        marks.append((record["iteration"], time.perf_counter()))
+
+    _peak_reset(device)
+    sync(device)
+    start = time.perf_counter()
+    result = train_router(
+        model,
+        scheduler,
+        num_steps=steps,
+        iterations=iterations,
+        batch_size=batch,
+        lambda_every=10 * iterations,
+        lr=0.01,
+        progress=False,
+        callback=on_round,
+    )
+    train_peak = _peak(device)
+    if len(marks) < 2:
+        pytest.skip("too few rounds to separate the λ refresh from the iterations")
+    (first_it, first_t), (last_it, last_t) = marks[0], marks[-1]
+    iteration_s = (last_t - first_t) / (last_it - first_it)
+    lambda_s = (first_t - start) - first_it * iteration_s
+    recorder.add(
+        "training",
+        dict(
+            group=group,
+            impl="SDT+IEPO iteration",
+            median_s=iteration_s,
+            speedup=step_s / iteration_s,  # < 1: an iteration costs 1/speedup sampling steps
+            steps_per_iteration=iteration_s / step_s,
+            iterations_per_s=1.0 / iteration_s,
+            peak_bytes=train_peak,
+            peak_over_sampling_step=(train_peak / step_peak) if train_peak and step_peak else None,
+            iterations=result.iterations,
+            batch=batch,
+            dtype=str(dtype),
+        ),
+    )
+    recorder.add(
+        "training",
+        dict(
+            group=group,
+            impl="IEPO λ refresh (T²/2 sampling forwards)",
+            median_s=lambda_s,
+            speedup=step_s / lambda_s,
+            steps_per_refresh=lambda_s / step_s,
+            batch=batch,
+            dtype=str(dtype),
+        ),
+    )
+    assert torch.isfinite(result.router.logits).all()
