@@ -349,8 +349,8 @@ def main() -> int:
     torch.manual_seed(0)
     ref = load_reference()
     check_correctness(ref)
-    check_errors()
     check_no_sync_and_graphs()
+    check_errors()  # last: a direct call that crashes instead of raising must not hide the rest
     for f in failures[:50]:
         print("FAIL", f)
     print(f"{len(failures)} failures")

@@ -4,7 +4,22 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <string>
+
 namespace harmonica {
+
+// Error messages spell numbers with std::to_string (and shapes with shape_of) instead of streaming
+// integers into TORCH_CHECK: on the H100 machine (torch 2.11 wheel, this extension built there with
+// /opt/gcc, C++20) a message that streamed an integer or a shape crashed the process instead of
+// raising; strings, dtypes and devices stream fine. shape_of(t) is "[2, 5, 24]".
+inline std::string shape_of(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(t.size(i));
+  }
+  return out + "]";
+}
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -12,7 +27,7 @@ inline bool is_supported_float(at::ScalarType t) {
 
 // x: [B, N, D] contiguous, fp32/fp16/bf16.
 inline void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 3, "harmonica: x must be [B, N, D], got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 3, "harmonica: x must be [B, N, D], got shape ", shape_of(x));
   TORCH_CHECK(is_supported_float(x.scalar_type()), "harmonica: x must be float32, float16 or bfloat16, got ",
               x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), "harmonica: x must be contiguous");
@@ -21,7 +36,8 @@ inline void check_x(const at::Tensor& x) {
 // A tensor of x's shape and device, contiguous. `same_dtype` for activations (branch/y);
 // a cache may be stored in any supported float dtype.
 inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name, bool same_dtype) {
-  TORCH_CHECK(t.sizes() == x.sizes(), "harmonica: ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == x.sizes(), "harmonica: ", name, " must have x's shape ", shape_of(x), ", got ",
+              shape_of(t));
   TORCH_CHECK(t.device() == x.device(), "harmonica: ", name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK(t.is_contiguous(), "harmonica: ", name, " must be contiguous");
   if (same_dtype) {
@@ -40,7 +56,7 @@ inline int64_t row_vector_batch_stride(const at::Tensor& v, const at::Tensor& x,
   const int64_t B = x.size(0), D = x.size(2);
   const bool ok_shape = (v.dim() == 2 && v.size(1) == D) || (v.dim() == 3 && v.size(1) == 1 && v.size(2) == D);
   TORCH_CHECK(ok_shape && (v.size(0) == B || v.size(0) == 1), "harmonica: ", name, " must be [B, D] or [B, 1, D] with B=",
-              B, " (or 1) and D=", D, ", got ", v.sizes());
+              std::to_string(B), " (or 1) and D=", std::to_string(D), ", got ", shape_of(v));
   TORCH_CHECK(v.device() == x.device(), "harmonica: ", name, " is on ", v.device(), " but x is on ", x.device());
   TORCH_CHECK(v.scalar_type() == x.scalar_type(), "harmonica: ", name, " has dtype ", v.scalar_type(),
               " but x has ", x.scalar_type());
@@ -50,7 +66,7 @@ inline int64_t row_vector_batch_stride(const at::Tensor& v, const at::Tensor& x,
 
 // The routing weight r: one element, floating, on x's device.
 inline void check_r(const at::Tensor& r, const at::Tensor& x) {
-  TORCH_CHECK(r.numel() == 1, "harmonica: r must hold exactly one element, got shape ", r.sizes());
+  TORCH_CHECK(r.numel() == 1, "harmonica: r must hold exactly one element, got shape ", shape_of(r));
   TORCH_CHECK(is_supported_float(r.scalar_type()) || r.scalar_type() == at::kDouble,
               "harmonica: r must be a floating tensor, got ", r.scalar_type());
   TORCH_CHECK(r.device() == x.device(), "harmonica: r is on ", r.device(), " but x is on ", x.device());

@@ -818,7 +818,8 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate_cuda(
         constexpr int64_t kMaxThreads = norm_max_threads<V>();
         const int64_t d_vec = d / V;
         TORCH_CHECK(d_vec <= kMaxThreads * ITEMS, "harmonica (cuda): gated_residual_norm_modulate supports D up to ",
-                    kMaxThreads * ITEMS * V, " for this dtype and alignment, got D=", d);
+                    std::to_string(kMaxThreads * ITEMS * V), " for this dtype and alignment, got D=",
+                    std::to_string(d));
         const int64_t per_thread = (d_vec + ITEMS - 1) / ITEMS;
         const int threads = static_cast<int>(std::clamp<int64_t>((per_thread + 31) / 32 * 32, 32, kMaxThreads));
         constexpr auto kernel = norm_modulate_kernel<S, C, V, ITEMS>;
