@@ -464,6 +464,7 @@ class MethodRow:
     schedule's CUR (ours only; equals ``skipped_share``). ``psnr`` is None when the samples are
     identical to the uncached ones (infinite PSNR). ``executed``: per step and unit, the share of
     evaluation batches in which the unit ran (``[T][U]``).
+    ``note``: remarks, e.g. that another strength of the same family ran exactly the same units.
     """
 
     method: str
@@ -486,6 +487,7 @@ class MethodRow:
     fid: float | None = None
     accuracy: float | None = None
     executed: list[list[float]] | None = None
+    note: str = ""
 
     @property
     def measured(self) -> bool:
@@ -556,12 +558,14 @@ class CompareReport:
             lines += [
                 "## At matched speedup",
                 "",
-                "Each of our methods against each peer family, the peer's quality interpolated linearly "
-                "along its measured sweep at our measured speedup (— where our speedup lies outside the "
-                "peer's measured range). Positive ΔPSNR / negative ΔFID: ours better.",
+                "Each of our methods against each peer family at our measured speedup: the peer's "
+                "quality interpolated linearly along its measured sweep where our speedup lies inside "
+                "the peer's measured range, else the peer's nearest point (with its own speedup; "
+                "differences only when it is within 10 % of ours: *fastest* means the peer never got "
+                "this fast). Positive ΔPSNR / negative ΔFID: ours better.",
                 "",
-                "| ours | speedup | vs | peer PSNR there | ΔPSNR dB | peer FID there | ΔFID |",
-                "|---|---|---|---|---|---|---|",
+                "| ours | speedup | PSNR | FID | vs | peer point | peer PSNR | ΔPSNR dB | peer FID | ΔFID |",
+                "|---|---|---|---|---|---|---|---|---|---|",
                 *matched,
                 "",
             ]
@@ -574,14 +578,18 @@ class CompareReport:
             "Skipped units are counted by hooks on the layers inside every unit (attn1/attn2/ff), per "
             "transformer call, over the whole evaluation set; *skipped nothing* means every unit ran at "
             "every step. FLOP-ideal speedups are arithmetic bounds from the executed-unit table of the "
-            "timed batch (matmul/attention FLOPs), not measurements.",
+            "timed batch (matmul/attention FLOPs), not measurements. Methods that skip whole blocks "
+            "(FirstBlockCache, MagCache, DBCache) also skip the blocks' adaLN modulation, norms and "
+            "residual adds, which the unit FLOPs do not count and which weigh on a model this small; "
+            "their measured speedup can exceed the FLOP-ideal one.",
             "PSNR/SSIM/MSE compare with the uncached samples from the same noise and labels.",
         ]
         if c.get("fid_floor") is not None:
             notes.append(
                 f"FID: reference classifier features, {c['num_samples']} samples vs the "
                 f"{c['num_test_images']} held-out test digits; real-vs-real floor at the same count: "
-                f"{c['fid_floor']:.2f}."
+                f"{c['fid_floor']:.2f}; the uncached model from other noise: "
+                f"{c['fid_uncached_other_noise']:.2f} (FID differences of that size are noise)."
             )
         if c.get("mag_ratios"):
             notes.append(
@@ -613,7 +621,7 @@ def _psnr(r: MethodRow) -> str:
 def _note(r: MethodRow) -> str:
     if r.origin == "baseline":
         return "baseline"
-    return r.status
+    return f"{r.status}; {r.note}" if r.note else r.status
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -627,24 +635,36 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 
 def _matched_speedup(rows: list[MethodRow]) -> list[str]:
+    """Markdown rows: each of our methods against each peer family at our measured speedup.
+
+    Within the peer's measured speedup range its PSNR and FID are interpolated linearly along its
+    sweep; outside it the peer's nearest point is shown with its own speedup, and compared (Δ) only
+    when that speedup is within 10 % of ours.
+    """
     ok = [r for r in rows if r.status == "ok" and r.measured_speedup is not None]
     ours = [r for r in ok if r.origin == "ours"]
     families = sorted({r.family for r in ok if r.origin == "peer"})
     lines = []
     for r in ours:
+        x = r.measured_speedup
         for family in families:
-            peers = [p for p in ok if p.family == family]
-            psnr_at = _interpolate(
-                [(p.measured_speedup, p.psnr) for p in peers if p.psnr is not None], r.measured_speedup
-            )
-            fid_at = _interpolate(
-                [(p.measured_speedup, p.fid) for p in peers if p.fid is not None], r.measured_speedup
-            )
-            d_psnr = None if psnr_at is None or r.psnr is None else r.psnr - psnr_at
-            d_fid = None if fid_at is None or r.fid is None else r.fid - fid_at
+            peers = sorted((p for p in ok if p.family == family), key=lambda p: p.measured_speedup)
+            psnr_at = _interpolate([(p.measured_speedup, p.psnr) for p in peers if p.psnr is not None], x)
+            fid_at = _interpolate([(p.measured_speedup, p.fid) for p in peers if p.fid is not None], x)
+            where, matched = "interpolated", True
+            if psnr_at is None and fid_at is None:
+                nearest = min(peers, key=lambda p: abs(p.measured_speedup - x))
+                psnr_at, fid_at = nearest.psnr, nearest.fid
+                # a point more than 10 % away in speed is shown, but not compared
+                matched = abs(nearest.measured_speedup - x) <= 0.1 * x
+                side = "nearest" if matched else ("fastest" if nearest.measured_speedup < x else "slowest")
+                where = f"{side}: {nearest.method} at {nearest.measured_speedup:.2f}×"
+            d_psnr = None if not matched or psnr_at is None or r.psnr is None else r.psnr - psnr_at
+            d_fid = None if not matched or fid_at is None or r.fid is None else r.fid - fid_at
             lines.append(
-                f"| {r.method} | {r.measured_speedup:.2f}× | {family} | {_fmt(psnr_at, '.2f')} | "
-                f"{_fmt(d_psnr, '+.2f')} | {_fmt(fid_at, '.2f')} | {_fmt(d_fid, '+.2f')} |"
+                f"| {r.method} | {x:.2f}× | {_fmt(r.psnr, '.2f')} | {_fmt(r.fid, '.2f')} | {family} | "
+                f"{where} | {_fmt(psnr_at, '.2f')} | {_fmt(d_psnr, '+.2f')} | {_fmt(fid_at, '.2f')} | "
+                f"{_fmt(d_fid, '+.2f')} |"
             )
     return lines
 
@@ -681,7 +701,8 @@ def _plot_pareto(report: CompareReport, path: Path) -> None:
     for ax, (metric, ylabel) in zip(axes[0], panels, strict=True):
         for family in dict.fromkeys(r.family for r in rows):
             color, marker = _FAMILY_STYLE.get(family, ("tab:gray", "o"))
-            members = sorted((r for r in rows if r.family == family), key=lambda r: speed[r.method])
+            # along the sweep (by skipped share), not by the noisier measured speedup
+            members = sorted((r for r in rows if r.family == family), key=lambda r: r.skipped_share or 0.0)
             xs, ys = [], []
             for r in members:
                 y = getattr(r, metric)
@@ -1032,6 +1053,16 @@ def compare(
         bar.update()
     bar.close()
 
+    # A strength past a family's cap (MagCache's max_skip_steps, TaylorSeer's warm-up) can run exactly
+    # the units of a weaker one: say so, since the sweep then did not move.
+    for i, row in enumerate(rows):
+        for earlier in rows[1:i]:
+            if row.executed and earlier.family == row.family and earlier.executed == row.executed:
+                row.note = f"same units ran as {earlier.method}"
+                break
+
+    with torch.inference_mode():  # the last method is checked too, not only those followed by a timing round
+        uncached_restored &= torch.equal(work.generate(0), reference_chunks[0])
     if not uncached_restored:
         raise RuntimeError(
             "after a method was detached the uncached model no longer reproduced its own samples "
@@ -1057,6 +1088,7 @@ def compare(
         "date": time.strftime("%Y-%m-%d"),
         "mag_ratios": mag_ratios,
         "versions": _versions(),
+        "revision": _revision(),
     }
     if work.classifier is not None:
         from .reference import load_dataset
@@ -1067,6 +1099,15 @@ def compare(
         floor, _ = class_balanced_subset(train_images, train_labels, n_per_class, seed)
         context["fid_floor"] = classifier_fid(floor, test_images, work.classifier).item()
         context["num_test_images"] = len(test_images)
+        # FID's own noise at this count: the uncached model again, from other noise (seed + 2).
+        other = torch.randn(work.noise.shape, generator=torch.Generator().manual_seed(seed + 2))
+        with torch.inference_mode():
+            resampled = torch.cat(
+                [work.generate(i, noise=other[part]) for i, part in enumerate(work.batches)]
+            )
+        context["fid_uncached_other_noise"] = classifier_fid(
+            work.finish(resampled), test_images, work.classifier
+        ).item()
     report = CompareReport(rows, context)
     if out_dir is not None:
         report.save(out_dir)
@@ -1083,11 +1124,28 @@ def _backend(transformer: nn.Module) -> str:
     return hk.get_backend(next(transformer.parameters()).device.type)
 
 
+def _revision() -> str | None:
+    """The git commit of the harmonica checkout that ran, when it runs from one (editable install)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("diffusers", "cache-dit"):
+    for package in ("harmonica", "diffusers", "cache-dit"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

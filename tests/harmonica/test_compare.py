@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,8 +13,10 @@ import torch
 from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
 from harmonica.compare import compare, method_from_spec
 from harmonica.peers import (
+    Attachment,
     DBCache,
     Fora,
+    Method,
     PyramidAttentionBroadcast,
     TaylorSeer,
     UnitCounter,
@@ -51,6 +54,30 @@ def _state(model):
     ] + [type(model)]
 
 
+class _Leaky(Method):
+    """A broken peer: its detach leaves an output-changing hook behind."""
+
+    family = "leaky"
+    origin = "peer"
+
+    def attach(self, transformer, run):
+        transformer.proj_out_2.register_forward_hook(lambda m, a, out: out + 1e-3)
+
+        class _Attached(Attachment):
+            def generation(self):
+                return contextlib.nullcontext()
+
+            def detach(self):
+                pass
+
+        return _Attached()
+
+
+def test_a_method_that_does_not_restore_the_model_invalidates_the_run():
+    with pytest.raises(RuntimeError, match="did not restore the model"):
+        compare(tiny_dit(num_layers=2), scheduler=ddim(), methods=[_Leaky("leaky")], **FAST)
+
+
 def test_unit_counter_sees_the_engine_skip(dit):
     schedule = CacheSchedule.fora(STEPS, len(units(dit)), 3)
     noise, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
@@ -71,6 +98,7 @@ def test_each_peer_really_skips(dit):
         method_from_spec("fbcache", "10"),  # any residual change is "small": skip every step it may
         method_from_spec("taylorseer", "2"),
         method_from_spec("magcache", "10"),
+        method_from_spec("magcache", "100"),  # past the max_skip_steps cap: the same steps skipped
         method_from_spec("pab", "2"),
     ]
     if cache_dit_available():
@@ -84,6 +112,8 @@ def test_each_peer_really_skips(dit):
         assert 0 < row.skipped_share < 1, method.label
         assert row.psnr is not None and row.mse > 0, f"{method.label} skipped compute but changed nothing"
         assert row.ideal_speedup > 1 and row.measured_speedup > 0
+    assert report.row("MagCache τ=100").note == "same units ran as MagCache τ=10"
+    assert report.row("MagCache τ=10").note == ""
     # PAB broadcasts self-attention only: feed-forward always runs
     pab = torch.tensor(report.row("PAB N=2").executed)
     assert bool((pab[:, 1::2] == 1).all()) and bool((pab[:, 0::2] < 1).any())
