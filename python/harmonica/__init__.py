@@ -2,15 +2,24 @@
 
 Inference: ``enable_cache(pipe, CacheSchedule.fora(T, len(units(pipe.transformer)), 2))`` (or a
 trained :class:`Router`) makes sampling skip the scheduled units; ``disable_cache(pipe)`` undoes it.
+Training: ``train_router(pipe, num_steps=T).router`` learns a router (SDT + IEPO, or L2C).
 """
 
 from .cache import CacheHandle, disable_cache, enable_cache
 from .models import units
 from .router import Router
 from .schedule import CacheSchedule
-
-# (lead) reference / eval / sampling exports go here.
+from .training import TrainingResult, train_router
 
 __version__ = "0.1.0"
 
-__all__ = ["CacheHandle", "CacheSchedule", "Router", "disable_cache", "enable_cache", "units"]
+__all__ = [
+    "CacheHandle",
+    "CacheSchedule",
+    "Router",
+    "TrainingResult",
+    "disable_cache",
+    "enable_cache",
+    "train_router",
+    "units",
+]

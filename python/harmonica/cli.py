@@ -22,6 +22,56 @@ def _quickstart(args: argparse.Namespace) -> None:
     )
 
 
+def _train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .models import load_local
+    from .training import train_router
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    transformer, scheduler = load_local(args.model, dtype=dtype, device=args.device)
+    prompts = {}
+    if args.prompt_embeds:
+        from safetensors.torch import load_file
+
+        prompts = load_file(args.prompt_embeds)
+        if "prompt_embeds" not in prompts:
+            raise ValueError(f"{args.prompt_embeds} has no tensor named 'prompt_embeds'")
+    result = train_router(
+        transformer,
+        scheduler,
+        num_steps=args.steps,
+        method=args.method,
+        iterations=args.iterations,
+        batch_size=args.batch,
+        guidance_scale=args.guidance,
+        lr=args.lr,
+        beta=args.beta,
+        target_cur=args.target_cur,
+        lambda_every=args.lambda_every,
+        lambda_variant=args.lambda_variant,
+        lambda_batch_size=args.lambda_batch,
+        write_threshold=args.write_threshold,
+        threshold=args.tau,
+        seed=args.seed,
+        data=args.data,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=not args.no_resume,
+        **{k: v for k, v in prompts.items() if k.endswith(("prompt_embeds", "attention_mask"))},
+    )
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        result.router.save(args.out)
+        settings = result.router.training_settings
+        print(
+            f"router for {args.steps} steps written to {args.out}: cache usage ratio {settings['cur']:.1%} "
+            f"at τ = {args.tau}, {result.iterations} iterations in {result.seconds:.0f} s"
+        )
+
+
 def _compare(args: argparse.Namespace) -> None:
     import os
 
@@ -94,6 +144,12 @@ def _bench(args: argparse.Namespace) -> None:
         print(f"\n{args.readme}: {sections} generated section(s) rewritten")
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harmonica", description="Learned feature caching for Diffusion Transformers"
@@ -102,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "quickstart",
-        help="sample the reference digits DiT uncached and cached; write a report with tables, images and plots",
+        help="sample the reference digits DiT uncached and cached; write a report with tables, images, plots",
     )
     q.add_argument("--out", default="harmonica-report", help="report folder (default: harmonica-report)")
     q.add_argument(
@@ -118,6 +174,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--threshold", type=float, default=0.1, help="router threshold τ")
     q.set_defaults(func=_quickstart)
+
+    t = sub.add_parser(
+        "train",
+        help="train a router (SDT + IEPO, or L2C) for a model and step count; runs under torchrun too",
+    )
+    t.add_argument("--model", default=None, help="local transformer or pipeline folder (default: reference)")
+    t.add_argument("--method", choices=["harmonica", "l2c"], default="harmonica")
+    t.add_argument("--steps", type=int, default=20, help="sampling steps T the router is for")
+    t.add_argument("--iterations", type=int, default=20_000, help="trained denoising steps")
+    t.add_argument("--batch", type=int, default=32, help="global noise samples per iteration (CFG doubles)")
+    t.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
+    t.add_argument("--lr", type=float, default=None, help="AdamW lr (default 0.01; L2C 1e-3)")
+    t.add_argument("--beta", type=float, default=None, help="weight of Σ r (default 7e-8; L2C 1e-6)")
+    t.add_argument("--target-cur", type=float, default=None, help="budget mode: adapt β to this cache usage")
+    t.add_argument("--lambda-every", type=int, default=500, help="C: iterations between λ refreshes")
+    t.add_argument("--lambda-variant", choices=["marginal", "leave_one_out", "none"], default="marginal")
+    t.add_argument("--lambda-batch", type=int, default=None, help="noise samples per λ estimate")
+    t.add_argument("--tau", type=float, default=0.1, help="inference threshold τ of the router")
+    t.add_argument("--write-threshold", type=float, default=0.1, help="cache-write threshold on r")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--data", default=None, help="L2C: real samples (.safetensors/.pt or image folder)")
+    t.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [P, L, C]")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    t.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    t.add_argument("--checkpoint-dir", default=None, help="resumable training state (resumed when present)")
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--out", default="router.safetensors", help="router file to write")
+    t.set_defaults(func=_train)
 
     c = sub.add_parser(
         "compare",

@@ -133,7 +133,7 @@ class TrainingConfig:
                 )
             )
             if cfg.beta == 0:
-                raise ValueError("budget mode scales beta multiplicatively: give beta > 0 or None (automatic)")
+                raise ValueError("budget mode scales beta multiplicatively: give beta > 0 or None (auto)")
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -320,7 +320,8 @@ class _PromptConditioning(_Conditioning):
             negative_prompt_attention_mask = torch.ones(1, length)
         if tuple(negative_prompt_embeds.shape[1:]) != (length, width):
             raise ValueError(
-                f"negative_prompt_embeds must be [1, {length}, {width}], got {tuple(negative_prompt_embeds.shape)}"
+                f"negative_prompt_embeds must be [1, {length}, {width}], "
+                f"got {tuple(negative_prompt_embeds.shape)}"
             )
         self.embeds = prompt_embeds
         self.mask = mask
