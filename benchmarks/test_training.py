@@ -71,6 +71,10 @@ def _peak(device: str) -> int | None:
     return torch.cuda.max_memory_allocated() if device == "cuda" else None
 
 
+def _gb(n: int | None) -> float | None:
+    return None if n is None else round(n / 1e9, 3)
+
+
 def test_training_iteration_vs_sampling_step(recorder, device):
     size = bench_size()
     label, config, steps, batch, iterations, dtype = SIZES[size]
@@ -102,10 +106,9 @@ def test_training_iteration_vs_sampling_step(recorder, device):
         dict(
             group=group,
             impl="uncached sampling step",
-            baseline=True,
             median_s=step_s,
-            peak_bytes=step_peak,
-            weight_bytes=weights,
+            peak_gb=_gb(step_peak),
+            weight_gb=_gb(weights),
             batch=batch,
             dtype=str(dtype),
         ),
@@ -144,10 +147,9 @@ def test_training_iteration_vs_sampling_step(recorder, device):
             group=group,
             impl="SDT+IEPO iteration",
             median_s=iteration_s,
-            speedup=step_s / iteration_s,  # < 1: an iteration costs 1/speedup sampling steps
             steps_per_iteration=iteration_s / step_s,
-            iterations_per_s=1.0 / iteration_s,
-            peak_bytes=train_peak,
+            iterations_per_second=1.0 / iteration_s,
+            peak_gb=_gb(train_peak),
             peak_over_sampling_step=(train_peak / step_peak) if train_peak and step_peak else None,
             iterations=result.iterations,
             batch=batch,
@@ -160,7 +162,6 @@ def test_training_iteration_vs_sampling_step(recorder, device):
             group=group,
             impl="IEPO λ refresh (T²/2 sampling forwards)",
             median_s=lambda_s,
-            speedup=step_s / lambda_s,
             steps_per_refresh=lambda_s / step_s,
             batch=batch,
             dtype=str(dtype),
