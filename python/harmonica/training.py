@@ -764,10 +764,10 @@ def train_router(
                     lam=f"{record['lambda_mean']:.2g}",
                     beta=f"{state.beta:.2g}",
                 )
-            if callback is not None:
-                callback(record)
             if checkpoint is not None and group.rank == 0:
                 _save_checkpoint(checkpoint, run_key, router, optimizer, state)
+            if callback is not None:
+                callback(record)
     finally:
         if bar is not None:
             bar.close()

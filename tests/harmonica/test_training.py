@@ -290,9 +290,9 @@ def test_l2c_pins_even_steps_and_trains_odd_ones():
         ddim(),
         num_steps=steps,
         method="l2c",
-        iterations=10,
+        iterations=30,
         batch_size=2,
-        lr=0.5,
+        lr=1.0,
         beta=1.0,
         data=(data, labels),
         progress=False,
@@ -301,7 +301,7 @@ def test_l2c_pins_even_steps_and_trains_odd_ones():
     assert router.pinned_steps == [0, 2, 4]
     schedule = router.to_schedule()
     assert schedule.compute[[0, 2, 4]].all()
-    assert not schedule.compute[[1, 3, 5]].any()  # β = 1 at lr 0.5: the trained rows cache everything
+    assert not schedule.compute[[1, 3, 5]].any()  # β = 1 at lr 1: the trained rows cache everything
     assert schedule.cache_usage_ratio == pytest.approx(0.5)
     assert router.training_settings["lambda_variant"] == "none"
 
@@ -360,10 +360,10 @@ def test_pixart_trains_with_a_prompt_pool():
         model,
         ddim(),
         num_steps=4,
-        iterations=3,
+        iterations=9,
         batch_size=2,
         beta=1.0,
-        lr=0.5,
+        lr=1.5,
         lambda_variant="none",
         prompt_embeds=torch.randn(3, TEXT_TOKENS, CAPTION_CHANNELS, generator=gen),
         progress=False,

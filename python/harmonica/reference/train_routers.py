@@ -1,9 +1,10 @@
 """Train the routers that ship with the reference model (the evidence run of METHOD.md §3–6).
 
-Three learned routers for the reference digits DiT at T = 20 DDIM steps, CFG 1.5, all in budget mode
+Four learned routers for the reference digits DiT at T = 20 DDIM steps, CFG 1.5, all in budget mode
 at the same target cache usage ratio so they compare at the same compute:
 
 - ``harmonica``: SDT + IEPO (the released-code λ variant);
+- ``harmonica-loo``: SDT + IEPO with the poster's leave-one-out λ;
 - ``sdt``: SDT with λ ≡ 1 (the paper's ablation without IEPO);
 - ``l2c``: Learning-to-Cache on the training digits, with its alternating refresh.
 
@@ -28,6 +29,7 @@ from . import ASSETS, load_model, load_scheduler
 
 RUNS = {
     "harmonica": dict(method="harmonica", lambda_variant="marginal"),
+    "harmonica-loo": dict(method="harmonica", lambda_variant="leave_one_out"),
     "sdt": dict(method="harmonica", lambda_variant="none"),
     "l2c": dict(method="l2c"),
 }
