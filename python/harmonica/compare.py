@@ -17,8 +17,8 @@ MagCache, PAB and cache-dit's DBCache through their own APIs, see :mod:`harmonic
   digits and the share of samples classified as the class asked for.
 
 The default model is the reference digits DiT (:mod:`harmonica.reference`); a local diffusers
-DiT or PixArt pipeline folder or transformer folder works too (``from_pretrained`` with
-``local_files_only=True``: nothing is downloaded). Results: a terminal table and, with ``out_dir``,
+DiT or PixArt pipeline folder or transformer folder works too (:func:`harmonica.models.load_local`:
+nothing is downloaded). Results: a terminal table and, with ``out_dir``,
 ``report.md``, ``report.json``, ``pareto.png`` (speedup vs PSNR and vs FID) and ``executed.png``
 (which units each method ran at which step), all written atomically.
 """
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path, write_text
 from .eval import class_accuracy, classifier_fid, mse, psnr, ssim
-from .models import supported_class, units
+from .models import load_local, supported_class, units
 from .peers import (
     DBCache,
     FirstBlockCache,
@@ -275,32 +275,6 @@ def _pixart_sampler(
     return run
 
 
-def _scheduler_from_folder(folder: Path) -> Any:
-    import diffusers
-
-    config = json.loads((folder / "scheduler_config.json").read_text())
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
-    if cls is None:
-        raise ValueError(
-            f"{folder}/scheduler_config.json names an unknown scheduler {config.get('_class_name')!r}"
-        )
-    return cls.from_pretrained(folder, local_files_only=True)
-
-
-def _transformer_from_folder(folder: Path) -> nn.Module:
-    import diffusers
-
-    config = json.loads((folder / "config.json").read_text())
-    name = str(config.get("_class_name"))
-    if name not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
-        raise ValueError(
-            f"{folder} holds a {name}; harmonica compare supports DiTTransformer2DModel and "
-            "PixArtTransformer2DModel folders"
-        )
-    model = getattr(diffusers, name).from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
-    return model.eval()
-
-
 def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
     """``(name, transformer, scheduler, vae or None, is_reference)``."""
     if model is None:
@@ -309,37 +283,13 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
         return "reference digits DiT", load_model(), scheduler or load_scheduler(), None, True
     if isinstance(model, (str, os.PathLike)):
         folder = Path(model)
-        if not folder.is_dir():
-            raise ValueError(
-                f"model folder {folder} does not exist; pass a local diffusers pipeline or model folder"
-            )
-        if (folder / "model_index.json").is_file():
-            if not (folder / "transformer" / "config.json").is_file():
-                raise ValueError(f"pipeline folder {folder} has no transformer/config.json")
-            transformer = _transformer_from_folder(folder / "transformer")
-            if scheduler is None:
-                if not (folder / "scheduler" / "scheduler_config.json").is_file():
-                    raise ValueError(f"pipeline folder {folder} has no scheduler/; pass scheduler=...")
-                scheduler = _scheduler_from_folder(folder / "scheduler")
-            vae = None
-            if (folder / "vae" / "config.json").is_file():
-                from diffusers import AutoencoderKL
+        transformer, folder_scheduler = load_local(folder)  # pipeline or transformer folder, no downloads
+        vae = None
+        if (folder / "vae" / "config.json").is_file():
+            from diffusers import AutoencoderKL
 
-                vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval()
-            return folder.name, transformer, scheduler, vae, False
-        if (folder / "config.json").is_file():
-            transformer = _transformer_from_folder(folder)
-            if scheduler is None:
-                if not (folder / "scheduler_config.json").is_file():
-                    raise ValueError(
-                        f"{folder} has no scheduler_config.json; pass scheduler=... "
-                        "(CLI: use a pipeline folder)"
-                    )
-                scheduler = _scheduler_from_folder(folder)
-            return folder.name, transformer, scheduler, None, False
-        raise ValueError(
-            f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a model folder"
-        )
+            vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval()
+        return folder.name, transformer, scheduler or folder_scheduler, vae, False
     if isinstance(model, nn.Module) or hasattr(model, "transformer"):
         transformer = getattr(model, "transformer", model)
         supported_class(transformer)
@@ -868,7 +818,8 @@ def compare(
 
     Args:
         model: None (the reference digits DiT), a local diffusers pipeline folder or DiT/PixArt model
-            folder (loaded with ``local_files_only=True``), or a pipeline / transformer object.
+            folder (:func:`harmonica.models.load_local`; nothing is downloaded), or a pipeline or
+            transformer object.
         scheduler: the sampler; default: the folder's or pipeline's (a bare transformer needs one).
         methods: None (:data:`DEFAULT_SWEEP`), a ``{family: [value, ...]}`` sweep (see
             :func:`method_from_spec`), or :class:`harmonica.peers.Method` objects.
@@ -924,6 +875,7 @@ def compare(
     if not method_list:
         raise ValueError("no methods to compare; pass methods=... or routers=...")
 
+    revision = _revision()  # of the code that starts the run (others may commit while it runs)
     work = _workload(
         model,
         scheduler,
@@ -1088,7 +1040,7 @@ def compare(
         "date": time.strftime("%Y-%m-%d"),
         "mag_ratios": mag_ratios,
         "versions": _versions(),
-        "revision": _revision(),
+        "revision": revision,
     }
     if work.classifier is not None:
         from .reference import load_dataset
