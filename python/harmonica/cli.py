@@ -19,6 +19,7 @@ def _quickstart(args: argparse.Namespace) -> None:
         timing_repeats=args.timing_repeats,
         routers=args.router,
         threshold=args.threshold,
+        peers=not args.no_peers,
     )
 
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--router", action="append", default=[], help="a trained router file to compare (repeatable)"
     )
     q.add_argument("--threshold", type=float, default=0.1, help="router threshold τ")
+    q.add_argument("--no-peers", action="store_true", help="skip the comparison with the training-free peers")
     q.set_defaults(func=_quickstart)
 
     t = sub.add_parser(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._io import atomic_path, write_text
+from ._machine import cpu_name
 from .eval import class_accuracy, classifier_fid, mse, psnr, ssim
 from .models import load_local, supported_class, units
 from .peers import (
@@ -747,21 +747,11 @@ def _plot_executed(report: CompareReport, path: Path) -> None:
 # -- the run -----------------------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _device_name(transformer: nn.Module) -> str:
     device = next(transformer.parameters()).device
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:

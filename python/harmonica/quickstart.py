@@ -1,5 +1,12 @@
 """``harmonica quickstart``: the reference model sampled uncached and under cache schedules.
 
+Methods: the full schedule, FORA N=2 and N=3, and the routers packaged with the reference model for
+the chosen step count (``assets/routers/*-T<steps>.safetensors``: HarmoniCa, SDT-only, L2C, trained
+by ``python -m harmonica.reference.train_routers``), plus any router files given. With ``peers`` the
+report also holds :func:`harmonica.compare` on a reduced sweep of the training-free peers (diffusers'
+FirstBlockCache, TaylorSeer, MagCache, PAB; cache-dit's DBCache when installed) next to FORA and the
+same routers, in ``compare/``.
+
 Every method samples the same class labels from the same initial noise, so fidelity to the
 uncached model (PSNR, SSIM, MSE of the final images) isolates what caching changed; fidelity
 to the data is the classifier-feature FID against the held-out test digits and the share of
@@ -12,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -24,10 +30,11 @@ from tqdm.auto import tqdm
 import harmonica_kernels as hk
 
 from ._io import atomic_path, write_text
+from ._machine import cpu_name
 from .cache import disable_cache, enable_cache
 from .eval import class_accuracy, classifier_fid, mse, psnr, ssim
 from .models import units
-from .reference import load_classifier, load_dataset, load_model, load_scheduler
+from .reference import ASSETS, load_classifier, load_dataset, load_model, load_scheduler
 from .reference.report import class_balanced_subset, save_grid
 from .router import Router
 from .sampling import sample
@@ -60,14 +67,20 @@ def _schedules(
     return methods
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+PEER_SWEEP: dict[str, tuple[str, ...]] = {
+    "fora": ("2",),
+    "fbcache": ("0.1",),
+    "taylorseer": ("3",),
+    "magcache": ("0.03",),
+    "pab": ("2",),
+    "dbcache": ("0.2",),
+}
+"""The reduced sweep of :func:`harmonica.compare` in the quickstart report (one strength per family)."""
+
+
+def packaged_routers(num_steps: int) -> list[Path]:
+    """The routers shipped with the reference model for ``num_steps`` sampling steps."""
+    return sorted((ASSETS / "routers").glob(f"*-T{num_steps}.safetensors"))
 
 
 def _paired_speedup(model, scheduler, schedule, labels, noise, steps, guidance, repeats) -> float:
@@ -199,12 +212,15 @@ def run_quickstart(
     timing_repeats: int = 3,
     routers: list[str | os.PathLike[str]] = (),
     threshold: float = 0.1,
+    peers: bool = True,
     progress: bool = True,
 ) -> list[MethodResult]:
     """Sample the reference model uncached and under each schedule; write the report to ``out_dir``.
 
     Writes ``report.md``, ``report.json``, ``schedules.png``, ``speed_quality.png`` and one
-    ``grid_<method>.png`` per method (one row per digit class). Returns the rows of the table.
+    ``grid_<method>.png`` per method (one row per digit class); with ``peers`` also ``compare/``
+    (:func:`harmonica.compare` on :data:`PEER_SWEEP` and the same routers). Returns the rows of the
+    table. The packaged routers for ``num_inference_steps`` are always included.
     """
     if n_per_class < 2:
         raise ValueError(f"n_per_class must be at least 2 (FID needs a covariance), got {n_per_class}")
@@ -212,7 +228,8 @@ def run_quickstart(
     model, scheduler, classifier = load_model(), load_scheduler(), load_classifier()
     test_images, _ = load_dataset("test")
     unit_names = units(model)
-    schedules = _schedules(num_inference_steps, len(unit_names), [Path(r) for r in routers], threshold)
+    router_paths = packaged_routers(num_inference_steps) + [Path(r) for r in routers]
+    schedules = _schedules(num_inference_steps, len(unit_names), router_paths, threshold)
 
     labels = torch.arange(10).repeat_interleave(n_per_class)
     size, channels = model.config.sample_size, model.config.in_channels
@@ -283,7 +300,7 @@ def run_quickstart(
         "guidance_scale": guidance_scale,
         "num_samples": len(labels),
         "seed": seed,
-        "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
+        "device": f"{cpu_name()} ({torch.get_num_threads()} threads)",
         "backend": hk.get_backend("cpu"),
         "timing_batch": len(timing_labels),
         "timing_repeats": timing_repeats,
@@ -297,7 +314,32 @@ def run_quickstart(
         out / "report.json",
         json.dumps({"context": context, "results": [asdict(r) for r in results]}, indent=1),
     )
-    write_text(out / "report.md", _markdown(results, context))
+    markdown = _markdown(results, context)
+    if peers:
+        from .compare import compare
+
+        compare(
+            model,
+            scheduler=scheduler,
+            methods=PEER_SWEEP,
+            routers={f"router {p.stem}": p for p in router_paths},
+            router_thresholds=(threshold,),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            n_per_class=n_per_class,
+            batch_size=timing_batch,
+            timing_repeats=timing_repeats,
+            seed=seed,
+            out_dir=out / "compare",
+            progress=progress,
+            verbose=False,
+        )
+        markdown += (
+            "\n## Next to the training-free peers\n\n"
+            "`harmonica.compare` on one strength per family, same samples and noise: "
+            "[compare/report.md](compare/report.md).\n\n![pareto](compare/pareto.png)\n"
+        )
+    write_text(out / "report.md", markdown)
     print(_table(results))
     print(f"\nreport written to {out}/report.md")
     return results

@@ -15,7 +15,13 @@ from harmonica.quickstart import run_quickstart
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     results = run_quickstart(
-        out, n_per_class=2, num_inference_steps=4, timing_batch=2, timing_repeats=1, progress=False
+        out,
+        n_per_class=2,
+        num_inference_steps=4,
+        timing_batch=2,
+        timing_repeats=1,
+        peers=False,
+        progress=False,
     )
     return out, results
 
@@ -44,6 +50,28 @@ def test_report_numbers_are_consistent(report):
         r = by_name[name]
         assert 1 < r.ideal_speedup < 2 and r.measured_speedup > 0
         assert 10 < r.psnr < 80, "reuse must change the samples, but not destroy them"
+
+
+def test_packaged_routers_join_the_report_and_the_peers(tmp_path):
+    """At T=20 the packaged routers are in the table; the peers' comparison lands in compare/."""
+    from harmonica.quickstart import packaged_routers
+
+    routers = packaged_routers(20)
+    assert routers, "the reference model ships routers for 20 steps"
+    results = run_quickstart(
+        tmp_path,
+        n_per_class=2,
+        num_inference_steps=20,
+        timing_batch=2,
+        timing_repeats=1,
+        progress=False,
+    )
+    names = {r.method for r in results}
+    assert {f"router {p.stem}" for p in routers} <= names
+    compared = json.loads((tmp_path / "compare" / "report.json").read_text())
+    rows = {r["method"]: r for r in compared["rows"]}
+    assert any(name.startswith("FBCache") for name in rows)
+    assert "compare/report.md" in (tmp_path / "report.md").read_text()
 
 
 def test_cli_info():
