@@ -256,7 +256,9 @@ class _Conditioning:
 
     def draw(self, generator: torch.Generator, batch: int) -> Any: ...
 
-    def shard(self, cond: Any, rows: slice) -> Any: ...
+    def shard(self, cond: torch.Tensor, rows: slice) -> torch.Tensor:
+        """This process's rows of globally drawn conditions (indices or labels, one per sample)."""
+        return cond[rows]
 
     def call(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any, cfg: bool) -> torch.Tensor:
         """Model prediction (eps channels) for the CFG-doubled batch ``[2B or B, C, H, W]``."""
@@ -280,9 +282,6 @@ class _ClassConditioning(_Conditioning):
 
     def draw(self, generator: torch.Generator, batch: int) -> torch.Tensor:
         return self.labels[torch.randint(0, self.labels.numel(), (batch,), generator=generator)]
-
-    def shard(self, cond: torch.Tensor, rows: slice) -> torch.Tensor:
-        return cond[rows]
 
     def call(self, model, x, t, cond, cfg):
         labels = cond.to(x.device)
@@ -332,9 +331,6 @@ class _PromptConditioning(_Conditioning):
 
     def draw(self, generator: torch.Generator, batch: int) -> torch.Tensor:
         return torch.randint(0, self.embeds.shape[0], (batch,), generator=generator)
-
-    def shard(self, cond: torch.Tensor, rows: slice) -> torch.Tensor:
-        return cond[rows]
 
     def call(self, model, x, t, cond, cfg):
         dtype = next(model.parameters()).dtype
@@ -436,8 +432,7 @@ def _noise(setup: _Setup, generator: torch.Generator, batch: int) -> torch.Tenso
 
 def _predict(setup: _Setup, x: torch.Tensor, t: torch.Tensor, cond: Any, step: int) -> torch.Tensor:
     setup.handle._step = step
-    pred = setup.conditioning.call(setup.model, x, t, cond, setup.cfg)
-    return pred
+    return setup.conditioning.call(setup.model, x, t, cond, setup.cfg)
 
 
 def _start(setup: _Setup, num_steps: int) -> torch.Tensor:
@@ -713,7 +708,7 @@ def train_router(
 
     checkpoint = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
     resumed_from = None
-    run_key = _run_key(config, transformer, group.world)
+    run_key = _run_key(config, transformer)
     if checkpoint is not None and resume and checkpoint.is_file():
         _load_checkpoint(checkpoint, run_key, router, optimizer, state)
         resumed_from = state.iteration
@@ -1034,7 +1029,8 @@ def _reference_fingerprint() -> dict[str, Any] | None:
 # Checkpoints
 
 
-def _run_key(config: TrainingConfig, transformer: nn.Module, world: int) -> dict[str, Any]:
+def _run_key(config: TrainingConfig, transformer: nn.Module) -> dict[str, Any]:
+    # Not the process count: the same global batch may resume on another number of processes.
     key = asdict(config)
     key["fingerprint"] = fingerprint(transformer)
     return json.loads(json.dumps(key, default=str))
