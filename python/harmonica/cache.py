@@ -38,6 +38,7 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
 from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
+from torch.nn import functional as F
 
 from harmonica_kernels import (
     available_backends,
@@ -350,16 +351,19 @@ class CachedTransformerBlock(nn.Module):
 
         # The adaLN modulation always runs; the normalised inputs of attn1 and ff are computed only
         # when those units are (a reused unit's input is dead work: a LayerNorm and two passes).
+        ff_runs = handle.computes(self._ff_unit)
         if self.norm_type == "ada_norm_zero":
             norm1 = self.norm1  # AdaLayerNormZero.forward, with its LayerNorm moved into the branch
-            emb = norm1.linear(norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)))
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+            emb = norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=x.dtype))
+            needed = (handle.computes(self._attn1_unit), ff_runs)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero_chunks(
+                norm1.linear, emb, needed
+            )
         else:
             modulation = self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
 
         attn1 = functools.partial(self._self_attention, x, shift_msa, scale_msa, attention_mask, attn_kwargs)
-        ff_runs = handle.computes(self._ff_unit)
         if self.attn2 is None:
             x, h = self._residual_before_ff(
                 self._attn1_unit, x, gate_msa, attn1, shift_mlp, scale_mlp, ff_runs
@@ -417,6 +421,37 @@ class CachedTransformerBlock(nn.Module):
         if chunk_size is not None:
             return _chunked_feed_forward(self.ff, h, self._original._chunk_dim, chunk_size)
         return self.ff(h)
+
+
+def _ada_zero_chunks(
+    linear: nn.Linear, emb: torch.Tensor, runs: tuple[bool, bool]
+) -> list[torch.Tensor | None]:
+    """AdaLayerNormZero's ``linear(emb).chunk(6, dim=1)``, projecting only the chunks a step uses.
+
+    ``runs``: whether attn1 and ff are computed. Their shift and scale feed only their own inputs, so
+    a reused unit's two chunks are dead (returned as None) and the weight rows behind them are not
+    read: the adaLN projection is most of what a reuse step costs when it is bound by memory (a
+    third of DiT's weights). Gates are always projected; adjacent needed chunks share one matmul.
+    """
+    if all(runs):
+        return list(linear(emb).chunk(6, dim=1))
+    attn_runs, ff_runs = runs
+    needed = (attn_runs, attn_runs, True, ff_runs, ff_runs, True)
+    width = linear.out_features // 6
+    chunks: list[torch.Tensor | None] = [None] * 6
+    start = 0
+    while start < 6:
+        if not needed[start]:
+            start += 1
+            continue
+        end = start
+        while end < 6 and needed[end]:
+            end += 1
+        rows = slice(start * width, end * width)
+        bias = None if linear.bias is None else linear.bias[rows]
+        chunks[start:end] = F.linear(emb, linear.weight[rows], bias).chunk(end - start, dim=1)
+        start = end
+    return chunks
 
 
 def _check_block(block: nn.Module) -> None:

@@ -12,7 +12,7 @@ from diffusers import DiTTransformer2DModel, EulerDiscreteScheduler
 
 import harmonica_kernels as hk
 from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
-from harmonica.cache import CachedTransformerBlock, CacheStateError, ScheduleMismatchError
+from harmonica.cache import CachedTransformerBlock, CacheStateError, ScheduleMismatchError, _ada_zero_chunks
 from harmonica.models import UnsupportedModelError
 from harmonica.router import RouterMismatchError
 
@@ -127,6 +127,21 @@ def test_full_schedule_forward_matches_original_model(kind):
         assert all(isinstance(b, CachedTransformerBlock) for b in model.transformer_blocks)
         got = model(x, timestep=t, **kwargs).sample
     torch.testing.assert_close(got, expected, **FP32)
+
+
+@pytest.mark.parametrize("runs", [(True, True), (True, False), (False, True), (False, False)])
+def test_ada_zero_projects_only_the_chunks_a_step_uses(runs):
+    linear = torch.nn.Linear(7, 6 * 5)
+    emb = torch.randn(3, 7)
+    expected = linear(emb).chunk(6, dim=1)
+    got = _ada_zero_chunks(linear, emb, runs)
+    attn_runs, ff_runs = runs
+    needed = (attn_runs, attn_runs, True, ff_runs, ff_runs, True)
+    for chunk, want, live in zip(got, expected, needed, strict=True):
+        if live:
+            torch.testing.assert_close(chunk, want, **FP32)
+        else:
+            assert chunk is None
 
 
 @pytest.mark.parametrize("kind", ["dit", "pixart"])
