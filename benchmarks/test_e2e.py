@@ -24,9 +24,15 @@ run in two modes:
   fixed before sampling starts and nothing in a step reads device values on the host; the cache
   buffers, allocated at step 0, live in the graph's memory pool.
 
-Each cached round is paired with an uncached round of the same mode run just before it (same
-machine state); ``speedup`` is the median over rounds of uncached / cached. The ``graph``
-``uncached`` row is paired with the eager uncached model instead (what capture alone gains). Rows
+Pairing. On CUDA each cached round is paired with an uncached round of the same mode run just
+before it (same machine state). On a CPU the machine's speed drifts by several per cent within a
+sampling run (shared cores), more than the effects measured, so a cached eager round runs in
+*lockstep* with an uncached copy of the model (same weights): both sampling loops advance one
+denoising step at a time, the two calls of a step in alternating order, each timed on its own, so
+every cached step has an uncached step next to it. ``speedup`` is the median over rounds of
+uncached / cached time, and the rows keep each round's ratio (the README shows their range). The
+``graph`` ``uncached`` row is paired with the eager uncached model instead (what capture alone
+gains). Rows
 record the shapes, dtype, device, FLOPs per sampling run (``torch.utils.flop_counter``, matmuls and
 attention), cache usage ratio, the FLOP-ideal speedup of the schedule
 (:meth:`CacheSchedule.ideal_speedup`: an arithmetic bound, not a measurement), measured / ideal,
@@ -38,6 +44,7 @@ Run: ``pytest benchmarks/test_e2e.py``; ``-k dit`` or ``-k pixart`` picks a mode
 
 from __future__ import annotations
 
+import copy
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,10 +111,10 @@ SETUPS: dict[str, tuple[Setup, ...]] = {
     ),
     "cpu": (
         Setup("dit-s-256", "DiT-S/2 256² (12 blocks, width 384, 256 tokens)", DiTTransformer2DModel,
-              _dit(6, 64, 12, 32), batch=2, steps=10, dtype=F32, guidance=1.5, rounds=3),
+              _dit(6, 64, 12, 32), batch=2, steps=10, dtype=F32, guidance=1.5, rounds=5),
         Setup("pixart-s-256", "PixArt-α-shaped S/2 256² (12 blocks, width 384, 256 tokens, 120 text tokens)",
               PixArtTransformer2DModel, _pixart(6, 64, 12, 32, 4096), batch=2, steps=10, dtype=F32,
-              guidance=4.5, rounds=3, text_tokens=120),
+              guidance=4.5, rounds=5, text_tokens=120),
     ),
     "gpu": (
         Setup("dit-xl-256", "DiT-XL/2 256² (28 blocks, width 1152, 256 tokens)", DiTTransformer2DModel,
@@ -202,6 +209,7 @@ class Bench:
             }
         self.uncached_graph: Any = None
         self.uncached_output: torch.Tensor | None = None
+        self._twin: torch.nn.Module | None = None
 
     @property
     def group(self) -> str:
@@ -211,18 +219,47 @@ class Bench:
     @torch.inference_mode()
     def generate(self) -> torch.Tensor:
         """One sampling run from the fixed noise; final latents ``[B, C, H, W]``."""
-        handle = getattr(self.model, "_harmonica_cache", None)
-        if handle is not None:
-            handle.reset()
-        B, C = self.setup.batch, self.channels
+        _reset(self.model)
         x = self.noise
-        for i, t in enumerate(self.scheduler.timesteps):
-            out = self.model(
-                torch.cat([x, x]), timestep=self.model_timesteps[i].expand(2 * B), **self.conditions
-            ).sample
-            cond, uncond = out[:, :C].split(B)  # learned sigma: the first C channels are epsilon
-            x = self.scheduler.step(uncond + self.setup.guidance * (cond - uncond), t, x).prev_sample
+        for i in range(self.setup.steps):
+            x = self.step(self.model, x, i)
         return x
+
+    def step(self, model: torch.nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Denoising step ``i`` of ``model`` from latents ``x`` (one CFG-batched call, DDIM update)."""
+        B, C = self.setup.batch, self.channels
+        out = model(torch.cat([x, x]), timestep=self.model_timesteps[i].expand(2 * B), **self.conditions).sample
+        cond, uncond = out[:, :C].split(B)  # learned sigma: the first C channels are epsilon
+        t = self.scheduler.timesteps[i]
+        return self.scheduler.step(uncond + self.setup.guidance * (cond - uncond), t, x).prev_sample
+
+    @torch.inference_mode()
+    def generate_lockstep(self, cached: torch.nn.Module) -> tuple[torch.Tensor, float, float]:
+        """Sample with the unpatched model and ``cached`` side by side, one step of each in turn.
+
+        Returns ``(cached final latents, uncached seconds, cached seconds)``: each call's time on
+        its own (eager CPU only: nothing is left running when a call returns), the order of the
+        two calls alternating from step to step so neither always runs on a warmer machine.
+        """
+        _reset(cached)
+        x_plain = x_cached = self.noise
+        plain_s = cached_s = 0.0
+        for i in range(self.setup.steps):
+            if i % 2:
+                x_cached, seconds = timed(lambda: self.step(cached, x_cached, i), self.device)
+                cached_s += seconds
+            x_plain, seconds = timed(lambda: self.step(self.model, x_plain, i), self.device)
+            plain_s += seconds
+            if not i % 2:
+                x_cached, seconds = timed(lambda: self.step(cached, x_cached, i), self.device)
+                cached_s += seconds
+        return x_cached, plain_s, cached_s
+
+    def twin(self) -> torch.nn.Module:
+        """A second unpatched copy of the model (same weights) for lockstep pairing."""
+        if self._twin is None:
+            self._twin = copy.deepcopy(self.model)
+        return self._twin
 
     def capture(self) -> tuple[Any, torch.Tensor]:
         """``(replay, eager output)``: the whole sampling run, for the current state of the model
@@ -271,6 +308,13 @@ class Bench:
     def close(self) -> None:
         disable_cache(self.model)
         self.uncached_graph = None
+        self._twin = None
+
+
+def _reset(model: torch.nn.Module) -> None:
+    handle = getattr(model, "_harmonica_cache", None)
+    if handle is not None:
+        handle.reset()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -299,7 +343,18 @@ def test_sampling(benchmark, recorder, bench, device, mode, variant):
     disable_cache(model)
 
     baseline_round = None  # the eager uncached row is the baseline itself
-    if mode == "eager":
+    cached_model = model
+    lockstep = mode == "eager" and schedule is not None and device == "cpu"
+    if lockstep:
+        cached_model = bench.twin()
+        enable_cache(cached_model, schedule)
+
+        def candidate():
+            out, plain_s, cached_s = bench.generate_lockstep(cached_model)
+            base_seconds.append(plain_s)
+            return out, cached_s
+
+    elif mode == "eager":
         candidate = bench.generate
         if schedule is not None:
 
@@ -329,7 +384,7 @@ def test_sampling(benchmark, recorder, bench, device, mode, variant):
                 return (), {}
 
     def run():
-        out, s = timed(candidate, device)
+        out, s = candidate() if lockstep else timed(candidate, device)
         seconds.append(s)
         return out
 
@@ -338,12 +393,13 @@ def test_sampling(benchmark, recorder, bench, device, mode, variant):
         if benchmark.disabled:
             return
         output = run().clone()
-        handle = getattr(model, "_harmonica_cache", None)
+        handle = getattr(cached_model, "_harmonica_cache", None)
         cache_bytes = handle.cache_bytes if handle is not None else 0
     finally:
         disable_cache(model)
+        disable_cache(cached_model)
     seconds = seconds[1 : 1 + setup.rounds]  # the warm-up round and the final run are not timed
-    base_seconds = base_seconds[-setup.rounds :]
+    base_seconds = base_seconds[1 : 1 + setup.rounds] if lockstep else base_seconds[-setup.rounds :]
     median = statistics.median(seconds)
     flops = bench.flops(schedule)
     row: dict[str, Any] = {
@@ -384,11 +440,13 @@ def test_sampling(benchmark, recorder, bench, device, mode, variant):
     }
     if base_seconds:
         baseline_median = statistics.median(base_seconds)
-        measured = statistics.median(b / c for b, c in zip(base_seconds, seconds, strict=True))
+        speedups = [b / c for b, c in zip(base_seconds, seconds, strict=True)]
         row.update(
             uncached_median_s=baseline_median,
             uncached_times_s=base_seconds,
-            speedup=measured,
+            pairing="lockstep" if lockstep else "rounds",
+            speedups=speedups,
+            speedup=statistics.median(speedups),
             speedup_vs="uncached eager" if mode == "eager" or schedule is None else "uncached graph",
         )
     else:

@@ -4,8 +4,8 @@ The files are written by ``pytest benchmarks`` (see ``benchmarks/conftest.py``):
 device, ``{"suite", "device", "torch", "size", "date", ..., "rows": [...]}``. Every table names the
 device, torch version, op backend, size convention and date of the run it shows, and links its
 JSON file. Known suites get their own layout (``kernels``: fused vs unfused time, ratio and share
-of the copy bandwidth per dtype; ``e2e``: measured speedup next to the cache usage ratio and the
-FLOP-ideal speedup); any other suite (e.g. ``training``) is shown as a plain table of its rows.
+of the copy bandwidth per dtype; ``e2e``: measured speedup, with the range over rounds, next to the cache usage ratio
+and the FLOP-ideal speedup); any other suite (e.g. ``training``) is shown as a plain table of its rows.
 
 A README keeps generated tables between marker comments, which :func:`update_readme` rewrites in
 place (atomically) and nothing else::
@@ -273,6 +273,9 @@ def _e2e_tables(rows: list[dict[str, Any]]) -> list[str]:
         for r in sorted(members, key=_e2e_order):
             schedule = r.get("schedule", r["impl"].split(" ")[0])
             speedup = _ratio(r.get("speedup"))
+            spread = [v for v in r.get("speedups") or () if _finite(v)]
+            if len(spread) > 1:
+                speedup += f" ({min(spread):.2f}–{max(spread):.2f})"
             if r.get("baseline"):
                 speedup = "1.00× (baseline)"
             elif r.get("speedup_vs") == "uncached eager" and schedule == "uncached":
@@ -312,7 +315,8 @@ def _e2e_title(group: str, rows: list[dict[str, Any]]) -> str:
     if r.get("threads") and r.get("device") == "cpu":
         extra.append(f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}")
     if r.get("rounds"):
-        extra.append(f"median of {r['rounds']} paired rounds")
+        pairing = "lockstep" if any(m.get("pairing") == "lockstep" for m in rows) else "paired"
+        extra.append(f"median of {r['rounds']} {pairing} rounds")
     return f"{group}" + (f" ({', '.join(extra)})" if extra else "")
 
 
