@@ -2,10 +2,11 @@
 
 Methods: the full schedule, FORA N=2 and N=3, and the routers packaged with the reference model for
 the chosen step count (``assets/routers/*-T<steps>.safetensors``: HarmoniCa, SDT-only, L2C, trained
-by ``python -m harmonica.reference.train_routers``), plus any router files given. With ``peers`` the
-report also holds :func:`harmonica.compare` on a reduced sweep of the training-free peers (diffusers'
-FirstBlockCache, TaylorSeer, MagCache, PAB; cache-dit's DBCache when installed) next to FORA and the
-same routers, in ``compare/``.
+by ``python -m harmonica.reference.train_routers``), a router trained by the quickstart itself (a
+short SDT + IEPO run, so that the report shows training end to end), plus any router files given.
+With ``peers`` the report also holds :func:`harmonica.compare` on a reduced sweep of the
+training-free peers (diffusers' FirstBlockCache, TaylorSeer, MagCache, PAB; cache-dit's DBCache when
+installed) next to FORA and the same routers, in ``compare/``.
 
 Every method samples the same class labels from the same initial noise, so fidelity to the
 uncached model (PSNR, SSIM, MSE of the final images) isolates what caching changed; fidelity
@@ -81,6 +82,41 @@ PEER_SWEEP: dict[str, tuple[str, ...]] = {
 def packaged_routers(num_steps: int) -> list[Path]:
     """The routers shipped with the reference model for ``num_steps`` sampling steps."""
     return sorted((ASSETS / "routers").glob(f"*-T{num_steps}.safetensors"))
+
+
+TRAIN_ITERATIONS = 200
+"""Iterations of the router the quickstart trains itself (~2 minutes on 2 CPU cores)."""
+
+TRAIN_SETTINGS = dict(method="harmonica", batch_size=16, lr=0.05, target_cur=0.35)
+"""The packaged routers' settings (``harmonica.reference.train_routers``); one λ estimate, at the start."""
+
+
+def _train_here(
+    out: Path, num_steps: int, guidance_scale: float, iterations: int, seed: int, progress: bool
+) -> dict:
+    """Train a short SDT + IEPO router on the reference model; ``{path, iterations, seconds, cur}``."""
+    from .training import train_router
+
+    result = train_router(
+        load_model(),
+        load_scheduler(),
+        num_steps=num_steps,
+        iterations=iterations,
+        guidance_scale=guidance_scale,
+        lambda_every=iterations,
+        seed=seed,
+        progress=progress,
+        **TRAIN_SETTINGS,
+    )
+    path = out / f"trained-here-T{num_steps}.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    result.router.save(path)
+    return {
+        "path": path,
+        "iterations": result.iterations,
+        "seconds": result.seconds,
+        "cur": result.router.training_settings["cur"],
+    }
 
 
 def _paired_speedup(model, scheduler, schedule, labels, noise, steps, guidance, repeats) -> float:
@@ -169,9 +205,20 @@ def _markdown(results: list[MethodResult], context: dict) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r.method} | {r.cache_usage_ratio:.1%} | {r.ideal_speedup:.2f}× | {r.measured_speedup:.2f}× | "
-            f"{r.psnr:.2f} | {r.ssim:.4f} | {r.mse:.2e} | {r.fid:.2f} | {r.accuracy:.1%} |"
+            f"| {r.method} | {r.cache_usage_ratio:.1%} | {r.ideal_speedup:.2f}× "
+            f"| {r.measured_speedup:.2f}× | {r.psnr:.2f} | {r.ssim:.4f} | {r.mse:.2e} | {r.fid:.2f} "
+            f"| {r.accuracy:.1%} |"
         )
+    trained = context.get("trained_here")
+    if trained:
+        lines += [
+            "",
+            f"`router {Path(trained['path']).stem}` was trained by this run: SDT + IEPO, "
+            f"{trained['iterations']} iterations in {trained['seconds']:.0f} s, budget mode at "
+            f"{TRAIN_SETTINGS['target_cur']:.0%} "
+            f"(reached {trained['cur']:.1%}); the packaged routers had 760 iterations "
+            "(`python -m harmonica.reference.train_routers`), the paper ~2 000 trajectories.",
+        ]
     lines += [
         "",
         f"Real-vs-real FID floor (train subset vs test, same count): {context['fid_floor']:.2f}.",
@@ -213,6 +260,7 @@ def run_quickstart(
     routers: list[str | os.PathLike[str]] = (),
     threshold: float = 0.1,
     peers: bool = True,
+    train_iterations: int = TRAIN_ITERATIONS,
     progress: bool = True,
 ) -> list[MethodResult]:
     """Sample the reference model uncached and under each schedule; write the report to ``out_dir``.
@@ -220,15 +268,23 @@ def run_quickstart(
     Writes ``report.md``, ``report.json``, ``schedules.png``, ``speed_quality.png`` and one
     ``grid_<method>.png`` per method (one row per digit class); with ``peers`` also ``compare/``
     (:func:`harmonica.compare` on :data:`PEER_SWEEP` and the same routers). Returns the rows of the
-    table. The packaged routers for ``num_inference_steps`` are always included.
+    table. The packaged routers for ``num_inference_steps`` are always included; with
+    ``train_iterations`` > 0 a router is first trained here (SDT + IEPO, :data:`TRAIN_SETTINGS`),
+    saved as ``trained-here-T<steps>.safetensors`` in ``out_dir`` and compared with the others.
     """
     if n_per_class < 2:
         raise ValueError(f"n_per_class must be at least 2 (FID needs a covariance), got {n_per_class}")
+    if train_iterations < 0:
+        raise ValueError(f"train_iterations must be >= 0 (0 trains no router), got {train_iterations}")
     out = Path(out_dir)
     model, scheduler, classifier = load_model(), load_scheduler(), load_classifier()
     test_images, _ = load_dataset("test")
     unit_names = units(model)
     router_paths = packaged_routers(num_inference_steps) + [Path(r) for r in routers]
+    trained = None
+    if train_iterations:
+        trained = _train_here(out, num_inference_steps, guidance_scale, train_iterations, seed, progress)
+        router_paths.append(trained["path"])
     schedules = _schedules(num_inference_steps, len(unit_names), router_paths, threshold)
 
     labels = torch.arange(10).repeat_interleave(n_per_class)
@@ -305,6 +361,7 @@ def run_quickstart(
         "timing_batch": len(timing_labels),
         "timing_repeats": timing_repeats,
         "fid_floor": classifier_fid(floor_images, test_images, classifier).item(),
+        "trained_here": None if trained is None else {**trained, "path": trained["path"].name},
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -21,6 +21,7 @@ def report(tmp_path_factory):
         timing_batch=2,
         timing_repeats=1,
         peers=False,
+        train_iterations=8,
         progress=False,
     )
     return out, results
@@ -35,6 +36,16 @@ def test_report_files(report):
     payload = json.loads((out / "report.json").read_text())
     assert [r["method"] for r in payload["results"]] == [r.method for r in results]
     assert "| FORA N=2 |" in (out / "report.md").read_text()
+
+
+def test_the_quickstart_trains_a_router_and_compares_it(report):
+    out, results = report
+    assert (out / "trained-here-T4.safetensors").is_file()
+    row = next(r for r in results if r.method == "router trained-here-T4")
+    assert 0 <= row.cache_usage_ratio < 1 and row.measured_speedup > 0
+    trained = json.loads((out / "report.json").read_text())["context"]["trained_here"]
+    assert trained["iterations"] == 8 and trained["path"] == "trained-here-T4.safetensors"
+    assert "was trained by this run" in (out / "report.md").read_text()
 
 
 def test_report_numbers_are_consistent(report):
@@ -64,6 +75,7 @@ def test_packaged_routers_join_the_report_and_the_peers(tmp_path):
         num_inference_steps=20,
         timing_batch=2,
         timing_repeats=1,
+        train_iterations=0,
         progress=False,
     )
     names = {r.method for r in results}
