@@ -126,6 +126,49 @@ def _compare(args: argparse.Namespace) -> None:
     )
 
 
+def _class_ids(text: str) -> list[int]:
+    try:
+        ids = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ids = []
+    if not ids:
+        raise ValueError(f"--labels {text!r}: expected comma-separated class ids such as 0,3,7")
+    return ids
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from .models import UnsupportedModelError
+    from .sample_cli import load_prompt_embeds, sample_images
+
+    if args.threshold is not None and args.router is None:
+        raise ValueError("--threshold is the router's τ: it needs --router PATH")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        _, result = sample_images(
+            args.model,
+            router=args.router,
+            threshold=0.1 if args.threshold is None else args.threshold,
+            fora=args.fora,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            class_labels=None if args.labels is None else _class_ids(args.labels),
+            prompt_embeds=load_prompt_embeds(args.prompt_embeds) if args.prompt_embeds else None,
+            num_images=args.num,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            compare_uncached=args.compare_uncached,
+            out=args.out,
+            save_tensor=args.save_tensor,
+            progress=not args.no_progress,
+        )
+    except UnsupportedModelError as err:  # a TypeError: the model cannot be cached, say so cleanly
+        raise ValueError(str(err)) from err
+    print(result.summary())
+
+
 def _info(args: argparse.Namespace) -> None:
     from harmonica_kernels.info import report
 
@@ -244,6 +287,43 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="harmonica-compare", help="report folder (default: harmonica-compare)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_compare)
+
+    s = sub.add_parser(
+        "sample",
+        help="sample images (uncached, a router or FORA) as a PNG grid; optionally PSNR, speedup vs uncached",
+    )
+    s.add_argument("--model", default=None, help="local pipeline or transformer folder (default: reference)")
+    cache = s.add_mutually_exclusive_group()
+    cache.add_argument("--router", default=None, metavar="PATH", help="a trained router file for this model")
+    cache.add_argument(
+        "--fora", type=int, default=None, metavar="N", help="FORA: compute every N-th step (N >= 2)"
+    )
+    cache.add_argument("--uncached", action="store_true", help="no caching (the default)")
+    s.add_argument("--threshold", type=float, default=None, help="router threshold τ (default 0.1)")
+    s.add_argument("--steps", type=int, default=20, help="sampling steps (a router's must match)")
+    s.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
+    s.add_argument(
+        "--labels",
+        default=None,
+        metavar="IDS",
+        help="DiT class ids, e.g. 0,3,7 (default: reference 0..9; another DiT: --num (8) random ids)",
+    )
+    s.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [N, L, C]")
+    s.add_argument("--num", type=int, default=None, help="images when --labels is not given (cycles prompts)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    s.add_argument("--batch-size", type=int, default=10, help="images per sampling call")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    s.add_argument("--out", default="samples.png", help="PNG image grid (default: samples.png)")
+    s.add_argument(
+        "--save-tensor", default=None, metavar="FILE", help="also save the raw samples (.safetensors)"
+    )
+    s.add_argument(
+        "--compare-uncached",
+        action="store_true",
+        help="also sample uncached from the same noise: grid above the cached one, PSNR, measured speedup",
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_sample)
 
     i = sub.add_parser("info", help="versions, built kernels and active backends")
     i.set_defaults(func=_info)
