@@ -20,6 +20,7 @@ def _quickstart(args: argparse.Namespace) -> None:
         routers=args.router,
         threshold=args.threshold,
         peers=not args.no_peers,
+        train_iterations=args.train_iterations,
     )
 
 
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--threshold", type=float, default=0.1, help="router threshold τ")
     q.add_argument("--no-peers", action="store_true", help="skip the comparison with the training-free peers")
+    q.add_argument(
+        "--train-iterations",
+        type=int,
+        default=200,
+        help="iterations of the router trained by the quickstart (0: train none; default %(default)s)",
+    )
     q.set_defaults(func=_quickstart)
 
     t = sub.add_parser(

@@ -239,9 +239,10 @@ def _slug(name: str) -> str:
 
 
 def _table(results: list[MethodResult]) -> str:
-    head = f"{'method':<16}{'CUR':>7}{'ideal':>8}{'measured':>10}{'PSNR':>8}{'SSIM':>8}{'FID':>8}{'acc':>7}"
+    w = max(len("method"), *(len(r.method) for r in results)) + 1
+    head = f"{'method':<{w}}{'CUR':>7}{'ideal':>8}{'measured':>10}{'PSNR':>8}{'SSIM':>8}{'FID':>8}{'acc':>7}"
     rows = [
-        f"{r.method:<16}{r.cache_usage_ratio:>7.1%}{r.ideal_speedup:>7.2f}x{r.measured_speedup:>9.2f}x"
+        f"{r.method:<{w}}{r.cache_usage_ratio:>7.1%}{r.ideal_speedup:>7.2f}x{r.measured_speedup:>9.2f}x"
         f"{r.psnr:>8.2f}{r.ssim:>8.4f}{r.fid:>8.2f}{r.accuracy:>7.1%}"
         for r in results
     ]
