@@ -209,6 +209,39 @@ def _take(conditions: Any, part: slice) -> Any:
     }
 
 
+def prompt_conditions(transformer: nn.Module, prompt_embeds: Mapping[str, torch.Tensor] | None) -> dict:
+    """PixArt conditions from ``prompt_embeds [N, L, C]`` and its optional mask and negative prompt.
+
+    Missing masks are all ones; a missing negative prompt is one all-zero embedding. Raises
+    ValueError naming the fix when the embeddings are missing or do not fit the model.
+    """
+    kind = type(transformer).__name__
+    if prompt_embeds is None or "prompt_embeds" not in prompt_embeds:
+        raise ValueError(
+            f"{kind} is text-conditioned: pass prompt_embeds={{'prompt_embeds': [N, L, C], ...}} "
+            "(CLI: --prompt-embeds FILE.safetensors with a tensor 'prompt_embeds'; encode the prompts "
+            "once with the pipeline's text encoder)"
+        )
+    text = prompt_embeds["prompt_embeds"]
+    width = getattr(transformer.config, "caption_channels", None)
+    if text.dim() != 3 or text.shape[0] == 0 or (width is not None and text.shape[-1] != width):
+        raise ValueError(
+            f"prompt_embeds must be [N, L, {width or 'C'}] for this {kind}, got {tuple(text.shape)}; "
+            "encode the prompts with this model's text encoder"
+        )
+    mask = prompt_embeds.get("prompt_attention_mask", torch.ones(text.shape[:2], dtype=torch.long))
+    neg = prompt_embeds.get("negative_prompt_embeds", torch.zeros_like(text[:1]))
+    neg_mask = prompt_embeds.get(
+        "negative_prompt_attention_mask", torch.ones(neg.shape[:2], dtype=torch.long)
+    )
+    return {
+        "prompt_embeds": text,
+        "prompt_attention_mask": mask,
+        "negative_prompt_embeds": neg,
+        "negative_prompt_attention_mask": neg_mask,
+    }
+
+
 def _dit_sampler(
     transformer: nn.Module, scheduler: Any, steps: int, guidance: float, clamp: bool
 ) -> Callable[..., torch.Tensor]:
@@ -351,25 +384,8 @@ def _workload(
         )
         count = len(labels)
     else:
-        if prompt_embeds is None or "prompt_embeds" not in prompt_embeds:
-            raise ValueError(
-                f"{type(transformer).__name__} is text-conditioned: pass "
-                "prompt_embeds={'prompt_embeds': [N, L, C], ...} (CLI: --prompt-embeds FILE.safetensors; "
-                "encode the prompts once with the pipeline's text encoder)"
-            )
-        text = prompt_embeds["prompt_embeds"]
-        count = text.shape[0]
-        mask = prompt_embeds.get("prompt_attention_mask", torch.ones(text.shape[:2], dtype=torch.long))
-        neg = prompt_embeds.get("negative_prompt_embeds", torch.zeros_like(text[:1]))
-        neg_mask = prompt_embeds.get(
-            "negative_prompt_attention_mask", torch.ones(neg.shape[:2], dtype=torch.long)
-        )
-        conditions = {
-            "prompt_embeds": text,
-            "prompt_attention_mask": mask,
-            "negative_prompt_embeds": neg,
-            "negative_prompt_attention_mask": neg_mask,
-        }
+        conditions = prompt_conditions(transformer, prompt_embeds)
+        count = conditions["prompt_embeds"].shape[0]
         sampler = _pixart_sampler(transformer, scheduler, num_inference_steps, guidance_scale)
 
     if is_reference:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path
 from .cache import ScheduleMismatchError, disable_cache, enable_cache
-from .compare import _decoder, _dit_sampler, _load, _pixart_sampler, _take, _Workload
+from .compare import _decoder, _dit_sampler, _load, _pixart_sampler, _take, _Workload, prompt_conditions
 from .eval import psnr
 from .models import supported_class, units
 from .router import Router
@@ -159,32 +159,8 @@ def _labels(
 def _prompt_conditions(
     transformer: torch.nn.Module, prompt_embeds: Any, num_images: int | None
 ) -> dict[str, torch.Tensor]:
-    kind = type(transformer).__name__
-    if prompt_embeds is None or "prompt_embeds" not in prompt_embeds:
-        raise ValueError(
-            f"{kind} is text-conditioned: pass prompt_embeds={{'prompt_embeds': [N, L, C], ...}} "
-            "(CLI: --prompt-embeds FILE.safetensors with a tensor 'prompt_embeds'; encode the prompts "
-            "once with the pipeline's text encoder)"
-        )
-    text = prompt_embeds["prompt_embeds"]
-    width = getattr(transformer.config, "caption_channels", None)
-    if text.dim() != 3 or text.shape[0] == 0 or (width is not None and text.shape[-1] != width):
-        raise ValueError(
-            f"prompt_embeds must be [N, L, {width or 'C'}] for this {kind}, got {tuple(text.shape)}; "
-            "encode the prompts with this model's text encoder"
-        )
-    mask = prompt_embeds.get("prompt_attention_mask", torch.ones(text.shape[:2], dtype=torch.long))
-    neg = prompt_embeds.get("negative_prompt_embeds", torch.zeros_like(text[:1]))
-    neg_mask = prompt_embeds.get(
-        "negative_prompt_attention_mask", torch.ones(neg.shape[:2], dtype=torch.long)
-    )
-    conditions = {
-        "prompt_embeds": text,
-        "prompt_attention_mask": mask,
-        "negative_prompt_embeds": neg,
-        "negative_prompt_attention_mask": neg_mask,
-    }
-    prompts = text.shape[0]
+    conditions = prompt_conditions(transformer, prompt_embeds)
+    prompts = conditions["prompt_embeds"].shape[0]
     if num_images is not None and num_images != prompts:  # cycle through the prompts
         rows = torch.arange(num_images) % prompts
         conditions = {
