@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = getattr(torch, _DTYPES[args.dtype])
     transformer, scheduler = load_local(args.model, dtype=dtype, device=args.device)
     prompts = {}
     if args.prompt_embeds:
@@ -163,6 +163,8 @@ def _sample(args: argparse.Namespace) -> None:
             compare_uncached=args.compare_uncached,
             out=args.out,
             save_tensor=args.save_tensor,
+            device=args.device,
+            dtype=getattr(torch, _DTYPES[args.dtype]),
             progress=not args.no_progress,
         )
     except UnsupportedModelError as err:  # a TypeError: the model cannot be cached, say so cleanly
@@ -187,6 +189,10 @@ def _bench(args: argparse.Namespace) -> None:
     if args.readme:
         sections = update_readme(args.readme, payloads)
         print(f"\n{args.readme}: {sections} generated section(s) rewritten")
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""``--dtype`` choices: names of torch dtypes."""
 
 
 def _cuda() -> bool:
@@ -248,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="L2C: real samples (.safetensors/.pt or image folder)")
     t.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [P, L, C]")
-    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    t.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     t.add_argument("--device", default="cuda" if _cuda() else "cpu")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument("--checkpoint-dir", default=None, help="resumable training state (resumed when present)")
@@ -320,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     s.add_argument("--batch-size", type=int, default=10, help="images per sampling call")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    s.add_argument("--dtype", choices=list(_DTYPES), default="fp32", help="the transformer's dtype")
     s.add_argument("--out", default="samples.png", help="PNG image grid (default: samples.png)")
     s.add_argument(
         "--save-tensor", default=None, metavar="FILE", help="also save the raw samples (.safetensors)"

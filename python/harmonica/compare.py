@@ -282,9 +282,10 @@ def _pixart_sampler(
         added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
         if getattr(transformer, "use_additional_conditions", False):
             side = float(transformer.config.sample_size * 8)  # PixArt's VAE downsamples by 8
+            on = dict(device=param.device, dtype=param.dtype)
             added = {
-                "resolution": torch.tensor([[side, side]]).repeat(rows, 1),
-                "aspect_ratio": torch.ones(rows, 1),
+                "resolution": torch.tensor([[side, side]], **on).repeat(rows, 1),
+                "aspect_ratio": torch.ones(rows, 1, **on),
             }
         latents = noise.to(param.device, torch.float32) * scheduler.init_noise_sigma
         scheduler.set_timesteps(steps, device=param.device)

@@ -216,6 +216,8 @@ def sample_images(
     compare_uncached: bool = False,
     out: str | os.PathLike[str] | None = None,
     save_tensor: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> tuple[torch.Tensor, SampleResult]:
     """Sample images, uncached or with a cache (a router or FORA); optionally write a PNG grid and tensors.
@@ -244,6 +246,7 @@ def sample_images(
         save_tensor: write a ``.safetensors`` file here: ``samples`` (the returned images), and when
             they apply ``latents`` (before VAE decoding), ``labels``, ``uncached``
             (``uncached_latents``); the settings are in its metadata.
+        device, dtype: move the transformer there / cast it (and move the VAE); None keeps them.
         progress: a tqdm bar over the denoising steps.
 
     Returns:
@@ -284,6 +287,17 @@ def sample_images(
         raise FileNotFoundError(f"no router file at {router}")
 
     name, transformer, scheduler, vae, is_reference = _load(model, scheduler)
+    if device is not None or dtype is not None:
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its note on keeping modules in fp32 names none here
+        try:
+            transformer.to(device=device, dtype=dtype)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        if vae is not None and device is not None:
+            vae.to(device=device)
     steps = num_inference_steps
     is_dit = supported_class(transformer).__name__ == "DiTTransformer2DModel"
     labels = None

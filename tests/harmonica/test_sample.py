@@ -72,6 +72,18 @@ def test_uncached_equals_a_direct_sample_call(tmp_path, capsys):
     assert Image.open(out).size == (2 * 64 + 3 * 2, 64 + 2 * 2)  # 16 px ×4 tiles, 2 px gaps
 
 
+def test_dtype_casts_the_model(tmp_path, capsys):
+    tensors = tmp_path / "b.safetensors"
+    argv = ["sample", *FAST, "--dtype", "bf16", "--device", "cpu", "--save-tensor", str(tensors)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    got = _tensors(tensors)["samples"]
+    # bf16 weights and activations: close to the fp32 samples, not equal to them
+    fp32 = _direct([0, 1], 4)
+    assert got.dtype == torch.float32 and not torch.equal(got, fp32)
+    assert (got - fp32).abs().mean() < 0.06, "bf16 sampling must stay near the fp32 samples (0.03 here)"
+
+
 def test_fora_with_compare_uncached(tmp_path, capsys):
     out, tensors = tmp_path / "new" / "dir" / "f.png", tmp_path / "f.safetensors"
     argv = [
