@@ -32,10 +32,9 @@ denoising step at a time, the two calls of a step in alternating order, each tim
 every cached step has an uncached step next to it. ``speedup`` is the median over rounds of
 uncached / cached time, and the rows keep each round's ratio (the README shows their range). The
 ``graph`` ``uncached`` row is paired with the eager uncached model instead (what capture alone
-gains). Rows
-record the shapes, dtype, device, FLOPs per sampling run (``torch.utils.flop_counter``, matmuls and
-attention), cache usage ratio, the FLOP-ideal speedup of the schedule
-(:meth:`CacheSchedule.ideal_speedup`: an arithmetic bound, not a measurement), measured / ideal,
+gains). Rows record the shapes, dtype, device, FLOPs per sampling run
+(``torch.utils.flop_counter``, matmuls and attention), cache usage ratio, the FLOP-ideal speedup of
+the schedule (:meth:`CacheSchedule.ideal_speedup`: an arithmetic bound, not a measurement), measured / ideal,
 the cache memory, and the error of the final latents against the uncached run. On CUDA every time
 is measured between CUDA events (so the device's wall-clock, launch gaps included).
 
@@ -47,6 +46,7 @@ from __future__ import annotations
 import copy
 import statistics
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -228,7 +228,8 @@ class Bench:
     def step(self, model: torch.nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
         """Denoising step ``i`` of ``model`` from latents ``x`` (one CFG-batched call, DDIM update)."""
         B, C = self.setup.batch, self.channels
-        out = model(torch.cat([x, x]), timestep=self.model_timesteps[i].expand(2 * B), **self.conditions).sample
+        t_in = self.model_timesteps[i].expand(2 * B)
+        out = model(torch.cat([x, x]), timestep=t_in, **self.conditions).sample
         cond, uncond = out[:, :C].split(B)  # learned sigma: the first C channels are epsilon
         t = self.scheduler.timesteps[i]
         return self.scheduler.step(uncond + self.setup.guidance * (cond - uncond), t, x).prev_sample
@@ -246,12 +247,12 @@ class Bench:
         plain_s = cached_s = 0.0
         for i in range(self.setup.steps):
             if i % 2:
-                x_cached, seconds = timed(lambda: self.step(cached, x_cached, i), self.device)
+                x_cached, seconds = timed(partial(self.step, cached, x_cached, i), self.device)
                 cached_s += seconds
-            x_plain, seconds = timed(lambda: self.step(self.model, x_plain, i), self.device)
+            x_plain, seconds = timed(partial(self.step, self.model, x_plain, i), self.device)
             plain_s += seconds
             if not i % 2:
-                x_cached, seconds = timed(lambda: self.step(cached, x_cached, i), self.device)
+                x_cached, seconds = timed(partial(self.step, cached, x_cached, i), self.device)
                 cached_s += seconds
         return x_cached, plain_s, cached_s
 

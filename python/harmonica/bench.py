@@ -4,8 +4,9 @@ The files are written by ``pytest benchmarks`` (see ``benchmarks/conftest.py``):
 device, ``{"suite", "device", "torch", "size", "date", ..., "rows": [...]}``. Every table names the
 device, torch version, op backend, size convention and date of the run it shows, and links its
 JSON file. Known suites get their own layout (``kernels``: fused vs unfused time, ratio and share
-of the copy bandwidth per dtype; ``e2e``: measured speedup, with the range over rounds, next to the cache usage ratio
-and the FLOP-ideal speedup); any other suite (e.g. ``training``) is shown as a plain table of its rows.
+of the copy bandwidth per dtype; ``e2e``: measured speedup, with its range over rounds, next to the
+cache usage ratio and the FLOP-ideal speedup); any other suite (e.g. ``training``) is shown as a
+plain table of its rows.
 
 A README keeps generated tables between marker comments, which :func:`update_readme` rewrites in
 place (atomically) and nothing else::

@@ -127,7 +127,8 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> Router:
-        """Clamp logits to ``[-LOGIT_BOUND, LOGIT_BOUND]``, re-pin the pinned rows; call after every optimizer step."""
+        """Clamp logits to ``[-LOGIT_BOUND, LOGIT_BOUND]`` and re-pin the pinned rows (after every
+        optimizer step)."""
         self.logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
         self.logits[self.pinned_steps] = FIRST_STEP_LOGIT
         return self

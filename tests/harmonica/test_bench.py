@@ -138,11 +138,11 @@ def test_e2e_table(results):
 
 
 def test_e2e_lockstep_rows_show_the_range_over_rounds():
+    cpu = dict(backend="cpp", device="cpu", threads=2)
     rows = [
-        _e2e_row("uncached", "eager", 0.50, baseline=True, speedup=1.0, backend="cpp", device="cpu", threads=2),
+        _e2e_row("uncached", "eager", 0.50, baseline=True, speedup=1.0, **cpu),
         _e2e_row("fora2", "eager", 0.26, uncached_median_s=0.5, speedup=1.93, speedups=[1.9, 1.93, 2.04],
-                 ideal_speedup=2.0, pct_of_ideal=96.5, pairing="lockstep", backend="cpp", device="cpu",
-                 threads=2),
+                 ideal_speedup=2.0, pct_of_ideal=96.5, pairing="lockstep", **cpu),
     ]  # fmt: skip
     text = render_payload({"suite": "e2e", "device": "AMD EPYC (2 threads)", "rows": rows})
     assert "| FORA N=2 | eager | 50.0 % | 260 ms | 500 ms | 1.93× (1.90–2.04) | 2.00× | 96 % |" in text

@@ -74,7 +74,8 @@ def test_uncached_equals_a_direct_sample_call(tmp_path, capsys):
 
 def test_dtype_casts_the_model(tmp_path, capsys):
     tensors = tmp_path / "b.safetensors"
-    argv = ["sample", *FAST, "--dtype", "bf16", "--device", "cpu", "--save-tensor", str(tensors)]
+    argv = ["sample", *FAST, "--dtype", "bf16", "--device", "cpu", "--out", str(tmp_path / "b.png")]
+    argv += ["--save-tensor", str(tensors)]
     assert main(argv) == 0
     capsys.readouterr()
     got = _tensors(tensors)["samples"]
