@@ -246,6 +246,23 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 r.setdefault("speedup", base[0]["median_s"] / r["median_s"])
 
 
+def interleaved_ratio(baseline: Callable[[], Any], fn: Callable[[], Any], pairs: int = 15) -> float:
+    """Median over ``pairs`` of baseline time / ``fn`` time, the two calls back to back in alternating
+    order (host clock; CPU only). Rows timed one after the other carry the machine's drift between
+    them; a pair of adjacent calls does not."""
+    ratios = []
+    for i in range(pairs + 1):  # the first pair warms both up and is dropped
+        order = (baseline, fn) if i % 2 else (fn, baseline)
+        seconds = {}
+        for call in order:
+            start = time.perf_counter()
+            call()
+            seconds[call] = time.perf_counter() - start
+        if i:
+            ratios.append(seconds[baseline] / seconds[fn])
+    return statistics.median(ratios)
+
+
 def measure(benchmark, fn: Callable[[], Any], device: str, inner: int | None = None) -> float | None:
     """Benchmarks `fn` and returns its median seconds per call (None under --benchmark-disable).
 

@@ -238,6 +238,7 @@ def _kernel_tables(rows: list[dict[str, Any]]) -> list[str]:
                     for dtype in dtypes:
                         f_row, b_row = _pair(index, op, fused, base, dtype)
                         ratio = b_row["median_s"] / f_row["median_s"] if f_row and b_row else None
+                        ratio = ((f_row or {}).get("paired_speedups") or {}).get(base, ratio)
                         cells += [
                             _time(f_row["median_s"]) if f_row else "–",
                             _time(b_row["median_s"]) if b_row else "–",
@@ -247,6 +248,8 @@ def _kernel_tables(rows: list[dict[str, Any]]) -> list[str]:
                     body.append(cells)
         name = next((r.get("shape_name") for r in of_shape if r.get("shape_name")), None)
         title = f"Shape B, N, D = {', '.join(map(str, shape))}" + (f" ({name})" if name else "")
+        if any(r.get("paired_speedups") for r in of_shape):
+            title += "; ratios from interleaved pairs of calls"
         tables.append(f"{title}:\n\n" + _table(header, body))
     return tables
 

@@ -119,6 +119,20 @@ def test_kernel_table(results):
     assert "gated_residual_update_ | cuda | unfused | 3 µs | – | – | 50 % | – | – | – | – |" in lines
 
 
+def test_kernel_table_prefers_interleaved_ratios():
+    rows = [
+        _kernel_row("cached_gated_residual", "fused (cpp)", "float32", 2e-6,
+                    paired_speedups={"unfused": 2.5, "addcmul": 1.02}),
+        _kernel_row("cached_gated_residual", "unfused", "float32", 6e-6),
+        _kernel_row("cached_gated_residual", "addcmul", "float32", 1e-6),
+    ]  # fmt: skip
+    text = render_payload({"suite": "kernels", "device": "AMD EPYC (2 threads)", "rows": rows})
+    assert "ratios from interleaved pairs of calls" in text
+    # the rows' own times stay; the ratio is the paired one, not 1e-6 / 2e-6
+    assert "| `cached_gated_residual` | cpp | addcmul | 2 µs | 1 µs | 1.02× | 50 % |" in text
+    assert "| `cached_gated_residual` | cpp | unfused | 2 µs | 6 µs | 2.50× | 50 % |" in text
+
+
 def test_e2e_table(results):
     (payload,) = load_results(results, suites=["e2e"])
     text = render_payload(payload)
