@@ -30,12 +30,7 @@ from .tiny_models import (
 FAST = ["--steps", "4", "--labels", "0,1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
