@@ -242,6 +242,14 @@ def prompt_conditions(transformer: nn.Module, prompt_embeds: Mapping[str, torch.
     }
 
 
+def seeded_noise(transformer: nn.Module, count: int, seed: int) -> torch.Tensor:
+    """The initial noise of ``count`` samples, ``[count, in_channels, size, size]`` from a CPU
+    generator seeded with ``seed``: the convention ``compare`` and ``harmonica sample`` share."""
+    config = transformer.config
+    size = config.sample_size
+    return torch.randn(count, config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
 def _dit_sampler(
     transformer: nn.Module, scheduler: Any, steps: int, guidance: float, clamp: bool
 ) -> Callable[..., torch.Tensor]:
@@ -363,7 +371,6 @@ def _workload(
     seed: int,
 ) -> _Workload:
     name, transformer, scheduler, vae, is_reference = _load(model, scheduler)
-    config = transformer.config
     is_dit = supported_class(transformer).__name__ == "DiTTransformer2DModel"
     classifier, labels, conditions = None, None, None
 
@@ -395,11 +402,8 @@ def _workload(
         classifier = load_classifier()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    size, channels = config.sample_size, config.in_channels
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(count, channels, size, size, generator=gen)
-    first = min(batch_size, count)
-    calibration = torch.randn(first, channels, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    noise = seeded_noise(transformer, count, seed)
+    calibration = seeded_noise(transformer, min(batch_size, count), seed + 1)
     batches = [slice(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
     return _Workload(
         name=name,

@@ -28,7 +28,16 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path
 from .cache import ScheduleMismatchError, disable_cache, enable_cache
-from .compare import _decoder, _dit_sampler, _load, _pixart_sampler, _take, _Workload, prompt_conditions
+from .compare import (
+    _decoder,
+    _dit_sampler,
+    _load,
+    _pixart_sampler,
+    _take,
+    _Workload,
+    prompt_conditions,
+    seeded_noise,
+)
 from .eval import psnr
 from .models import supported_class, units
 from .router import Router
@@ -323,11 +332,7 @@ def sample_images(
         warm_sampler = _pixart_sampler(transformer, scheduler, min(2, steps), guidance_scale)
         count = conditions["prompt_embeds"].shape[0]
 
-    config = transformer.config
-    noise = torch.randn(
-        count, config.in_channels, config.sample_size, config.sample_size,
-        generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
+    noise = seeded_noise(transformer, count, seed)
     work = _Workload(
         name=name,
         transformer=transformer,
