@@ -5,8 +5,8 @@ device, ``{"suite", "device", "torch", "size", "date", ..., "rows": [...]}``. Ev
 device, torch version, op backend, size convention and date of the run it shows, and links its
 JSON file. Known suites get their own layout (``kernels``: fused vs unfused time, ratio and share
 of the copy bandwidth per dtype; ``e2e``: measured speedup, with its range over rounds, next to the
-cache usage ratio and the FLOP-ideal speedup); any other suite (e.g. ``training``) is shown as a
-plain table of its rows.
+cache usage ratio, the FLOP-ideal speedup and, where recorded, the non-view ops per run); any other
+suite (e.g. ``training``) is shown as a plain table of its rows.
 
 A README keeps generated tables between marker comments, which :func:`update_readme` rewrites in
 place (atomically) and nothing else::
@@ -273,6 +273,9 @@ def _e2e_tables(rows: list[dict[str, Any]]) -> list[str]:
         members = [r for r in rows if r["group"] == group]
         header = ["schedule", "mode", "cache usage", "time", "paired uncached", "measured speedup",
                   "FLOP-ideal", "% of ideal"]  # fmt: skip
+        with_ops = any("ops_per_run" in r for r in members)
+        if with_ops:
+            header.append("ops / run")
         body = []
         for r in sorted(members, key=_e2e_order):
             schedule = r.get("schedule", r["impl"].split(" ")[0])
@@ -295,6 +298,7 @@ def _e2e_tables(rows: list[dict[str, Any]]) -> list[str]:
                     _ratio(r.get("ideal_speedup")),
                     _pct(r.get("pct_of_ideal")),
                 ]
+                + ([_value(r.get("ops_per_run"))] if with_ops else [])
             )
         tables.append(f"{_e2e_title(group, members)}:\n\n" + _table(header, body))
     return tables

@@ -30,12 +30,14 @@ diffusers pipelines do (with autograd on, cache writes would keep each step's gr
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, Timesteps
 from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 from torch.nn import functional as F
@@ -121,6 +123,7 @@ class CacheHandle:
         self._original_class: type[nn.Module] = type(transformer)
         self._cached_blocks: list[CachedTransformerBlock] = []
         self._scheduler_hook: _ResetOnSetTimesteps | None = None
+        self._embeddings = _SharedEmbeddings([])
 
     @property
     def schedule(self) -> CacheSchedule:
@@ -153,6 +156,7 @@ class CacheHandle:
         self._row = None
         self._buffers = [None] * self._schedule.num_units
         self._layout = None
+        self._embeddings.end_call()
 
     def computes(self, unit: int) -> bool:
         """Whether ``unit`` is computed at the current step (a host-side constant)."""
@@ -310,6 +314,8 @@ class CachedTransformerBlock(nn.Module):
         object.__setattr__(self, "_original", block)
         self._handle = handle
         self._attn1_unit, self._attn2_unit, self._ff_unit = unit_ids
+        # Set by _SharedEmbeddings: which DiT blocks share this one's conditioning embedding.
+        self._embedding_key: tuple[tuple[Any, ...], int] | None = None
         ff_norm = self._ff_norm()
         plain_norm = ff_norm.weight is None and ff_norm.bias is None
         # The fused op normalises without affine weights; affine norms take the unfused path.
@@ -353,11 +359,11 @@ class CachedTransformerBlock(nn.Module):
         # when those units are (a reused unit's input is dead work: a LayerNorm and two passes).
         ff_runs = handle.computes(self._ff_unit)
         if self.norm_type == "ada_norm_zero":
-            norm1 = self.norm1  # AdaLayerNormZero.forward, with its LayerNorm moved into the branch
-            emb = norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=x.dtype))
+            # AdaLayerNormZero.forward, with its LayerNorm moved into the branch
+            emb = handle._embeddings.conditioning(self, timestep, class_labels, x.dtype)
             needed = (handle.computes(self._attn1_unit), ff_runs)
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero_chunks(
-                norm1.linear, emb, needed
+                self.norm1.linear, emb, needed
             )
         else:
             modulation = self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)
@@ -454,6 +460,116 @@ def _ada_zero_chunks(
     return chunks
 
 
+class _SharedEmbeddings:
+    """DiT's conditioning embedding ``silu(norm1.emb(timestep, class_labels))``, computed once per
+    transformer call for all blocks whose embedders compute the same function.
+
+    diffusers' DiT gives every block its own ``CombinedTimestepLabelEmbeddings``, and its conversion
+    of the original checkpoints copies the one timestep and class embedder into each of them, so at
+    DiT-XL/2 all 28 blocks compute the same vector, each with a dozen small kernels: on a step that
+    reuses every unit those are most of its launches. Blocks with equal embedders (same structure, equal
+    weights) form a group and the first of them computes the group's embedding for the call; the
+    parameter-free sinusoidal projection of the timestep is shared by all blocks with the same
+    settings even when their weights differ. Each value is exactly what every block would have
+    computed itself (same ops on the same inputs and weights).
+
+    The groups are found when caching is enabled (comparing weights on the device) and found again
+    at the first step of a generation if any embedder parameter was replaced or modified in place
+    since (checked on the host through identity, storage and version counter, with no device read).
+    An embedder in training mode (label dropout is random per block) or of another type is called
+    as diffusers calls it.
+    """
+
+    def __init__(self, blocks: list[CachedTransformerBlock]) -> None:
+        self._blocks = [b for b in blocks if b.norm_type == "ada_norm_zero"]
+        self._memo: dict[tuple[Any, ...], torch.Tensor] = {}  # cleared, never replaced: dynamo guards it
+        self._state: tuple[Any, ...] | None = None
+        self.begin_call(first_step=True)
+
+    # Both run in the transformer's __call__, outside the traced region (as CacheHandle._begin_step).
+    @torch.compiler.disable
+    def begin_call(self, *, first_step: bool) -> None:
+        self._memo.clear()
+        if first_step:
+            state = self._parameter_state()
+            if state != self._state:
+                self._group()
+                self._state = state
+
+    @torch.compiler.disable
+    def end_call(self) -> None:
+        self._memo.clear()
+
+    def conditioning(
+        self,
+        block: CachedTransformerBlock,
+        timestep: torch.Tensor,
+        class_labels: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``block.norm1.silu(block.norm1.emb(timestep, class_labels, hidden_dtype=dtype))``."""
+        norm1 = block.norm1
+        embedder = norm1.emb
+        key = block._embedding_key
+        if key is None or embedder.training:
+            return norm1.silu(embedder(timestep, class_labels, hidden_dtype=dtype))
+        memo = self._memo
+        shared = memo.get(key)
+        if shared is not None:
+            return shared
+        projection_key = key[0]
+        projection = memo.get(projection_key)
+        if projection is None:
+            projection = memo[projection_key] = embedder.time_proj(timestep)
+        # CombinedTimestepLabelEmbeddings.forward (checked to be that class in _group)
+        conditioning = embedder.timestep_embedder(projection.to(dtype=dtype)) + embedder.class_embedder(
+            class_labels
+        )
+        memo[key] = shared = norm1.silu(conditioning)
+        return shared
+
+    def _parameter_state(self) -> tuple[Any, ...]:
+        return tuple(
+            (id(b.norm1.emb),)
+            + tuple(
+                (id(t), t.data_ptr(), _version(t), t.dtype, t.device)
+                for t in itertools.chain(b.norm1.emb.parameters(), b.norm1.emb.buffers())
+            )
+            for b in self._blocks
+        )
+
+    def _group(self) -> None:
+        leaders: list[nn.Module] = []  # the first embedder of each group
+        for block in self._blocks:
+            embedder = block.norm1.emb
+            block._embedding_key = None
+            proj = getattr(embedder, "time_proj", None)
+            if type(embedder) is not CombinedTimestepLabelEmbeddings or type(proj) is not Timesteps:
+                continue
+            projection_key = (proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift, proj.scale)
+            group = next((i for i, leader in enumerate(leaders) if _same_function(leader, embedder)), None)
+            if group is None:
+                group = len(leaders)
+                leaders.append(embedder)
+            block._embedding_key = (projection_key, group)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's in-place modification counter; None for inference tensors, which have none."""
+    return None if t.is_inference() else t._version
+
+
+def _same_function(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two embedders have the same structure and settings and equal weights."""
+    if repr(a) != repr(b) or a.class_embedder.dropout_prob != b.class_embedder.dropout_prob:
+        return False
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return state_a.keys() == state_b.keys() and all(
+        x.dtype == state_b[k].dtype and x.device == state_b[k].device and torch.equal(x, state_b[k])
+        for k, x in state_a.items()
+    )
+
+
 def _check_block(block: nn.Module) -> None:
     """Raise UnsupportedModelError for any block whose forward CachedTransformerBlock would not reproduce."""
     if type(block) is not BasicTransformerBlock:
@@ -492,7 +608,9 @@ def _stepped_class(cls: type[nn.Module]) -> type[nn.Module]:
         handle: CacheHandle = self.__dict__[HANDLE_ATTR]
         hidden_states = args[0] if args else kwargs.get("hidden_states")
         handle._begin_step(hidden_states)
+        handle._embeddings.begin_call(first_step=handle.step == 0)
         output = super(stepped, self).__call__(*args, **kwargs)
+        handle._embeddings.end_call()
         handle._end_step()
         return output
 
@@ -589,6 +707,7 @@ def attach_handle(pipe_or_transformer: Any, handle: CacheHandle) -> None:
     ]
     for i, cached in enumerate(handle._cached_blocks):
         transformer.transformer_blocks[i] = cached
+    handle._embeddings = _SharedEmbeddings(handle._cached_blocks)
     setattr(transformer, HANDLE_ATTR, handle)
     transformer.__class__ = _stepped_class(handle._original_class)
     scheduler = (
@@ -615,6 +734,7 @@ def disable_cache(pipe_or_transformer: Any) -> None:
     if handle._scheduler_hook is not None:
         handle._scheduler_hook.unwrap()
     handle._cached_blocks = []
+    handle._embeddings = _SharedEmbeddings([])
     handle._scheduler_hook = None
     handle.reset()
 

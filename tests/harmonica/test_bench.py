@@ -154,12 +154,14 @@ def test_e2e_table(results):
 def test_e2e_lockstep_rows_show_the_range_over_rounds():
     cpu = dict(backend="cpp", device="cpu", threads=2)
     rows = [
-        _e2e_row("uncached", "eager", 0.50, baseline=True, speedup=1.0, **cpu),
+        _e2e_row("uncached", "eager", 0.50, baseline=True, speedup=1.0, ops_per_run=9000, **cpu),
         _e2e_row("fora2", "eager", 0.26, uncached_median_s=0.5, speedup=1.93, speedups=[1.9, 1.93, 2.04],
-                 ideal_speedup=2.0, pct_of_ideal=96.5, pairing="lockstep", **cpu),
+                 ideal_speedup=2.0, pct_of_ideal=96.5, pairing="lockstep", ops_per_run=5000, **cpu),
     ]  # fmt: skip
     text = render_payload({"suite": "e2e", "device": "AMD EPYC (2 threads)", "rows": rows})
-    assert "| FORA N=2 | eager | 50.0 % | 260 ms | 500 ms | 1.93× (1.90–2.04) | 2.00× | 96 % |" in text
+    assert "| % of ideal | ops / run |" in text
+    assert "| uncached | eager | 0.0 % | 500 ms | – | 1.00× (baseline) | – | – | 9000 |" in text
+    assert "| FORA N=2 | eager | 50.0 % | 260 ms | 500 ms | 1.93× (1.90–2.04) | 2.00× | 96 % | 5000 |" in text
     assert "(`cpp` ops, 2 threads, median of 3 lockstep rounds)" in text
 
 

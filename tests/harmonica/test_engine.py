@@ -27,6 +27,7 @@ from .tiny_models import (
     pixart_pipeline,
     prompt_kwargs,
     sample,
+    tie_dit_embedders,
     tiny_dit,
     tiny_pixart,
 )
@@ -186,6 +187,77 @@ def test_bare_loop_matches_reference(kind, schedule_name):
     else:
         assert not torch.allclose(got, uncached, atol=1e-4), "reuse must change the samples of a random model"
     assert handle.step == STEPS
+
+
+def count_embedder_calls(model) -> tuple[Counter, list]:
+    """Calls of each DiT block's timestep MLP and sinusoidal projection."""
+    calls: Counter = Counter()
+    hooks = []
+    for i, block in enumerate(model.transformer_blocks):
+        for part in ("timestep_embedder", "time_proj"):
+            name = f"blocks.{i}.{part}"
+            module = getattr(block.norm1.emb, part)
+            hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: calls.update([name])))
+    return calls, hooks
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_dit_conditioning_embedding_is_computed_once_per_step_and_group(tied):
+    model = tiny_dit(num_layers=3)
+    if tied:
+        tie_dit_embedders(model)
+    schedule = random_schedule(STEPS, len(units(model)))
+    cond, _ = make_cond("dit", 2)
+    with torch.no_grad():
+        expected = reference_sample(model, schedule.compute, noise(2), cond, None)
+        handle = enable_cache(model, schedule)
+        calls, hooks = count_embedder_calls(model)
+        got = sample(model, ddim(), noise(2), cond, STEPS)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(got, expected, **FP32)
+    # The projection is parameter-free: block 0's serves all. The MLP runs once per group of equal
+    # embedders. DiT's output layer calls block 0's embedder once more per step itself.
+    assert calls == Counter(
+        {"blocks.0.time_proj": 2 * STEPS, "blocks.0.timestep_embedder": 2 * STEPS}
+        | ({} if tied else {"blocks.1.timestep_embedder": STEPS, "blocks.2.timestep_embedder": STEPS})
+    )
+    assert not handle._embeddings._memo, "no step's embedding may outlive its call"
+
+
+def test_dit_embedder_changed_after_enable_is_no_longer_shared():
+    model = tie_dit_embedders(tiny_dit(num_layers=3))
+    schedule = CacheSchedule.full(STEPS, len(units(model)))
+    cond, _ = make_cond("dit", 2)
+    handle = enable_cache(model, schedule)
+    calls, hooks = count_embedder_calls(model)
+    with torch.no_grad():
+        sample(model, ddim(), noise(2), cond, STEPS)
+        assert calls["blocks.1.timestep_embedder"] == 0
+        model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_2.weight.mul_(1.5)  # in place
+        table = model.transformer_blocks[2].norm1.emb.class_embedder.embedding_table
+        table.weight = torch.nn.Parameter(table.weight + 0.5)  # replaced
+        handle.reset()
+        calls.clear()
+        got = sample(model, ddim(), noise(2), cond, STEPS)
+        assert calls["blocks.1.timestep_embedder"] == calls["blocks.2.timestep_embedder"] == STEPS
+        for hook in hooks:
+            hook.remove()
+        disable_cache(model)
+        expected = sample(model, ddim(), noise(2), cond, STEPS)
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+def test_dit_embedders_in_training_mode_run_per_block():
+    # Label dropout draws per block in training mode: sharing would change what diffusers computes.
+    model = tie_dit_embedders(tiny_dit(num_layers=3)).train()
+    enable_cache(model, CacheSchedule.full(1, len(units(model))))
+    calls, hooks = count_embedder_calls(model)
+    with torch.no_grad():
+        model(noise(2), timestep=torch.tensor([999, 10]), class_labels=torch.tensor([1, 2]))
+    for hook in hooks:
+        hook.remove()
+    assert [calls[f"blocks.{i}.timestep_embedder"] for i in range(3)] == [2, 1, 1]  # 2: the output layer
 
 
 def test_bare_loop_reset_starts_a_new_generation():
@@ -569,6 +641,7 @@ def test_router_made_for_another_sampler_warns(dit_pipe):
 # torch.compile
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["own-embedders", "tied-embedders"])
 @pytest.mark.parametrize(
     "backend",
     [
@@ -582,11 +655,11 @@ def test_router_made_for_another_sampler_warns(dit_pipe):
         ),
     ],
 )
-def test_compiled_steps_fullgraph_match_eager(backend):
+def test_compiled_steps_fullgraph_match_eager(backend, tied):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    model = tiny_dit()
+    model = tie_dit_embedders(tiny_dit()) if tied else tiny_dit()
     num_units = len(units(model))
     schedule = CacheSchedule.fora(STEPS, num_units, 2)
     cond, _ = make_cond("dit", 2)
