@@ -35,8 +35,14 @@ uncached / cached time, and the rows keep each round's ratio (the README shows t
 gains). Rows record the shapes, dtype, device, FLOPs per sampling run
 (``torch.utils.flop_counter``, matmuls and attention), cache usage ratio, the FLOP-ideal speedup of
 the schedule (:meth:`CacheSchedule.ideal_speedup`: an arithmetic bound, not a measurement), measured / ideal,
-the cache memory, and the error of the final latents against the uncached run. On CUDA every time
+the cache memory, the error of the final latents against the uncached run, and (eager rows) the
+ops of one sampling run that are not views, counted on dispatch: about one kernel launch each on a
+GPU, where DiT-XL/2's reuse steps are bound by launches rather than by FLOPs. On CUDA every time
 is measured between CUDA events (so the device's wall-clock, launch gaps included).
+
+The DiT models carry one conditioning embedder copied into every block, as the DiT checkpoints
+converted by diffusers do; the engine computes it once per step for such blocks (the unpatched
+model, once per block).
 
 Run: ``pytest benchmarks/test_e2e.py``; ``-k dit`` or ``-k pixart`` picks a model.
 """
@@ -52,6 +58,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import harmonica_kernels as hk
 from harmonica import CacheSchedule, disable_cache, enable_cache, units
@@ -171,6 +178,12 @@ class Bench:
         torch.manual_seed(0)
         with torch.device(device):  # initialise on the device: DiT-XL/2 on a CPU takes seconds
             model = setup.cls(**setup.config)
+        if setup.cls is DiTTransformer2DModel:
+            # diffusers' conversion of the DiT checkpoints copies their one timestep and class
+            # embedder into every block; random weights get the same structure.
+            state = model.transformer_blocks[0].norm1.emb.state_dict()
+            for block in model.transformer_blocks[1:]:
+                block.norm1.emb.load_state_dict(state)
         self.model = model.to(device=device, dtype=setup.dtype).eval().requires_grad_(False)
         config = self.model.config
         self.channels = config.in_channels
@@ -256,6 +269,16 @@ class Bench:
                 cached_s += seconds
         return x_cached, plain_s, cached_s
 
+    @torch.inference_mode()
+    def ops_per_run(self, model: torch.nn.Module) -> int:
+        """Ops that are not views in one eager sampling run of ``model`` (≈ kernel launches on a GPU)."""
+        _reset(model)
+        x = self.noise
+        with OpCounter() as counter:
+            for i in range(self.setup.steps):
+                x = self.step(model, x, i)
+        return counter.count
+
     def twin(self) -> torch.nn.Module:
         """A second unpatched copy of the model (same weights) for lockstep pairing."""
         if self._twin is None:
@@ -310,6 +333,18 @@ class Bench:
         disable_cache(self.model)
         self.uncached_graph = None
         self._twin = None
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen and harmonica ops run under it, views excluded (they launch nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def _reset(model: torch.nn.Module) -> None:
@@ -396,6 +431,8 @@ def test_sampling(benchmark, recorder, bench, device, mode, variant):
         output = run().clone()
         handle = getattr(cached_model, "_harmonica_cache", None)
         cache_bytes = handle.cache_bytes if handle is not None else 0
+        if mode == "eager":
+            extra["ops_per_run"] = bench.ops_per_run(cached_model)
     finally:
         disable_cache(model)
         disable_cache(cached_model)
