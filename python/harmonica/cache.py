@@ -316,6 +316,7 @@ class CachedTransformerBlock(nn.Module):
         self._attn1_unit, self._attn2_unit, self._ff_unit = unit_ids
         # Set by _SharedEmbeddings: which DiT blocks share this one's conditioning embedding.
         self._embedding_key: tuple[tuple[Any, ...], int] | None = None
+        self._embedding_trainable = False
         ff_norm = self._ff_norm()
         plain_norm = ff_norm.weight is None and ff_norm.bias is None
         # The fused op normalises without affine weights; affine norms take the unfused path.
@@ -476,7 +477,8 @@ class _SharedEmbeddings:
     The groups are found when caching is enabled (comparing weights on the device) and found again
     at the first step of a generation if any embedder parameter was replaced or modified in place
     since (checked on the host through identity, storage and version counter, with no device read).
-    An embedder in training mode (label dropout is random per block) or of another type is called
+    An embedder of another type, in training mode (label dropout is random per block) or with
+    trainable weights while autograd records (each block's weights get their own gradient) is called
     as diffusers calls it.
     """
 
@@ -511,7 +513,7 @@ class _SharedEmbeddings:
         norm1 = block.norm1
         embedder = norm1.emb
         key = block._embedding_key
-        if key is None or embedder.training:
+        if key is None or embedder.training or (block._embedding_trainable and torch.is_grad_enabled()):
             return norm1.silu(embedder(timestep, class_labels, hidden_dtype=dtype))
         memo = self._memo
         shared = memo.get(key)
@@ -532,7 +534,7 @@ class _SharedEmbeddings:
         return tuple(
             (id(b.norm1.emb),)
             + tuple(
-                (id(t), t.data_ptr(), _version(t), t.dtype, t.device)
+                (id(t), t.data_ptr(), _version(t), t.dtype, t.device, t.requires_grad)
                 for t in itertools.chain(b.norm1.emb.parameters(), b.norm1.emb.buffers())
             )
             for b in self._blocks
@@ -552,6 +554,7 @@ class _SharedEmbeddings:
                 group = len(leaders)
                 leaders.append(embedder)
             block._embedding_key = (projection_key, group)
+            block._embedding_trainable = any(p.requires_grad for p in embedder.parameters())
 
 
 def _version(t: torch.Tensor) -> int | None:

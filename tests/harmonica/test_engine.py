@@ -248,16 +248,34 @@ def test_dit_embedder_changed_after_enable_is_no_longer_shared():
     torch.testing.assert_close(got, expected, **FP32)
 
 
-def test_dit_embedders_in_training_mode_run_per_block():
-    # Label dropout draws per block in training mode: sharing would change what diffusers computes.
-    model = tie_dit_embedders(tiny_dit(num_layers=3)).train()
-    enable_cache(model, CacheSchedule.full(1, len(units(model))))
+@pytest.mark.parametrize("case", ["training mode", "trainable under autograd"])
+def test_dit_embedders_run_per_block_when_sharing_would_change_training(case):
+    # Label dropout draws per block in training mode, and each block's weights have their own
+    # gradient: sharing would change what diffusers computes. Under no_grad they are shared again.
+    model = tie_dit_embedders(tiny_dit(num_layers=3))
+    if case == "training mode":
+        model.train()
+    enable_cache(model, CacheSchedule.full(2, len(units(model))))
     calls, hooks = count_embedder_calls(model)
+    args = dict(timestep=torch.tensor([999, 10]), class_labels=torch.tensor([1, 2]))
+    with torch.set_grad_enabled(case != "training mode"):
+        out = model(noise(2), **args).sample
     with torch.no_grad():
-        model(noise(2), timestep=torch.tensor([999, 10]), class_labels=torch.tensor([1, 2]))
+        model(noise(2), **args)
     for hook in hooks:
         hook.remove()
-    assert [calls[f"blocks.{i}.timestep_embedder"] for i in range(3)] == [2, 1, 1]  # 2: the output layer
+    # first call per block (block 0: + the output layer), second call shared unless in training mode
+    shared = case != "training mode"
+    assert [calls[f"blocks.{i}.timestep_embedder"] for i in range(3)] == [
+        4,
+        1 + (not shared),
+        1 + (not shared),
+    ]
+    if case != "training mode":
+        out.sum().backward()
+        assert all(
+            b.norm1.emb.timestep_embedder.linear_1.weight.grad is not None for b in model.transformer_blocks
+        )
 
 
 def test_bare_loop_reset_starts_a_new_generation():
