@@ -438,10 +438,19 @@ def _ada_zero_chunks(
     ``runs``: whether attn1 and ff are computed. Their shift and scale feed only their own inputs, so
     a reused unit's two chunks are dead (returned as None) and the weight rows behind them are not
     read: the adaLN projection is most of what a reuse step costs when it is bound by memory (a
-    third of DiT's weights). Gates are always projected; adjacent needed chunks share one matmul.
+    third of DiT's weights). Gates are always projected; adjacent needed chunks share one matmul, and
+    the two gates alone (every unit reused) one batched matmul over their two row blocks (one launch
+    instead of two: such a step is launch-bound on a GPU).
     """
     if all(runs):
         return list(linear(emb).chunk(6, dim=1))
+    if (
+        not any(runs)
+        and linear.bias is not None
+        and linear.weight.is_contiguous()
+        and linear.bias.is_contiguous()
+    ):
+        return _ada_zero_gates(linear, emb)
     attn_runs, ff_runs = runs
     needed = (attn_runs, attn_runs, True, ff_runs, ff_runs, True)
     width = linear.out_features // 6
@@ -459,6 +468,16 @@ def _ada_zero_chunks(
         chunks[start:end] = F.linear(emb, linear.weight[rows], bias).chunk(end - start, dim=1)
         start = end
     return chunks
+
+
+def _ada_zero_gates(linear: nn.Linear, emb: torch.Tensor) -> list[torch.Tensor | None]:
+    """:func:`_ada_zero_chunks` for the two gates only (chunks 2 and 5), as one ``baddbmm``."""
+    width, dim = linear.out_features // 6, linear.in_features
+    # The 6 chunks as [2, 3, W, D]: index 2 of the middle dim is chunk 2 and chunk 5 (views, no copy).
+    rows = linear.weight.view(2, 3, width, dim)[:, 2]
+    shifts = linear.bias.view(2, 3, 1, width)[:, 2]
+    gate_msa, gate_mlp = torch.baddbmm(shifts, emb.expand(2, *emb.shape), rows.transpose(1, 2)).unbind(0)
+    return [None, None, gate_msa, None, None, gate_mlp]
 
 
 class _SharedEmbeddings:

@@ -131,8 +131,9 @@ def test_full_schedule_forward_matches_original_model(kind):
 
 
 @pytest.mark.parametrize("runs", [(True, True), (True, False), (False, True), (False, False)])
-def test_ada_zero_projects_only_the_chunks_a_step_uses(runs):
-    linear = torch.nn.Linear(7, 6 * 5)
+@pytest.mark.parametrize("bias", [True, False])
+def test_ada_zero_projects_only_the_chunks_a_step_uses(runs, bias):
+    linear = torch.nn.Linear(7, 6 * 5, bias=bias)
     emb = torch.randn(3, 7)
     expected = linear(emb).chunk(6, dim=1)
     got = _ada_zero_chunks(linear, emb, runs)
