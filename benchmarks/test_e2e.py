@@ -62,7 +62,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import harmonica_kernels as hk
 from harmonica import CacheSchedule, disable_cache, enable_cache, units
-from harmonica.models import DEFAULT_TEXT_TOKENS, flop_profile
+from harmonica.models import DEFAULT_TEXT_TOKENS, flop_profile, tie_dit_embedders
 
 from .conftest import bench_size, timed
 
@@ -179,11 +179,7 @@ class Bench:
         with torch.device(device):  # initialise on the device: DiT-XL/2 on a CPU takes seconds
             model = setup.cls(**setup.config)
         if setup.cls is DiTTransformer2DModel:
-            # diffusers' conversion of the DiT checkpoints copies their one timestep and class
-            # embedder into every block; random weights get the same structure.
-            state = model.transformer_blocks[0].norm1.emb.state_dict()
-            for block in model.transformer_blocks[1:]:
-                block.norm1.emb.load_state_dict(state)
+            tie_dit_embedders(model)  # the structure of the released DiT checkpoints
         self.model = model.to(device=device, dtype=setup.dtype).eval().requires_grad_(False)
         config = self.model.config
         self.channels = config.in_channels

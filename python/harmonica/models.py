@@ -28,6 +28,7 @@ __all__ = [
     "flop_profile",
     "load_local",
     "supported_class",
+    "tie_dit_embedders",
     "transformer_of",
     "units",
 ]
@@ -55,6 +56,19 @@ DEFAULT_TEXT_TOKENS = 120
 
 class UnsupportedModelError(TypeError):
     """The model (or one of its blocks) is not something harmonica can cache exactly."""
+
+
+def tie_dit_embedders(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Copy block 0's conditioning embedder into every block of a DiT, in place; returns the model.
+
+    diffusers' conversion of the original DiT checkpoints does this (one timestep and class embedder
+    there, a copy per block here), so a random-weight DiT built for timing or testing gets the
+    structure of the released ones (the engine computes equal embedders once per step).
+    """
+    state = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(state)
+    return model
 
 
 def supported_class(model: nn.Module) -> type[nn.Module]:

@@ -13,7 +13,7 @@ from diffusers import DiTTransformer2DModel, EulerDiscreteScheduler
 import harmonica_kernels as hk
 from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
 from harmonica.cache import CachedTransformerBlock, CacheStateError, ScheduleMismatchError, _ada_zero_chunks
-from harmonica.models import UnsupportedModelError
+from harmonica.models import UnsupportedModelError, tie_dit_embedders
 from harmonica.router import RouterMismatchError
 
 from .tiny_models import (
@@ -27,7 +27,6 @@ from .tiny_models import (
     pixart_pipeline,
     prompt_kwargs,
     sample,
-    tie_dit_embedders,
     tiny_dit,
     tiny_pixart,
 )

@@ -40,15 +40,6 @@ def tiny_dit(num_layers: int = 2, seed: int = 0, **overrides) -> DiTTransformer2
     return DiTTransformer2DModel(**config).eval()
 
 
-def tie_dit_embedders(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
-    """Copy block 0's conditioning embedder into every block, as diffusers' conversion of the
-    original DiT checkpoints does (one timestep and class embedder there, one copy per block here)."""
-    state = model.transformer_blocks[0].norm1.emb.state_dict()
-    for block in model.transformer_blocks[1:]:
-        block.norm1.emb.load_state_dict(state)
-    return model
-
-
 def tiny_pixart(num_layers: int = 2, seed: int = 0, **overrides) -> PixArtTransformer2DModel:
     """PixArt with width 32, cross-attention to 24-channel captions, 8×8 latents, learned sigma."""
     torch.manual_seed(seed)
