@@ -493,6 +493,10 @@ class _SharedEmbeddings:
     settings even when their weights differ. Each value is exactly what every block would have
     computed itself (same ops on the same inputs and weights).
 
+    DiT's output layer calls block 0's embedder itself (``transformer_blocks[0].norm1.emb(...)``);
+    while caching is enabled that embedder's ``forward`` is an instance attribute that returns the
+    call's shared value once block 0 has computed it (removed again by ``disable_cache``).
+
     The groups are found when caching is enabled (comparing weights on the device) and found again
     at the first step of a generation if any embedder parameter was replaced or modified in place
     since (checked on the host through identity, storage and version counter, with no device read).
@@ -503,9 +507,18 @@ class _SharedEmbeddings:
 
     def __init__(self, blocks: list[CachedTransformerBlock]) -> None:
         self._blocks = [b for b in blocks if b.norm_type == "ada_norm_zero"]
-        self._memo: dict[tuple[Any, ...], torch.Tensor] = {}  # cleared, never replaced: dynamo guards it
+        # cleared, never replaced (dynamo guards it): projections, and (embedding, silu(embedding))
+        self._memo: dict[tuple[Any, ...], Any] = {}
         self._state: tuple[Any, ...] | None = None
+        self._served: nn.Module | None = None  # the embedder whose forward reads the memo
         self.begin_call(first_step=True)
+
+    def release(self) -> None:
+        """Give block 0's embedder its own forward back and drop the memo."""
+        if self._served is not None:
+            self._served.__dict__.pop("forward", None)
+            self._served = None
+        self._memo.clear()
 
     # Both run in the transformer's __call__, outside the traced region (as CacheHandle._begin_step).
     @torch.compiler.disable
@@ -535,19 +548,32 @@ class _SharedEmbeddings:
         if key is None or embedder.training or (block._embedding_trainable and torch.is_grad_enabled()):
             return norm1.silu(embedder(timestep, class_labels, hidden_dtype=dtype))
         memo = self._memo
-        shared = memo.get(key)
-        if shared is not None:
-            return shared
-        projection_key = key[0]
-        projection = memo.get(projection_key)
-        if projection is None:
-            projection = memo[projection_key] = embedder.time_proj(timestep)
-        # CombinedTimestepLabelEmbeddings.forward (checked to be that class in _group)
-        conditioning = embedder.timestep_embedder(projection.to(dtype=dtype)) + embedder.class_embedder(
-            class_labels
-        )
-        memo[key] = shared = norm1.silu(conditioning)
-        return shared
+        shared = memo.get((key, dtype))
+        if shared is None:
+            projection_key = key[0]
+            projection = memo.get(projection_key)
+            if projection is None:
+                projection = memo[projection_key] = embedder.time_proj(timestep)
+            # CombinedTimestepLabelEmbeddings.forward (checked to be that class in _group)
+            conditioning = embedder.timestep_embedder(projection.to(dtype=dtype)) + embedder.class_embedder(
+                class_labels
+            )
+            shared = memo[(key, dtype)] = (conditioning, norm1.silu(conditioning))
+        return shared[1]
+
+    def _serve(
+        self, timestep: torch.Tensor, class_labels: torch.Tensor, hidden_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Block 0's embedder's forward while caching is on: the call's shared embedding if computed.
+
+        Within one transformer call DiT passes every block and its output layer the same timestep
+        and labels, and the memo lives for one call only.
+        """
+        embedder = self._served
+        shared = self._memo.get((self._blocks[0]._embedding_key, hidden_dtype))
+        if shared is None:
+            return type(embedder).forward(embedder, timestep, class_labels, hidden_dtype=hidden_dtype)
+        return shared[0]
 
     def _parameter_state(self) -> tuple[Any, ...]:
         return tuple(
@@ -560,6 +586,7 @@ class _SharedEmbeddings:
         )
 
     def _group(self) -> None:
+        self.release()
         leaders: list[nn.Module] = []  # the first embedder of each group
         for block in self._blocks:
             embedder = block.norm1.emb
@@ -574,6 +601,9 @@ class _SharedEmbeddings:
                 leaders.append(embedder)
             block._embedding_key = (projection_key, group)
             block._embedding_trainable = any(p.requires_grad for p in embedder.parameters())
+        if self._blocks and self._blocks[0]._embedding_key is not None:
+            self._served = self._blocks[0].norm1.emb
+            self._served.forward = self._serve
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -756,6 +786,7 @@ def disable_cache(pipe_or_transformer: Any) -> None:
     if handle._scheduler_hook is not None:
         handle._scheduler_hook.unwrap()
     handle._cached_blocks = []
+    handle._embeddings.release()
     handle._embeddings = _SharedEmbeddings([])
     handle._scheduler_hook = None
     handle.reset()

@@ -217,12 +217,14 @@ def test_dit_conditioning_embedding_is_computed_once_per_step_and_group(tied):
         hook.remove()
     torch.testing.assert_close(got, expected, **FP32)
     # The projection is parameter-free: block 0's serves all. The MLP runs once per group of equal
-    # embedders. DiT's output layer calls block 0's embedder once more per step itself.
+    # embedders; DiT's output layer, which calls block 0's embedder itself, gets block 0's value.
     assert calls == Counter(
-        {"blocks.0.time_proj": 2 * STEPS, "blocks.0.timestep_embedder": 2 * STEPS}
+        {"blocks.0.time_proj": STEPS, "blocks.0.timestep_embedder": STEPS}
         | ({} if tied else {"blocks.1.timestep_embedder": STEPS, "blocks.2.timestep_embedder": STEPS})
     )
     assert not handle._embeddings._memo, "no step's embedding may outlive its call"
+    disable_cache(model)
+    assert "forward" not in model.transformer_blocks[0].norm1.emb.__dict__
 
 
 def test_dit_embedder_changed_after_enable_is_no_longer_shared():
@@ -264,10 +266,10 @@ def test_dit_embedders_run_per_block_when_sharing_would_change_training(case):
         model(noise(2), **args)
     for hook in hooks:
         hook.remove()
-    # first call per block (block 0: + the output layer), second call shared unless in training mode
+    # first call: per block, and again for DiT's output layer; second call shared unless in training mode
     shared = case != "training mode"
     assert [calls[f"blocks.{i}.timestep_embedder"] for i in range(3)] == [
-        4,
+        3 + (not shared),
         1 + (not shared),
         1 + (not shared),
     ]
@@ -705,6 +707,7 @@ def test_deepcopy_of_a_cached_pipeline_is_independent(dit_pipe):
     clone_handle = clone.transformer._harmonica_cache
     assert clone_handle is not handle
     assert clone.transformer.transformer_blocks[0]._handle is clone_handle
+    assert clone.transformer.transformer_blocks[0].norm1.emb.forward.__self__ is clone_handle._embeddings
     torch.testing.assert_close(dit_call(clone, [2]), dit_call(dit_pipe, [2]), rtol=0, atol=0)
     disable_cache(clone)
     assert type(clone.transformer) is DiTTransformer2DModel
