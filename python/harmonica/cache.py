@@ -544,9 +544,9 @@ class _SharedEmbeddings:
         """``block.norm1.silu(block.norm1.emb(timestep, class_labels, hidden_dtype=dtype))``."""
         norm1 = block.norm1
         embedder = norm1.emb
-        key = block._embedding_key
-        if key is None or embedder.training or (block._embedding_trainable and torch.is_grad_enabled()):
+        if not _shares_embedding(block):
             return norm1.silu(embedder(timestep, class_labels, hidden_dtype=dtype))
+        key = block._embedding_key
         memo = self._memo
         shared = memo.get((key, dtype))
         if shared is None:
@@ -570,7 +570,8 @@ class _SharedEmbeddings:
         and labels, and the memo lives for one call only.
         """
         embedder = self._served
-        shared = self._memo.get((self._blocks[0]._embedding_key, hidden_dtype))
+        block = self._blocks[0]
+        shared = self._memo.get((block._embedding_key, hidden_dtype)) if _shares_embedding(block) else None
         if shared is None:
             return type(embedder).forward(embedder, timestep, class_labels, hidden_dtype=hidden_dtype)
         return shared[0]
@@ -604,6 +605,15 @@ class _SharedEmbeddings:
         if self._blocks and self._blocks[0]._embedding_key is not None:
             self._served = self._blocks[0].norm1.emb
             self._served.forward = self._serve
+
+
+def _shares_embedding(block: CachedTransformerBlock) -> bool:
+    """Whether the block may take its group's shared embedding in this call (see _SharedEmbeddings)."""
+    return (
+        block._embedding_key is not None
+        and not block.norm1.emb.training
+        and not (block._embedding_trainable and torch.is_grad_enabled())
+    )
 
 
 def _version(t: torch.Tensor) -> int | None:

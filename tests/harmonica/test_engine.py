@@ -274,10 +274,27 @@ def test_dit_embedders_run_per_block_when_sharing_would_change_training(case):
         1 + (not shared),
     ]
     if case != "training mode":
-        out.sum().backward()
-        assert all(
-            b.norm1.emb.timestep_embedder.linear_1.weight.grad is not None for b in model.transformer_blocks
+        # block 0's embedder feeds block 0 and the output layer: both paths must reach its weights
+        linear = model.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1
+        grads = torch.autograd.grad(
+            out.sum(),
+            [linear.weight]
+            + [b.norm1.emb.timestep_embedder.linear_1.weight for b in model.transformer_blocks[1:]],
         )
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_output_layer_embedding_follows_block_0_when_block_0_does_not_share():
+    model = tie_dit_embedders(tiny_dit(num_layers=3))
+    model.transformer_blocks[0].norm1.emb.train()  # block 0 alone draws its own label dropout
+    enable_cache(model, CacheSchedule.full(1, len(units(model))))
+    calls, hooks = count_embedder_calls(model)
+    with torch.no_grad():
+        model(noise(2), timestep=torch.tensor([999, 10]), class_labels=torch.tensor([1, 2]))
+    for hook in hooks:
+        hook.remove()
+    # block 1 computes the group's value and block 2 takes it; the output layer calls block 0's own
+    assert [calls[f"blocks.{i}.timestep_embedder"] for i in range(3)] == [2, 1, 0]
 
 
 def test_bare_loop_reset_starts_a_new_generation():
