@@ -830,10 +830,6 @@ class _ResetOnSetTimesteps:
 
 def _warn_on_other_sampler(router: Router, pipe_or_transformer: Any) -> None:
     scheduler = getattr(pipe_or_transformer, "scheduler", None)
-    made_for = (router.sampler or {}).get("class")
-    if scheduler is not None and made_for is not None and type(scheduler).__name__ != made_for:
-        warnings.warn(
-            f"the router was trained with {made_for} but the pipeline samples with "
-            f"{type(scheduler).__name__}; its schedule may not suit this sampler",
-            stacklevel=3,
-        )
+    mismatch = None if scheduler is None else router.sampler_mismatch(scheduler)
+    if mismatch is not None:
+        warnings.warn(mismatch, stacklevel=3)

@@ -161,6 +161,16 @@ class Router(nn.Module):
                 "train or load a router for this model"
             )
 
+    def sampler_mismatch(self, scheduler: Any) -> str | None:
+        """Why ``scheduler`` may not suit this router's schedule (another sampler class), else None."""
+        made_for = (self.sampler or {}).get("class")
+        if made_for is None or made_for == type(scheduler).__name__:
+            return None
+        return (
+            f"the router was trained with {made_for} but the pipeline samples with "
+            f"{type(scheduler).__name__}; its schedule may not suit this sampler"
+        )
+
     def metadata(self) -> dict[str, Any]:
         """Everything :meth:`save` writes besides the logits."""
         return {

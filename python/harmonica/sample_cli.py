@@ -361,12 +361,9 @@ def sample_images(
                 f"for; sample with num_inference_steps={loaded.num_steps} (CLI: --steps {loaded.num_steps}) "
                 f"or use a router trained for {steps} steps"
             )
-        made_for = (loaded.sampler or {}).get("class")
-        if made_for is not None and made_for != type(scheduler).__name__:
-            notes.append(
-                f"the router was trained with {made_for} but this model samples with "
-                f"{type(scheduler).__name__}; its schedule may not suit this sampler"
-            )
+        mismatch = loaded.sampler_mismatch(scheduler)
+        if mismatch is not None:
+            notes.append(mismatch)
         schedule: CacheSchedule | None = loaded.to_schedule(threshold)
         label = Path(router).stem if not isinstance(router, Router) else "router"
         method = f"router {label} τ={threshold:g}"
