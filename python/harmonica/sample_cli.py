@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ._images import tile
 from ._io import atomic_path
 from .cache import ScheduleMismatchError, disable_cache, enable_cache
 from .compare import (
@@ -504,17 +505,8 @@ def _to_unit_range(sets: list[torch.Tensor], output_space: str) -> list[torch.Te
 
 def _grid(images: torch.Tensor, scale: int) -> torch.Tensor:
     """``[N, C, H, W]`` in [0, 1] as one ``[C, H', W']`` grid, up to :data:`_MAX_COLUMNS` per row."""
-    n, c, h, w = images.shape
-    cols = min(n, _MAX_COLUMNS)
-    rows = math.ceil(n / cols)
-    th, tw = h * scale, w * scale
-    grid = torch.ones(c, rows * (th + _GAP) + _GAP, cols * (tw + _GAP) + _GAP)
     tiles = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        y, x = _GAP + r * (th + _GAP), _GAP + col * (tw + _GAP)
-        grid[:, y : y + th, x : x + tw] = tiles[i]
-    return grid
+    return tile(tiles, min(len(images), _MAX_COLUMNS), _GAP)
 
 
 def _save_grid(sets: list[torch.Tensor], output_space: str, path: Path) -> None:

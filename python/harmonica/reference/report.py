@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._images import tile
 from ..eval import class_accuracy, classifier_fid
 from ..sampling import sample
 from . import load_classifier, load_dataset, load_model, load_scheduler
@@ -109,13 +110,9 @@ def save_grid(samples: torch.Tensor, rows: int, path: str | os.PathLike[str], sc
     """Save ``samples`` ``[rows · cols, 1, H, W]`` in [-1, 1] as a grey PNG grid, 1 px gaps."""
     import matplotlib.pyplot as plt
 
-    n, _, h, w = samples.shape
-    cols = n // rows
-    grid = torch.ones(rows * (h + 1) + 1, cols * (w + 1) + 1)
-    for i in range(rows * cols):
-        r, c = divmod(i, cols)
-        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = samples[i, 0]
-    grid = ((grid + 1) / 2).clamp(0, 1).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    cols = samples.shape[0] // rows
+    grid = tile(((samples[: rows * cols, :1].float() + 1) / 2).clamp(0, 1), cols, gap=1)[0]
+    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     plt.imsave(os.fspath(path), grid.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
 
 
