@@ -20,7 +20,7 @@ def _quickstart(args: argparse.Namespace) -> None:
         routers=args.router,
         threshold=args.threshold,
         peers=not args.no_peers,
-        train_iterations=args.train_iterations,
+        **({} if args.train_iterations is None else {"train_iterations": args.train_iterations}),
     )
 
 
@@ -151,7 +151,7 @@ def _sample(args: argparse.Namespace) -> None:
         _, result = sample_images(
             args.model,
             router=args.router,
-            threshold=0.1 if args.threshold is None else args.threshold,
+            **({} if args.threshold is None else {"threshold": args.threshold}),
             fora=args.fora,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
@@ -228,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--train-iterations",
         type=int,
-        default=200,
-        help="iterations of the router trained by the quickstart (0: train none; default %(default)s)",
+        default=None,
+        help="iterations of the router trained by the quickstart (0: train none; default 200, ~2 min)",
     )
     q.set_defaults(func=_quickstart)
 

@@ -211,13 +211,19 @@ def _markdown(results: list[MethodResult], context: dict) -> str:
         )
     trained = context.get("trained_here")
     if trained:
+        packaged = context.get("packaged_iterations")
+        packaged_text = (
+            f"the packaged routers had {', '.join(map(str, packaged))} iterations "
+            "(`python -m harmonica.reference.train_routers`), "
+            if packaged
+            else ""
+        )
         lines += [
             "",
             f"`router {Path(trained['path']).stem}` was trained by this run: SDT + IEPO, "
             f"{trained['iterations']} iterations in {trained['seconds']:.0f} s, budget mode at "
-            f"{TRAIN_SETTINGS['target_cur']:.0%} "
-            f"(reached {trained['cur']:.1%}); the packaged routers had 760 iterations "
-            "(`python -m harmonica.reference.train_routers`), the paper ~2 000 trajectories.",
+            f"{TRAIN_SETTINGS['target_cur']:.0%} (reached {trained['cur']:.1%}); {packaged_text}"
+            "the paper ~2 000 trajectories.",
         ]
     lines += [
         "",
@@ -363,6 +369,13 @@ def run_quickstart(
         "timing_repeats": timing_repeats,
         "fid_floor": classifier_fid(floor_images, test_images, classifier).item(),
         "trained_here": None if trained is None else {**trained, "path": trained["path"].name},
+        "packaged_iterations": sorted(
+            {
+                Router.load(p).training_settings.get("iterations")
+                for p in packaged_routers(num_inference_steps)
+            }
+            - {None}
+        ),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
