@@ -226,12 +226,13 @@ class Bench:
         return f"{s.label}, {s.steps} DDIM steps, batch {s.batch}+CFG, {str(s.dtype)[6:]}"
 
     @torch.inference_mode()
-    def generate(self) -> torch.Tensor:
-        """One sampling run from the fixed noise; final latents ``[B, C, H, W]``."""
-        _reset(self.model)
+    def generate(self, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """One sampling run of ``model`` (default: the bench's) from the fixed noise; final latents."""
+        model = self.model if model is None else model
+        _reset(model)
         x = self.noise
         for i in range(self.setup.steps):
-            x = self.step(self.model, x, i)
+            x = self.step(model, x, i)
         return x
 
     def step(self, model: torch.nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -265,14 +266,10 @@ class Bench:
                 cached_s += seconds
         return x_cached, plain_s, cached_s
 
-    @torch.inference_mode()
     def ops_per_run(self, model: torch.nn.Module) -> int:
         """Ops that are not views in one eager sampling run of ``model`` (≈ kernel launches on a GPU)."""
-        _reset(model)
-        x = self.noise
         with OpCounter() as counter:
-            for i in range(self.setup.steps):
-                x = self.step(model, x, i)
+            self.generate(model)
         return counter.count
 
     def twin(self) -> torch.nn.Module:
