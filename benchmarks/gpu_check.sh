@@ -24,6 +24,8 @@
 #              reference, error messages, no host sync, CUDA-graph capture, bandwidth table
 #   training   pytest benchmarks/test_training.py at gpu size (only if the file exists)
 #   e2e        pytest benchmarks/test_e2e.py at gpu size (DiT-XL/2 256², PixArt-α 1024²)
+#   profile    benchmarks/profile_e2e.py: DiT-XL/2's kernels in a step that computes every unit and
+#              in one that reuses every unit
 #   kernels    pytest benchmarks/test_kernels.py at gpu size
 #   tests      pytest tests/kernels, cuda and triton backends (HARMONICA_REQUIRE_BACKENDS=cuda,triton)
 #              with whatever budget is left (gpu_check already covers the cuda ops)
@@ -189,6 +191,7 @@ bench_suite() { # bench_suite NAME FILE
 }
 
 stage_e2e() { bench_suite e2e benchmarks/test_e2e.py; }
+stage_profile() { "$PY" -m benchmarks.profile_e2e; }
 stage_kernels() { bench_suite kernels benchmarks/test_kernels.py; }
 stage_training() { bench_suite training benchmarks/test_training.py; }
 
@@ -203,7 +206,7 @@ stage_tables() {
 }
 
 export -f run_pytest stage_env stage_wheels stage_build stage_info stage_gpu_check stage_tests bench_suite \
-  stage_e2e stage_kernels stage_training stage_smoke stage_tables
+  stage_e2e stage_profile stage_kernels stage_training stage_smoke stage_tables
 
 stage env 30 stage_env
 cp "$RES/logs/env.log" "$RES/env.txt" 2>/dev/null
@@ -218,7 +221,8 @@ if ((HAVE_CUDA)); then
   else
     record training skipped 0 "no benchmarks/test_training.py"
   fi
-  stage e2e 180 stage_e2e
+  stage e2e 240 stage_e2e
+  stage profile 45 stage_profile
   stage kernels 75 stage_kernels
   stage tests 120 stage_tests
 else
