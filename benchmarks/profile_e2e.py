@@ -12,6 +12,7 @@ Run: ``python -m benchmarks.profile_e2e [--setup KEY] [--top N]``.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 from torch.autograd import DeviceType
@@ -23,7 +24,27 @@ from .conftest import bench_size
 from .test_e2e import SETUPS, Bench, _reset
 
 
-def profile_step(bench: Bench, schedule: CacheSchedule, step: int, top: int) -> None:
+@dataclass(frozen=True)
+class StepProfile:
+    step: int
+    reused: int  # units reused at this step
+    kernels: int  # device kernels and copies (0 on a CPU)
+    device_ms: float  # their summed device time
+    span_ms: float  # first kernel start to last kernel end
+    ops: int  # top-level ops on the host
+    host_ms: float  # their summed host time
+    table: str  # the profiler's per-op table, heaviest first
+
+    def __str__(self) -> str:
+        return (
+            f"## step {self.step}: {self.reused} units reused\n"
+            f"{self.kernels} kernels and copies, {self.device_ms:.3f} ms of device time over a span of "
+            f"{self.span_ms:.3f} ms (eager: the rest is launch gaps); {self.ops} top-level ops, "
+            f"{self.host_ms:.3f} ms on the host\n{self.table}"
+        )
+
+
+def profile_step(bench: Bench, schedule: CacheSchedule, step: int, top: int = 15) -> StepProfile:
     """Profile step ``step`` of a run under ``schedule`` (the steps before it run unprofiled)."""
     device = bench.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -43,20 +64,27 @@ def profile_step(bench: Bench, schedule: CacheSchedule, step: int, top: int) -> 
     finally:
         disable_cache(bench.model)
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    device_us = sum(e.device_time_total for e in kernels)
     ranges = [e.time_range for e in kernels]
     span_us = max((r.end for r in ranges), default=0) - min((r.start for r in ranges), default=0)
     ops = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.cpu_parent is None]
-    host_us = sum(e.cpu_time_total for e in ops)
-    reused = int((~schedule.compute[step]).sum())
-    print(f"\n## step {step}: {reused} of {schedule.num_units} units reused")
-    print(
-        f"{len(kernels)} kernels and copies, {device_us / 1e3:.3f} ms of device time over a span of "
-        f"{span_us / 1e3:.3f} ms (eager: the rest is launch gaps); {len(ops)} top-level ops, "
-        f"{host_us / 1e3:.3f} ms on the host"
-    )
     sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60))
+    return StepProfile(
+        step=step,
+        reused=int((~schedule.compute[step]).sum()),
+        kernels=len(kernels),
+        device_ms=sum(e.device_time_total for e in kernels) / 1e3,
+        span_ms=span_us / 1e3,
+        ops=len(ops),
+        host_ms=sum(e.cpu_time_total for e in ops) / 1e3,
+        table=prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60),
+    )
+
+
+def profile_run(bench: Bench, top: int = 15) -> tuple[StepProfile, StepProfile]:
+    """Step 0 (every unit computed) and step 1 (every unit reused) of a run of ``bench``."""
+    steps, num_units = bench.setup.steps, bench.num_units
+    fora = CacheSchedule.fora(steps, num_units, steps)  # step 0 computes, every later step reuses
+    return profile_step(bench, fora, 0, top), profile_step(bench, fora, 1, top)
 
 
 def main() -> None:
@@ -67,11 +95,9 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bench = Bench(setups[args.setup], device)
-    steps, num_units = bench.setup.steps, bench.num_units
     print(f"# {bench.group} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
-    fora = CacheSchedule.fora(steps, num_units, steps)  # step 0 computes, every later step reuses
-    profile_step(bench, fora, 0, args.top)
-    profile_step(bench, fora, 1, args.top)
+    for result in profile_run(bench, args.top):
+        print(f"\n{result}")
     bench.close()
 
 

@@ -487,3 +487,21 @@ def test_sampling(benchmark, recorder, bench, device, mode, variant):
         row.update(ideal_speedup=ideal, pct_of_ideal=100 * row["speedup"] / ideal)
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
     recorder.add("e2e", row)
+
+
+@pytest.mark.skipif(bench_size() != "smoke", reason="a check of the profiling script, at smoke size only")
+def test_profile_script(device):
+    """``benchmarks/profile_e2e.py`` profiles a computing and a reusing step of each model, and the
+    reusing step issues fewer ops (the engine really skips the units)."""
+    from .profile_e2e import profile_run
+
+    for setup in SIZE_SETUPS:
+        bench = Bench(setup, device)
+        computing, reusing = profile_run(bench, top=200)
+        bench.close()
+        assert (computing.step, computing.reused) == (0, 0)
+        assert (reusing.step, reusing.reused) == (1, bench.num_units)
+        assert 0 < reusing.ops < computing.ops
+        assert (reusing.kernels > 0) == (device == "cuda")
+        assert "harmonica::cached_gated_residual" in reusing.table
+        assert "harmonica::cached_gated_residual" not in computing.table
