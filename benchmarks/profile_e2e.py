@@ -91,7 +91,7 @@ def main() -> None:
     setups = {s.key: s for s in SETUPS[bench_size()]}
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setup", choices=sorted(setups), default=next(iter(setups)))
-    parser.add_argument("--top", type=int, default=15, help="kernels listed per step")
+    parser.add_argument("--top", type=int, default=15, help="rows of the per-op table printed for each step")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bench = Bench(setups[args.setup], device)
