@@ -190,12 +190,9 @@ class RouterMethod(Method):
         """
         if self._router is None:
             router = Router.load(self.path, model=transformer)
-            if router.num_steps != num_steps:
-                raise ValueError(
-                    f"router {self.label!r} ({self.path}) was trained for {router.num_steps} sampling steps "
-                    f"but the comparison runs {num_steps}; pass num_inference_steps={router.num_steps} "
-                    "(CLI: --steps) or use a router trained for this step count"
-                )
+            wrong_steps = router.steps_mismatch(num_steps)
+            if wrong_steps is not None:
+                raise ValueError(f"router {self.label!r} ({self.path}) {wrong_steps}")
             self._router = router
         return self._router
 

@@ -161,6 +161,17 @@ class Router(nn.Module):
                 "train or load a router for this model"
             )
 
+    def steps_mismatch(self, num_steps: int) -> str | None:
+        """Why a run of ``num_steps`` sampling steps cannot use this router (another step count), else
+        None; the text follows the router's name."""
+        if num_steps == self.num_steps:
+            return None
+        return (
+            f"was trained for {self.num_steps} sampling steps but {num_steps} were asked for; sample with "
+            f"num_inference_steps={self.num_steps} (CLI: --steps {self.num_steps}) or use a router "
+            f"trained for {num_steps} steps"
+        )
+
     def sampler_mismatch(self, scheduler: Any) -> str | None:
         """Why ``scheduler`` may not suit this router's schedule (another sampler class), else None."""
         made_for = (self.sampler or {}).get("class")

@@ -356,12 +356,9 @@ def sample_images(
         if isinstance(router, Router):
             loaded.check_model(transformer)
         where = f" ({router})" if not isinstance(router, Router) else ""
-        if loaded.num_steps != steps:
-            raise ScheduleMismatchError(
-                f"the router{where} was trained for {loaded.num_steps} sampling steps but {steps} were asked "
-                f"for; sample with num_inference_steps={loaded.num_steps} (CLI: --steps {loaded.num_steps}) "
-                f"or use a router trained for {steps} steps"
-            )
+        wrong_steps = loaded.steps_mismatch(steps)
+        if wrong_steps is not None:
+            raise ScheduleMismatchError(f"the router{where} {wrong_steps}")
         mismatch = loaded.sampler_mismatch(scheduler)
         if mismatch is not None:
             notes.append(mismatch)
