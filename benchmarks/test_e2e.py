@@ -37,7 +37,7 @@ gains). Rows record the shapes, dtype, device, FLOPs per sampling run
 the schedule (:meth:`CacheSchedule.ideal_speedup`: an arithmetic bound, not a measurement), measured / ideal,
 the cache memory, the error of the final latents against the uncached run, and (eager rows) the
 ops of one sampling run that are not views, counted on dispatch: about one kernel launch each on a
-GPU, where the H100 timings suggest launches, not FLOPs, bound DiT-XL/2's reuse steps. On CUDA every time
+GPU, where the host issuing them bounds DiT-XL/2's eager reuse steps (``profile_e2e.py``). On CUDA every time
 is measured between CUDA events (so the device's wall-clock, launch gaps included).
 
 The DiT models carry one conditioning embedder copied into every block, as the DiT checkpoints
