@@ -133,14 +133,23 @@ class Router(nn.Module):
         self.logits[self.pinned_steps] = FIRST_STEP_LOGIT
         return self
 
+    @property
+    def max_age(self) -> int | None:
+        """The cache-age cap the router was trained with (``training_settings["max_age"]``), if any."""
+        return self.training_settings.get("max_age")
+
     @torch.no_grad()
-    def to_schedule(self, threshold: float = 0.1) -> CacheSchedule:
-        """Hard schedule: compute iff ``sigmoid(logit) > threshold``; pinned rows (row 0) always compute."""
+    def to_schedule(self, threshold: float = 0.1, *, max_age: int | None = None) -> CacheSchedule:
+        """Hard schedule: compute iff ``sigmoid(logit) > threshold``; pinned rows (row 0) always compute.
+
+        Reuses of entries older than ``max_age`` steps (default: :attr:`max_age`, the cap the router
+        was trained with) become computes (:meth:`CacheSchedule.with_max_age`).
+        """
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold is a probability in [0, 1), got {threshold}")
         compute = self.probabilities().detach().cpu() > threshold
         compute[self.pinned_steps] = True
-        return CacheSchedule(compute)
+        return CacheSchedule(compute).with_max_age(max_age if max_age is not None else self.max_age)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`RouterMismatchError` unless this router was made for ``model``'s shape."""

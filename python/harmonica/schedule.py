@@ -76,6 +76,33 @@ class CacheSchedule:
         steps = torch.arange(num_steps) % interval == 0
         return cls(steps[:, None].expand(num_steps, num_units))
 
+    def with_max_age(self, max_age: int | None) -> CacheSchedule:
+        """This schedule with every reuse of an entry older than ``max_age`` steps turned into a compute.
+
+        The age of a reused entry at step t is t minus the last step that computed the unit; FORA N
+        reuses entries up to N − 1 steps old. ``None`` returns the schedule unchanged.
+        """
+        if max_age is None:
+            return self
+        _check_max_age(max_age)
+        mask = self._compute.clone()
+        last = torch.zeros(mask.shape[1], dtype=torch.long)
+        for t in range(1, mask.shape[0]):
+            mask[t] |= t - last > max_age
+            last[mask[t]] = t
+        return CacheSchedule(mask)
+
+    def max_age(self) -> int:
+        """The oldest cache entry the schedule reuses, in steps (0 when nothing is reused)."""
+        oldest = 0
+        last = torch.zeros(self.num_units, dtype=torch.long)
+        for t in range(1, self.num_steps):
+            row = self._compute[t]
+            if not bool(row.all()):
+                oldest = max(oldest, int((t - last[~row]).max()))
+            last[row] = t
+        return oldest
+
     @property
     def compute(self) -> torch.Tensor:
         """A copy of the ``[T, U]`` bool table (CPU)."""
@@ -134,6 +161,14 @@ class CacheSchedule:
         return (
             f"CacheSchedule(num_steps={self.num_steps}, num_units={self.num_units}, "
             f"cache_usage_ratio={self.cache_usage_ratio:.3f})"
+        )
+
+
+def _check_max_age(max_age: Any) -> None:
+    if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1:
+        raise ValueError(
+            f"max_age is the oldest cache entry a schedule may reuse, in steps: an int >= 1 "
+            f"(1 = never reuse an entry twice in a row), got {max_age!r}"
         )
 
 

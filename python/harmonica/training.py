@@ -41,6 +41,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -55,16 +56,21 @@ from harmonica_kernels import available_backends, routed_gated_residual
 
 from .cache import CacheHandle, CacheStateError, _as_row, attach_handle, disable_cache
 from .models import fingerprint, supported_class, transformer_of, units
-from .router import Router
+from .router import LOGIT_BOUND, Router
 from .schedule import CacheSchedule
 
 __all__ = ["TrainingConfig", "TrainingResult", "estimate_lambda", "train_router"]
 
 Method = Literal["harmonica", "l2c"]
 LambdaVariant = Literal["marginal", "leave_one_out", "none"]
+LambdaOn = Literal["soft", "hard"]
+
+DEFAULT_TARGET_CUR = 0.35
+"""Budget of a run given neither ``beta`` nor ``target_cur``: β is a scale that fits only the model
+it was tuned on, so without one the trainer aims at this cache usage ratio instead."""
 
 _CHECKPOINT_NAME = "router-training.pt"
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -73,7 +79,12 @@ class TrainingConfig:
 
     ``iterations`` counts trained denoising steps (T − 1 per SDT trajectory, one per L2C sample
     batch). ``batch_size`` is the global number of noise samples per iteration (doubled by CFG).
-    ``lr`` and ``beta`` default to 0.01 / 7e-8 for HarmoniCa and 1e-3 / 1e-6 for L2C.
+    ``lr`` defaults to 0.01 for HarmoniCa and 1e-3 for L2C. A given ``beta`` without ``target_cur`` is
+    the paper's fixed-β mode (the authors used 7e-8 on DiT-XL/2, L2C 1e-6: scales that fit only the
+    model they were tuned on); with neither, the run is in budget mode at :data:`DEFAULT_TARGET_CUR`.
+    ``lambda_on="hard"`` measures λ on the router's hard schedule (what inference runs) instead of its
+    soft blend; ``straight_through`` trains on the hard forward with the soft gradient; ``max_age``
+    caps the age of a reused cache entry, in training and in the router's schedule.
     """
 
     num_steps: int
@@ -87,6 +98,9 @@ class TrainingConfig:
     lambda_every: int = 500
     lambda_variant: LambdaVariant = "marginal"
     lambda_batch_size: int | None = None
+    lambda_on: LambdaOn = "soft"
+    straight_through: bool = False
+    max_age: int | None = None
     write_threshold: float = 0.1
     threshold: float = 0.1
     seed: int = 0
@@ -100,10 +114,16 @@ class TrainingConfig:
             raise ValueError(
                 f"lambda_variant must be 'marginal', 'leave_one_out' or 'none', got {cfg.lambda_variant!r}"
             )
+        if cfg.lambda_on not in ("soft", "hard"):
+            raise ValueError(f"lambda_on must be 'soft' or 'hard', got {cfg.lambda_on!r}")
+        if cfg.max_age is not None:
+            from .schedule import _check_max_age
+
+            _check_max_age(cfg.max_age)
         is_l2c = cfg.method == "l2c"
         cfg.lr = cfg.lr if cfg.lr is not None else (1e-3 if is_l2c else 0.01)
         if cfg.beta is None and cfg.target_cur is None:
-            cfg.beta = 1e-6 if is_l2c else 7e-8
+            cfg.target_cur = DEFAULT_TARGET_CUR
         if is_l2c:
             cfg.lambda_variant = "none"
         if cfg.lambda_batch_size is None:
@@ -128,8 +148,9 @@ class TrainingConfig:
             limit = 0.5 if is_l2c else 1.0
             checks.append(
                 (
-                    0 < cfg.target_cur < limit,
-                    f"target_cur must be in (0, {limit}) for method {cfg.method!r}, got {cfg.target_cur}",
+                    isinstance(cfg.target_cur, (int, float)) and 0 < cfg.target_cur < limit,
+                    f"target_cur must be in (0, {limit}) for method {cfg.method!r} (a cache usage "
+                    f"ratio), got {cfg.target_cur}",
                 )
             )
             if cfg.beta == 0:
@@ -488,52 +509,51 @@ def estimate_lambda(
     cond: Any,
     variant: LambdaVariant,
 ) -> torch.Tensor:
-    """IEPO weights ``λ[T]`` (λ_0 = 0: step 0 is never trained) from final-sample errors, no autograd.
+    """IEPO weights ``λ[T]`` (λ_0 = 0: step 0 is never trained) from final-sample distances, no autograd.
 
-    - ``marginal`` (the authors' released code): x0_ref is the uncached sample; with the soft router
-      enabled on steps 1…t and full compute after, ``e_t = MSE(x0^{≤t}, x0_ref)``;
-      ``λ_t = max(e_t − e_{t−1}, 0)``. The runs share their prefix, so each one is the soft
-      trajectory up to step t followed by an uncached tail: ~T²/2 forwards in all.
-    - ``leave_one_out`` (the poster): ``λ_t = MSE(x0_soft, x0_soft^{(t)})`` where the second run
-      forces step t to compute everything (its cache refreshed with the fresh outputs).
+    Write ``x0^{S}`` for the final sample of a run from ``x_T`` whose steps in S blend with
+    ``probabilities`` (0/1 rows make it a hard schedule) and whose other steps compute every unit.
 
-    A step whose estimate is 0 (or negative, for ``marginal``) would carry no fidelity term at all and
-    be cached freely; λ is floored at 1 % of its mean so every step keeps some. Errors are means over
-    all elements, averaged over processes.
+    - ``marginal`` (the authors' released code): ``λ_t = MSE(x0^{1…t}, x0^{1…t−1})``, the distance
+      between the final samples of two runs that enable the router on steps 1…t and on 1…t−1
+      (``x0^{∅}`` is the uncached sample). The runs share their prefix: ~T²/2 forwards in all.
+    - ``leave_one_out`` (the poster): ``λ_t = MSE(x0^{all}, x0^{all∖t})`` where the second run computes
+      every unit at step t (refreshing its cache).
+
+    A step whose distance is 0 (e.g. a step the hard schedule computes whole) would carry no fidelity
+    term at all and be cached freely; λ is floored at 1 % of its mean so every step keeps some.
+    Distances are means over all elements, averaged over processes.
     """
     num_steps = probabilities.shape[0]
-    x0_states: dict[int, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
+    x_states: dict[int, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
     handle = setup.handle
     timesteps = _start(setup, num_steps)
     keep_cache = variant == "leave_one_out"
 
     def remember(i: int, x: torch.Tensor) -> None:
-        x0_states[i] = (x.clone(), handle.snapshot() if keep_cache else [])
+        x_states[i] = (x.clone(), handle.snapshot() if keep_cache else [])
 
-    soft_final = _sample(
+    routed_final = _sample(
         setup, x_T, cond, probabilities, lambda i: True, timesteps=timesteps, on_step=remember
     )
-    errors = torch.zeros(num_steps, dtype=torch.float64, device=setup.device)
+    lam = torch.zeros(num_steps, dtype=torch.float64, device=setup.device)
     if variant == "marginal":
-        reference = _sample(setup, x_T, cond, probabilities, lambda i: False)
-        # Soft on steps 1..t, uncached after: the soft spine's state before step t+1, then no caching.
+        previous = _sample(setup, x_T, cond, probabilities, lambda i: False)
         for t in range(1, num_steps):
             if t == num_steps - 1:
-                final = soft_final
-            else:
+                final = routed_final
+            else:  # the routed run's state before step t + 1, then every unit computed
                 timesteps = _start(setup, num_steps)
-                x, _ = x0_states[t + 1]
+                x, _ = x_states[t + 1]
                 final = _sample(
                     setup, x, cond, probabilities, lambda i: False, start=t + 1, timesteps=timesteps
                 )
-            errors[t] = F.mse_loss(final.double(), reference.double())
-        setup.group.mean_(errors)
-        lam = torch.zeros_like(errors)
-        lam[1:] = (errors[1:] - errors[:-1]).clamp_min(0)
+            lam[t] = F.mse_loss(final.double(), previous.double())
+            previous = final
     else:
         for t in range(1, num_steps):
             timesteps = _start(setup, num_steps)
-            x, buffers = x0_states[t]
+            x, buffers = x_states[t]
             final = _sample(
                 setup,
                 x,
@@ -544,9 +564,8 @@ def estimate_lambda(
                 buffers=buffers,
                 timesteps=timesteps,
             )
-            errors[t] = F.mse_loss(final.double(), soft_final.double())
-        setup.group.mean_(errors)
-        lam = errors.clone()
+            lam[t] = F.mse_loss(final.double(), routed_final.double())
+    setup.group.mean_(lam)
     positive = lam[1:]
     floor = 0.01 * positive.mean() if positive.mean() > 0 else torch.tensor(1.0, dtype=lam.dtype)
     lam[1:] = positive.clamp_min(floor)
@@ -572,6 +591,9 @@ def train_router(
     lambda_every: int = 500,
     lambda_variant: LambdaVariant = "marginal",
     lambda_batch_size: int | None = None,
+    lambda_on: LambdaOn = "soft",
+    straight_through: bool = False,
+    max_age: int | None = None,
     write_threshold: float = 0.1,
     threshold: float = 0.1,
     seed: int = 0,
@@ -598,12 +620,22 @@ def train_router(
         iterations: trained denoising steps; SDT trains T − 1 per trajectory.
         batch_size: global noise samples (or data samples for L2C) per iteration; CFG doubles it.
         guidance_scale: CFG scale as at inference (1 = no guidance).
-        lr, beta: AdamW learning rate on the logits and the weight of ``Σ r`` (see :class:`TrainingConfig`).
-        target_cur: budget mode: adapt β until the hard schedule's cache usage ratio reaches this.
+        lr, beta: AdamW learning rate on the logits (one optimizer state per step) and the weight of
+            ``Σ r``. A given β without ``target_cur`` is held fixed (the paper's mode).
+        target_cur: budget mode: β is adapted after every trajectory towards this cache usage ratio,
+            then one constant shift of the trained logits sets the hard schedule's usage to the
+            closest reachable value. Default when neither β nor ``target_cur`` is given:
+            :data:`DEFAULT_TARGET_CUR` (β is a scale that transfers between models only by luck).
         lambda_every: C, iterations between λ re-estimations (IEPO).
         lambda_variant: ``"marginal"`` (released code, default), ``"leave_one_out"`` (poster) or
             ``"none"`` (λ ≡ 1: the SDT-only ablation).
-        lambda_batch_size: noise samples for λ's sampling runs (default: ``batch_size``).
+        lambda_batch_size: noise samples for λ's sampling runs (default: the trajectory's own batch).
+        lambda_on: ``"soft"`` measures λ with the soft router (the paper), ``"hard"`` with its hard
+            schedule at ``threshold`` (what inference runs). Same cost: ~T²/2 sampling forwards.
+        straight_through: train on the hard forward (units computed iff r > ``threshold``, the
+            trajectory inference runs) with the soft gradient through r.
+        max_age: cap on the age of a reused cache entry in steps (None: no cap); over it a unit
+            computes, in training and in the router's schedule.
         write_threshold: the student's blend is written to the cache where r exceeds it.
         threshold: τ of the saved router's schedule (used for the reported CUR and budget mode).
         seed: seeds the router's initial logits and every draw of noise, classes and data.
@@ -641,10 +673,19 @@ def train_router(
         lambda_every=lambda_every,
         lambda_variant=lambda_variant,
         lambda_batch_size=lambda_batch_size,
+        lambda_on=lambda_on,
+        straight_through=straight_through,
+        max_age=max_age,
         write_threshold=write_threshold,
         threshold=threshold,
         seed=seed,
     ).resolved()
+    if beta is None and target_cur is None and progress:
+        print(
+            f"train_router: no beta or target_cur given; budget mode at a cache usage ratio of "
+            f"{DEFAULT_TARGET_CUR} (pass target_cur= or beta= to choose)",
+            file=sys.stderr,
+        )
     transformer = transformer_of(pipe_or_transformer)
     model_class = supported_class(transformer)
     if scheduler is None:
@@ -702,7 +743,7 @@ def train_router(
         transformer, config.num_steps, scheduler=scheduler, seed=config.seed, pinned_steps=pinned
     )
     router.to(device)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = RowAdamW(router.logits, lr=config.lr)
     state = _State(beta=config.beta, lam=torch.ones(config.num_steps))
     state.lam[0] = 0.0
 
@@ -726,22 +767,18 @@ def train_router(
     try:
         while state.iteration < config.iterations:
             if config.method == "harmonica":
-                if config.lambda_variant != "none" and (
-                    state.lambda_at is None or state.iteration - state.lambda_at >= config.lambda_every
-                ):
-                    state.lam = _refresh_lambda(setup, router, config, state)
-                    state.lambda_at = state.iteration
                 losses = _sdt_trajectory(setup, router, optimizer, config, state, bar)
             else:
                 losses = _l2c_round(setup, router, optimizer, config, state, samples, labels, bar)
             state.trajectory += 1
-            cur = router.to_schedule(config.threshold).cache_usage_ratio
+            cur = router.to_schedule(config.threshold, max_age=config.max_age).cache_usage_ratio
             if state.beta is None:
                 state.beta = sum(state.beta_probes) / len(state.beta_probes) or 1e-12
             elif config.target_cur is not None:
-                # Multiplicative β control towards the budget: at most ×2 per trajectory.
+                # Damped multiplicative β control towards the budget: at most ×1.25 per trajectory (a
+                # ×2 gain swung β by 10⁹ and overshot); the exact budget is set after training.
                 error = (config.target_cur - cur) / max(config.target_cur, 0.05)
-                state.beta *= math.exp(max(-math.log(2), min(math.log(2), 2.0 * error)))
+                state.beta *= math.exp(max(-_BETA_STEP, min(_BETA_STEP, error)))
             state.elapsed = time.perf_counter() - start_time
             record = {
                 "iteration": float(state.iteration),
@@ -772,10 +809,14 @@ def train_router(
         if group.owns_group:
             group._dist.destroy_process_group()
 
-    schedule = router.to_schedule(config.threshold)
+    offset = None
+    if config.target_cur is not None:
+        offset = _calibrate(router, config.target_cur, config.threshold, config.max_age)
+    schedule = router.to_schedule(config.threshold, max_age=config.max_age)
     settings = asdict(config)
     settings.update(
         beta_final=state.beta,
+        calibration_offset=offset,
         cur=schedule.cache_usage_ratio,
         training_seconds=round(state.elapsed, 3),
         world_size=group.world,
@@ -790,6 +831,31 @@ def train_router(
         iterations=state.iteration,
         resumed_from=resumed_from,
     )
+
+
+_BETA_STEP = math.log(1.25)
+
+
+@torch.no_grad()
+def _calibrate(router: Router, target: float, threshold: float, max_age: int | None) -> float:
+    """Shift the trained rows' logits by one constant so the hard schedule's cache usage is the closest
+    reachable to ``target``; returns the shift. Training sets the order of the entries, this the
+    budget: one offset keeps the order, so ties (logits at the clamp) are the only limit on precision.
+    """
+    trained = [t for t in range(router.num_steps) if t not in router.pinned_steps]
+    original = router.logits[trained].clone()
+
+    def usage(offset: float) -> float:
+        router.logits[trained] = original + offset
+        return router.to_schedule(threshold, max_age=max_age).cache_usage_ratio
+
+    candidates = {0.0}
+    cut = math.log(threshold / (1 - threshold)) if threshold > 0 else -LOGIT_BOUND * 4
+    for value in torch.unique(original).tolist():  # every offset that moves one entry across τ
+        candidates.update((cut - value + 1e-4, cut - value - 1e-4))
+    best = min(sorted(candidates), key=lambda o: (round(abs(usage(o) - target), 9), abs(o)))
+    router.logits[trained] = original + best
+    return best
 
 
 @dataclass
@@ -820,18 +886,61 @@ def _draw(setup: _Setup, generator: torch.Generator, batch: int) -> tuple[torch.
     return x, setup.conditioning.shard(cond, rows)
 
 
-def _refresh_lambda(setup: _Setup, router: Router, config: TrainingConfig, state: _State) -> torch.Tensor:
-    generator = _generator(config.seed, 2, state.iteration)
-    x, cond = _draw(setup, generator, config.lambda_batch_size)
-    with torch.no_grad():
-        probabilities = router.probabilities().detach()
+def _refresh_lambda(
+    setup: _Setup, router: Router, config: TrainingConfig, state: _State, x: torch.Tensor, cond: Any
+) -> torch.Tensor:
+    """λ on the trajectory's own noise and conditions (or a batch of ``lambda_batch_size`` drawn for it)."""
+    if config.lambda_batch_size != config.batch_size:
+        x, cond = _draw(setup, _generator(config.seed, 2, state.iteration), config.lambda_batch_size)
+    if config.lambda_on == "hard":
+        probabilities = router.to_schedule(config.threshold, max_age=config.max_age).compute.float()
+        probabilities = probabilities.to(setup.device)
+    else:
+        with torch.no_grad():
+            probabilities = router.probabilities().detach()
     return estimate_lambda(setup, probabilities, x, cond, config.lambda_variant)
+
+
+class RowAdamW:
+    """AdamW (weight decay 0) on the router's logits with one state per row (denoising step).
+
+    An iteration trains one step t, so only row t has a gradient; a single AdamW over the whole
+    ``[T, U]`` tensor would also move every other row on its stale momentum. Here ``step_row(t, g)``
+    updates row t's moments, bias corrections and logits and nothing else, as the authors keep one
+    parameter (and optimizer state) per step.
+    """
+
+    def __init__(self, logits: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.logits = logits
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.exp_avg = torch.zeros_like(logits, dtype=torch.float32)
+        self.exp_avg_sq = torch.zeros_like(logits, dtype=torch.float32)
+        self.steps = [0] * logits.shape[0]
+
+    @torch.no_grad()
+    def step_row(self, row: int, grad: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        self.steps[row] += 1
+        k = self.steps[row]
+        m, v = self.exp_avg[row], self.exp_avg_sq[row]
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**k)).add_(self.eps)
+        self.logits[row].addcdiv_(m, denom, value=-self.lr / (1 - beta1**k))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(), "steps": list(self.steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.steps = list(state["steps"])
 
 
 def _train_step(
     setup: _Setup,
     router: Router,
-    optimizer: torch.optim.Optimizer,
+    optimizer: RowAdamW,
     config: TrainingConfig,
     state: _State,
     x: torch.Tensor,
@@ -839,42 +948,64 @@ def _train_step(
     cond: Any,
     step: int,
     weight: float,
-) -> tuple[torch.Tensor, float]:
-    """Teacher and student at state x (step ``step``); one optimizer step. Returns (student pred, loss)."""
+    forced: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Teacher and student at state x (step ``step``); one optimizer step on row ``step``.
+
+    The fidelity term compares the guided predictions (what advances the sampler). ``forced`` units
+    (over the cache-age cap) compute whatever r says. Returns (student's raw prediction, loss, the
+    units whose cache the student wrote).
+    """
     handle = setup.handle
+    guide = lambda pred: _guide(pred, setup.guidance_scale, setup.cfg)  # noqa: E731
     with torch.no_grad():
         handle.set_mode("teacher")
-        teacher = _predict(setup, x, t, cond, step)
+        teacher = guide(_predict(setup, x, t, cond, step))
     r = router.probabilities()[step]
+    if forced is None:
+        forced = torch.zeros_like(r, dtype=torch.bool)
     if state.beta is None:
         # Budget mode without a starting β: the first round trains fidelity only and probes the
         # per-unit cost of caching everything at each step; β starts at its mean (see train_router).
         with torch.no_grad():
             handle.set_soft(torch.zeros_like(r), defer_writes=True)
-            cached = _predict(setup, x, t, cond, step)
+            cached = guide(_predict(setup, x, t, cond, step))
             handle.pending = {}
             cost = weight * F.mse_loss(cached, teacher) / r.numel()
         state.beta_probes.append(float(setup.group.mean_(cost.reshape(1))))
-    handle.set_soft(r, defer_writes=True)
+    if config.straight_through:  # the hard forward of inference, the soft gradient
+        hard = (r.detach() > config.threshold) | forced
+        blend = hard.to(r.dtype) + r - r.detach()
+    else:
+        blend = torch.where(forced, torch.ones_like(r), r)
+    handle.set_soft(blend, defer_writes=True)
     student = _predict(setup, x, t, cond, step)
-    fidelity = weight * F.mse_loss(student, teacher)
-    optimizer.zero_grad(set_to_none=False)
+    fidelity = weight * F.mse_loss(guide(student), teacher)
+    router.logits.grad = None
     fidelity.backward()
-    grad = setup.group.mean_(router.logits.grad)[step]
+    grad = setup.group.mean_(router.logits.grad[step].clone())
     beta = state.beta or 0.0
     grad.add_(beta * (r * (1 - r)).detach())  # the gradient of β · Σ_k r[t, k]
     loss = fidelity.detach() + beta * r.detach().sum()
-    optimizer.step()
+    optimizer.step_row(step, grad)
+    router.logits.grad = None
     router.clamp_()
+    written = torch.tensor(handle.r_host) > handle.write_threshold
     handle.commit_writes()
     state.iteration += 1
-    return student.detach(), float(loss.detach())
+    return student.detach(), float(loss), written
 
 
 def _sdt_trajectory(setup, router, optimizer, config, state, bar) -> list[float]:
     generator = _generator(config.seed, 1, state.trajectory)
     x, cond = _draw(setup, generator, config.batch_size)
+    if config.lambda_variant != "none" and (
+        state.lambda_at is None or state.iteration - state.lambda_at >= config.lambda_every
+    ):
+        state.lam = _refresh_lambda(setup, router, config, state, x, cond)
+        state.lambda_at = state.iteration
     timesteps = _start(setup, config.num_steps)
+    last_computed = torch.zeros(router.num_units, dtype=torch.long)
     losses = []
     for i, t in enumerate(timesteps):
         if i == 0:
@@ -884,9 +1015,11 @@ def _sdt_trajectory(setup, router, optimizer, config, state, bar) -> list[float]
         else:
             if state.iteration >= config.iterations:
                 break
-            pred, loss = _train_step(
-                setup, router, optimizer, config, state, x, t, cond, i, float(state.lam[i])
+            forced = None if config.max_age is None else (i - last_computed > config.max_age).to(x.device)
+            pred, loss, written = _train_step(
+                setup, router, optimizer, config, state, x, t, cond, i, float(state.lam[i]), forced
             )
+            last_computed[written] = i
             losses.append(loss)
             if bar is not None:
                 bar.update(1)
@@ -925,7 +1058,7 @@ def _l2c_iteration(setup, router, optimizer, config, state, samples, labels) -> 
         setup.handle.set_mode("fill")
         pred = _predict(setup, x, previous, cond, step - 1)
         x = _advance(setup, pred, previous, x)
-    _, loss = _train_step(setup, router, optimizer, config, state, x, timesteps[step], cond, step, 1.0)
+    _, loss, _ = _train_step(setup, router, optimizer, config, state, x, timesteps[step], cond, step, 1.0)
     return loss
 
 
