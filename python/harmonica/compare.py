@@ -41,7 +41,17 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path, write_text
 from ._machine import cpu_name
-from .eval import class_accuracy, classifier_fid, mse, psnr, ssim
+from .eval import (
+    bootstrap_interval,
+    class_accuracy,
+    classifier_features,
+    classifier_fid,
+    classifier_kid,
+    kid_with_interval,
+    mse,
+    psnr,
+    ssim,
+)
 from .models import load_local, supported_class, units
 from .peers import (
     DBCache,
@@ -433,7 +443,8 @@ class MethodRow:
     ``skipped_share``: measured share of (call, unit) pairs whose unit did not run, over the whole
     evaluation set; ``skipped_share_timed``: the same on the timed batch. ``cache_usage_ratio``: the
     schedule's CUR (ours only; equals ``skipped_share``). ``psnr`` is None when the samples are
-    identical to the uncached ones (infinite PSNR). ``executed``: per step and unit, the share of
+    identical to the uncached ones (infinite PSNR); ``psnr_low``/``psnr_high`` and ``kid_low``/
+    ``kid_high`` are 95 % bootstrap intervals over the samples. ``executed``: per step and unit, the share of
     evaluation batches in which the unit ran (``[T][U]``).
     ``note``: remarks, e.g. that another strength of the same family ran exactly the same units.
     """
@@ -453,8 +464,13 @@ class MethodRow:
     uncached_seconds: float | None = None
     cached_seconds: float | None = None
     psnr: float | None = None
+    psnr_low: float | None = None
+    psnr_high: float | None = None
     ssim: float | None = None
     mse: float | None = None
+    kid: float | None = None
+    kid_low: float | None = None
+    kid_high: float | None = None
     fid: float | None = None
     accuracy: float | None = None
     executed: list[list[float]] | None = None
@@ -484,15 +500,16 @@ class CompareReport:
     def table(self) -> str:
         """A fixed-width terminal table."""
         head = (
-            f"{'method':<30}{'skipped':>8}{'ideal':>7}{'speedup':>9}{'PSNR':>7}{'SSIM':>7}"
-            f"{'MSE':>10}{'FID':>9}{'acc':>6}  note"
+            f"{'method':<30}{'skipped':>8}{'ideal':>7}{'speedup':>9}{'PSNR (95% CI)':>20}{'SSIM':>7}"
+            f"{'MSE':>10}{'KIDx1e3':>9}{'FID':>9}{'acc':>6}  note"
         )
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
                 f"{r.method[:29]:<30}{_fmt(r.skipped_share, '.1%'):>8}{_fmt(r.ideal_speedup, '.2f', 'x'):>7}"
-                f"{_fmt(r.measured_speedup, '.2f', 'x'):>9}{_psnr(r):>7}{_fmt(r.ssim, '.3f'):>7}"
-                f"{_fmt(r.mse, '.2e'):>10}{_fmt(r.fid, '.2f'):>9}{_fmt(r.accuracy, '.0%'):>6}  {_note(r)}"
+                f"{_fmt(r.measured_speedup, '.2f', 'x'):>9}{_psnr(r, interval=True):>20}"
+                f"{_fmt(r.ssim, '.3f'):>7}{_fmt(r.mse, '.2e'):>10}{_kid(r):>9}{_fmt(r.fid, '.2f'):>9}"
+                f"{_fmt(r.accuracy, '.0%'):>6}  {_note(r)}"
             )
         return "\n".join(lines)
 
@@ -508,8 +525,8 @@ class CompareReport:
             f"(uncached run, then cached run). {c['date']}.",
             "",
             "| method | family | skipped units | FLOP-ideal | measured speedup (min–max) "
-            "| PSNR dB | SSIM | MSE | FID | accuracy | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| PSNR dB (95 % CI) | SSIM | MSE | KID ×10³ (95 % CI) | FID | accuracy | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             spread = (
@@ -520,8 +537,9 @@ class CompareReport:
             lines.append(
                 f"| {r.method} | {r.family} | {_fmt(r.skipped_share, '.1%')} | "
                 f"{_fmt(r.ideal_speedup, '.2f', '×')} | "
-                f"{_fmt(r.measured_speedup, '.2f', '×')}{spread} | {_psnr(r)} | {_fmt(r.ssim, '.4f')} | "
-                f"{_fmt(r.mse, '.2e')} | {_fmt(r.fid, '.2f')} | {_fmt(r.accuracy, '.1%')} | {_note(r)} |"
+                f"{_fmt(r.measured_speedup, '.2f', '×')}{spread} | {_psnr(r, interval=True)} | "
+                f"{_fmt(r.ssim, '.4f')} | {_fmt(r.mse, '.2e')} | {_kid(r, interval=True)} | "
+                f"{_fmt(r.fid, '.2f')} | {_fmt(r.accuracy, '.1%')} | {_note(r)} |"
             )
         lines += ["", *self._notes(), ""]
         matched = _matched_speedup(self.rows)
@@ -553,14 +571,26 @@ class CompareReport:
             "(FirstBlockCache, MagCache, DBCache) also skip the blocks' adaLN modulation, norms and "
             "residual adds, which the unit FLOPs do not count and which weigh on a model this small; "
             "their measured speedup can exceed the FLOP-ideal one.",
-            "PSNR/SSIM/MSE compare with the uncached samples from the same noise and labels.",
+            "PSNR/SSIM/MSE compare with the uncached samples from the same noise and labels. Intervals "
+            "are 95 % bootstrap intervals over the samples (1 000 resamples): two methods whose "
+            "intervals overlap are not told apart by this run.",
         ]
+        if c.get("kid_floor") is not None:
+            notes.append(
+                f"KID (×10³): unbiased kernel distance of the reference classifier's features to the "
+                f"{c['num_test_images']} held-out test digits, meaningful at this sample count. Real "
+                f"training digits at the same count: {1e3 * c['kid_floor']:.2f}; the uncached model from "
+                f"this noise {1e3 * c['kid_uncached']:.2f} and from other noise "
+                f"{1e3 * c['kid_uncached_other_noise']:.2f}: KID differences smaller than that gap, or "
+                "inside the intervals, are noise."
+            )
         if c.get("fid_floor") is not None:
             notes.append(
                 f"FID: reference classifier features, {c['num_samples']} samples vs the "
                 f"{c['num_test_images']} held-out test digits; real-vs-real floor at the same count: "
                 f"{c['fid_floor']:.2f}; the uncached model from other noise: "
-                f"{c['fid_uncached_other_noise']:.2f} (FID differences of that size are noise)."
+                f"{c['fid_uncached_other_noise']:.2f} (FID is biased at this count and differences of "
+                "that size are noise; read KID)."
             )
         if c.get("mag_ratios"):
             notes.append(
@@ -583,10 +613,20 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _psnr(r: MethodRow) -> str:
+def _psnr(r: MethodRow, *, interval: bool = False) -> str:
     if r.psnr is None:
         return "∞" if r.measured else "—"
+    if interval and r.psnr_low is not None:
+        return f"{r.psnr:.2f} ({r.psnr_low:.1f}–{r.psnr_high:.1f})"
     return f"{r.psnr:.2f}"
+
+
+def _kid(r: MethodRow, *, interval: bool = False) -> str:
+    if r.kid is None:
+        return "—"
+    if interval and r.kid_low is not None:
+        return f"{1e3 * r.kid:.2f} ({1e3 * r.kid_low:.2f}–{1e3 * r.kid_high:.2f})"
+    return f"{1e3 * r.kid:.2f}"
 
 
 def _note(r: MethodRow) -> str:
@@ -792,8 +832,11 @@ def _ideal_speedup(transformer: nn.Module, executed: torch.Tensor) -> float | No
 def _quality(
     row: MethodRow, images: torch.Tensor, reference: torch.Tensor, work: _Workload, data_range: float
 ) -> None:
-    value = psnr(images, reference, data_range=data_range).item()
+    per_image = psnr(images, reference, data_range=data_range, reduction="none").double()
+    value = per_image.mean().item()
     row.psnr = None if math.isinf(value) else value
+    if row.psnr is not None and per_image.isfinite().all():
+        row.psnr_low, row.psnr_high = bootstrap_interval(lambda i: per_image[i].mean(), len(per_image))
     row.mse = mse(images, reference).item()
     if min(images.shape[-2:]) > 9:  # the 9×9 SSIM window needs larger images
         row.ssim = ssim(images, reference, data_range=data_range).item()
@@ -802,6 +845,9 @@ def _quality(
 
         test_images, _ = load_dataset("test")
         row.fid = classifier_fid(images, test_images, work.classifier).item()
+        row.kid, (row.kid_low, row.kid_high) = kid_with_interval(
+            classifier_features(images, work.classifier), classifier_features(test_images, work.classifier)
+        )
         row.accuracy = class_accuracy(images, work.labels, work.classifier).item()
 
 
@@ -1061,6 +1107,8 @@ def compare(
         train_images, train_labels = load_dataset("train")
         floor, _ = class_balanced_subset(train_images, train_labels, n_per_class, seed)
         context["fid_floor"] = classifier_fid(floor, test_images, work.classifier).item()
+        context["kid_floor"] = classifier_kid(floor, test_images, work.classifier).item()
+        context["kid_uncached"] = baseline.kid
         context["num_test_images"] = len(test_images)
         # FID's own noise at this count: the uncached model again, from other noise (seed + 2).
         other = torch.randn(work.noise.shape, generator=torch.Generator().manual_seed(seed + 2))
@@ -1069,6 +1117,9 @@ def compare(
                 [work.generate(i, noise=other[part]) for i, part in enumerate(work.batches)]
             )
         context["fid_uncached_other_noise"] = classifier_fid(
+            work.finish(resampled), test_images, work.classifier
+        ).item()
+        context["kid_uncached_other_noise"] = classifier_kid(
             work.finish(resampled), test_images, work.classifier
         ).item()
     report = CompareReport(rows, context)

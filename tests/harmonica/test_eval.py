@@ -190,3 +190,47 @@ def test_classifier_fid_uses_the_classifier_features() -> None:
     assert abs(classifier_fid(a, a, stub).item()) < 1e-9
     with pytest.raises(ValueError, match=r"float images \[B, C, H, W\]"):
         classifier_features(a[0], stub)
+
+
+def test_kid_matches_torchmetrics_kernel_inception_distance_on_custom_features():
+    """Our unbiased cubic-kernel MMD² against torchmetrics' KID (one subset of the whole set, which
+    is a permutation and so the same estimate), on odd sample counts and width."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from harmonica.eval import kid
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 11, generator=gen)
+    b = torch.randn(29, 11, generator=gen) * 1.3 + 0.2
+
+    class Identity(torch.nn.Module):
+        num_features = 11
+
+        def forward(self, x):
+            return x
+
+    metric = KernelInceptionDistance(feature=Identity(), subsets=1, subset_size=29, normalize=True)
+    metric.update(a[:29].double(), real=True)
+    metric.update(b.double(), real=False)
+    expected, _ = metric.compute()
+    torch.testing.assert_close(kid(a[:29], b), expected.double(), rtol=1e-6, atol=1e-9)
+    one = torch.randn(800, 11, generator=gen)
+    assert abs(kid(one[:400], one[400:]).item()) < 0.1 * kid(a, b).item()  # unbiased: ≈ 0 for one law
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        kid(a, b[:, :5])
+
+
+def test_bootstrap_interval_covers_the_statistic_and_narrows_with_samples():
+    from harmonica.eval import bootstrap_interval, kid_with_interval
+
+    gen = torch.Generator().manual_seed(1)
+    small, large = torch.randn(20, generator=gen), torch.randn(2000, generator=gen)
+    low_s, high_s = bootstrap_interval(lambda i: small[i].mean(), 20)
+    low_l, high_l = bootstrap_interval(lambda i: large[i].mean(), 2000, resamples=200)
+    assert low_s < small.mean() < high_s and low_l < large.mean() < high_l
+    assert (high_l - low_l) < 0.3 * (high_s - low_s)
+    features, reference = torch.randn(40, 6, generator=gen) + 0.5, torch.randn(50, 6, generator=gen)
+    value, (low, high) = kid_with_interval(features, reference, resamples=200)
+    assert low < value < high
+    with pytest.raises(ValueError, match="bootstrap needs"):
+        bootstrap_interval(lambda i: 0.0, 1)
