@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmonica_kernels import available_backends, routed_gated_residual
+from harmonica_kernels import available_backends, cached_gated_residual, routed_gated_residual
 
 from .cache import CacheHandle, CacheStateError, _as_row, attach_handle, disable_cache
 from .models import fingerprint, supported_class, transformer_of, units
@@ -214,6 +214,9 @@ class _RoutedHandle(CacheHandle):
     def unit_residual(self, unit, x, gate, branch):  # type: ignore[override]
         if self.mode == "fill":
             return super().unit_residual(unit, x, gate, branch)
+        if self.mode == "soft" and self.r_host[unit] == 0.0 and not self.r.requires_grad:
+            # A hard reuse (λ on the hard schedule, schedule search): the branch is not run at all.
+            return cached_gated_residual(x, gate, self._buffers[unit])
         y = branch()
         if self.mode == "teacher":
             return y + x if gate is None else _as_row(gate) * y + x
@@ -378,6 +381,30 @@ class _PromptConditioning(_Conditioning):
             added_cond_kwargs=added,
         )
         return out.sample[:, : self.channels].float()
+
+
+def _conditioning_for(
+    transformer: nn.Module,
+    class_labels: torch.Tensor | None,
+    prompt_embeds: torch.Tensor | None,
+    prompt_attention_mask: torch.Tensor | None,
+    negative_prompt_embeds: torch.Tensor | None,
+    negative_prompt_attention_mask: torch.Tensor | None,
+) -> _Conditioning:
+    if supported_class(transformer).__name__ == "PixArtTransformer2DModel":
+        if prompt_embeds is None:
+            raise ValueError(
+                "PixArt conditions are drawn from a pool of text embeddings: pass prompt_embeds "
+                "[P, L, caption_channels] (e.g. from pipe.encode_prompt)"
+            )
+        return _PromptConditioning(
+            transformer,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+        )
+    return _ClassConditioning(transformer, class_labels)
 
 
 def _guide(pred: torch.Tensor, scale: float, cfg: bool) -> torch.Tensor:
@@ -687,7 +714,7 @@ def train_router(
             file=sys.stderr,
         )
     transformer = transformer_of(pipe_or_transformer)
-    model_class = supported_class(transformer)
+    supported_class(transformer)
     if scheduler is None:
         scheduler = getattr(pipe_or_transformer, "scheduler", None)
         if scheduler is None:
@@ -697,21 +724,14 @@ def train_router(
     if transformer.__dict__.get("_harmonica_cache") is not None:
         raise CacheStateError("disable_cache() before training a router on this transformer")
 
-    if model_class.__name__ == "PixArtTransformer2DModel":
-        if prompt_embeds is None:
-            raise ValueError(
-                "PixArt training draws prompts from a pool of text embeddings: pass prompt_embeds "
-                "[P, L, caption_channels] (e.g. from pipe.encode_prompt)"
-            )
-        conditioning: _Conditioning = _PromptConditioning(
-            transformer,
-            prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-        )
-    else:
-        conditioning = _ClassConditioning(transformer, class_labels)
+    conditioning = _conditioning_for(
+        transformer,
+        class_labels,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+    )
 
     samples = labels = None
     if config.method == "l2c":

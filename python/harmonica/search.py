@@ -1,0 +1,329 @@
+"""Schedules searched on the final image: greedy reuse by measured final-sample error per FLOP saved.
+
+``search_schedule(model, scheduler, num_steps=T, target_cur=0.4)`` builds a hard ``[T, U]`` schedule
+without training a router. It starts from every unit computed (or from a router's or schedule's own
+table, to polish it to an exact usage) and grows the reused set in rounds. Each round runs the
+current schedule once from a fixed batch of noise, keeping the state and cache before every step,
+then, for every entry that could change, runs the rest of the sampling from that step with that one
+entry flipped, and measures the final sample's mean squared distance to the uncached sample. The
+entries whose reuse costs the least final-image error per FLOP saved are taken (the entries whose
+compute gains the most, when the start caches more than the target), the round's share at a time,
+under an optional cap on the age of reused entries; the next round measures again in the new
+context, so interactions between entries (stale chains) are seen.
+
+Cost: a round that can flip E entries runs ``Σ_t E_t · (T − t)`` sampling forwards of the batch,
+about ``E · T / 2``; :attr:`SearchResult.forwards` counts them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .cache import CacheStateError, attach_handle, disable_cache
+from .models import flop_profile, supported_class, transformer_of, units
+from .router import FIRST_STEP_LOGIT, Router
+from .schedule import CacheSchedule, _check_max_age
+from .training import (
+    _advance,
+    _conditioning_for,
+    _draw,
+    _generator,
+    _Group,
+    _predict,
+    _RoutedHandle,
+    _Setup,
+)
+
+__all__ = ["SearchResult", "search_schedule"]
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search_schedule` returns.
+
+    ``schedule`` is the schedule at the (last) target; ``schedules`` maps every requested target to
+    its schedule (targets are visited in order, so each one extends or trims the one before);
+    ``router`` encodes ``schedule`` as router logits (±5) with the model's fingerprint, the sampler
+    and the search settings, so it saves, loads and enables like a trained router. ``history`` has
+    one record per round (cache usage, final-sample MSE to the uncached sample, forwards so far).
+    """
+
+    schedule: CacheSchedule
+    schedules: dict[float, CacheSchedule]
+    router: Router
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    forwards: int = 0
+
+
+def search_schedule(
+    pipe_or_transformer: Any,
+    scheduler: Any = None,
+    *,
+    num_steps: int,
+    target_cur: float | Sequence[float],
+    start: Router | CacheSchedule | None = None,
+    threshold: float = 0.1,
+    max_age: int | None = None,
+    rounds: int = 4,
+    batch_size: int = 8,
+    guidance_scale: float = 1.5,
+    seed: int = 0,
+    class_labels: torch.Tensor | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    prompt_attention_mask: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_attention_mask: torch.Tensor | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search a cache schedule on final-sample error at one or more target cache usage ratios.
+
+    Args:
+        pipe_or_transformer: a supported transformer (or a pipeline holding one), not cached.
+        scheduler: the sampler the schedule is for (default: the pipeline's); copied, never modified.
+        num_steps: T.
+        target_cur: the cache usage ratio to reach, in (0, 1), or several (visited in order).
+        start: a trained :class:`Router` (thresholded at ``threshold``) or a :class:`CacheSchedule` to
+            polish to the target usage; default: every unit computed.
+        max_age: cap on the age of a reused entry in steps (None: none). Entries of ``start`` over the
+            cap are computed first.
+        rounds: cost measurements on the way to the last target (more: interactions seen sooner,
+            proportionally more forwards); every target is also re-measured on arrival.
+        batch_size: noise samples (one class or prompt each, drawn from ``seed``) the errors are
+            measured on; CFG doubles the transformer batch.
+        guidance_scale: CFG scale as at inference.
+        class_labels, prompt_embeds, …: the conditions to draw from, as for :func:`train_router`.
+        progress: a tqdm bar over the flipped-entry runs.
+
+    Returns:
+        A :class:`SearchResult`.
+
+    Raises:
+        ValueError: a target outside (0, 1), ``max_age`` < 1, ``rounds`` or ``batch_size`` < 1, a
+            ``start`` of another shape or for another model.
+        UnsupportedModelError: the model has no routable units.
+    """
+    transformer = transformer_of(pipe_or_transformer)
+    supported_class(transformer)
+    names = units(transformer)
+    targets = [target_cur] if isinstance(target_cur, (int, float)) else list(target_cur)
+    if not targets:
+        raise ValueError("target_cur needs at least one cache usage ratio")
+    for target in targets:
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
+            raise ValueError(f"target_cur must be a cache usage ratio in (0, 1), got {target!r}")
+    if max_age is not None:
+        _check_max_age(max_age)
+    if not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be an int >= 2 (step 0 only fills the cache), got {num_steps!r}")
+    for name, value in (("rounds", rounds), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if scheduler is None:
+        scheduler = getattr(pipe_or_transformer, "scheduler", None)
+        if scheduler is None:
+            raise ValueError(
+                "pass the scheduler the schedule is for: search_schedule(transformer, scheduler, ...)"
+            )
+    if transformer.__dict__.get("_harmonica_cache") is not None:
+        raise CacheStateError("disable_cache() before searching a schedule on this transformer")
+    mask = _start_mask(start, transformer, num_steps, len(names), threshold)
+    if max_age is not None:
+        mask = CacheSchedule(mask).with_max_age(max_age).compute
+
+    conditioning = _conditioning_for(
+        transformer,
+        class_labels,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+    )
+    handle = _RoutedHandle(transformer, num_steps, write_threshold=0.5)
+    setup = _Setup(
+        model=transformer,
+        handle=handle,
+        scheduler=copy.deepcopy(scheduler),
+        conditioning=conditioning,
+        cfg=guidance_scale > 1,
+        guidance_scale=guidance_scale,
+        device=next(transformer.parameters()).device,
+        group=_Group(),
+    )
+    flops = torch.tensor(flop_profile(transformer).units, dtype=torch.float64)
+    total = num_steps * len(names)
+    began = time.perf_counter()
+    attach_handle(transformer, handle)
+    runner = _Runner(setup, num_steps, seed, batch_size)
+    history: list[dict[str, float]] = []
+    schedules: dict[float, CacheSchedule] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="search schedule", unit="run")
+    try:
+        reference = runner.final(torch.ones(num_steps, len(names), dtype=torch.bool))
+        distance = sum(
+            abs(round(b * total) - round(a * total))
+            for a, b in zip([1 - mask.float().mean().item(), *targets[:-1]], targets, strict=True)
+        )
+        chunk = max(1, math.ceil(distance / rounds))
+        for target in targets:
+            goal = round(target * total)
+            while (reused := int((~mask).sum())) != goal:
+                need = goal - reused
+                costs = runner.flip_costs(mask, reference, grow=need > 0, max_age=max_age, bar=bar)
+                if not costs:
+                    break  # nothing left that may flip (the age cap binds)
+                per_flop = {
+                    entry: delta / float(flops[entry[1]]) * (1 if need > 0 else -1)
+                    for entry, delta in costs.items()
+                }
+                taken = 0
+                for entry in sorted(per_flop, key=per_flop.get):
+                    if taken == min(chunk, abs(need)):
+                        break
+                    trial = mask.clone()
+                    trial[entry] = not bool(trial[entry])
+                    if max_age is not None and CacheSchedule(trial).max_age() > max_age:
+                        continue
+                    mask, taken = trial, taken + 1
+                error = F.mse_loss(runner.final(mask), reference).item()
+                history.append(
+                    {
+                        "cur": CacheSchedule(mask).cache_usage_ratio,
+                        "mse": error,
+                        "forwards": float(runner.forwards),
+                        "seconds": time.perf_counter() - began,
+                    }
+                )
+                if bar is not None:
+                    bar.set_postfix(cur=f"{history[-1]['cur']:.1%}", mse=f"{error:.3g}")
+                if taken == 0:
+                    break
+            schedules[float(target)] = CacheSchedule(mask)
+    finally:
+        if bar is not None:
+            bar.close()
+        disable_cache(transformer)
+    schedule = schedules[float(targets[-1])]
+    settings = {
+        "method": "search",
+        "target_cur": targets[-1],
+        "max_age": max_age,
+        "rounds": rounds,
+        "batch_size": batch_size,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "start": None if start is None else type(start).__name__,
+        "cur": schedule.cache_usage_ratio,
+        "search_seconds": round(time.perf_counter() - began, 3),
+        "forwards": runner.forwards,
+    }
+    return SearchResult(
+        schedule=schedule,
+        schedules=schedules,
+        router=schedule_router(transformer, schedule, scheduler, settings),
+        history=history,
+        seconds=time.perf_counter() - began,
+        forwards=runner.forwards,
+    )
+
+
+def schedule_router(transformer: Any, schedule: CacheSchedule, scheduler: Any, settings: dict) -> Router:
+    """A :class:`Router` whose hard schedule (at any threshold) is ``schedule``: logits ±5."""
+    router = Router.for_model(transformer, schedule.num_steps, scheduler=scheduler, training=settings)
+    with torch.no_grad():
+        router.logits.copy_(torch.where(schedule.compute, FIRST_STEP_LOGIT, -FIRST_STEP_LOGIT))
+    return router
+
+
+def _start_mask(
+    start: Any, transformer: Any, num_steps: int, num_units: int, threshold: float
+) -> torch.Tensor:
+    if start is None:
+        return torch.ones(num_steps, num_units, dtype=torch.bool)
+    if isinstance(start, Router):
+        start.check_model(transformer)
+        start = start.to_schedule(threshold)
+    if not isinstance(start, CacheSchedule):
+        raise TypeError(f"start must be a Router, a CacheSchedule or None, got {type(start).__name__}")
+    if (start.num_steps, start.num_units) != (num_steps, num_units):
+        raise ValueError(
+            f"start is a schedule of {start.num_steps} steps × {start.num_units} units but the search is "
+            f"for {num_steps} steps × {num_units} units"
+        )
+    return start.compute
+
+
+class _Runner:
+    """Hard-schedule sampling runs from a fixed batch, with the state before every step kept."""
+
+    def __init__(self, setup: _Setup, num_steps: int, seed: int, batch_size: int) -> None:
+        self.setup = setup
+        self.num_steps = num_steps
+        self.x, self.cond = _draw(setup, _generator(seed, 4, 0), batch_size)
+        self.forwards = 0
+
+    def _run(self, mask: torch.Tensor, start: int, x: torch.Tensor, on_step=None) -> torch.Tensor:
+        setup = self.setup
+        timesteps = setup.scheduler.timesteps
+        rows = mask.float().to(x.device)
+        for i in range(start, self.num_steps):
+            if on_step is not None:
+                on_step(i, x)
+            if i == 0:
+                setup.handle.set_mode("fill")
+            else:
+                setup.handle.set_soft(rows[i], defer_writes=False)
+            pred = _predict(setup, x, timesteps[i], self.cond, i)
+            x = _advance(setup, pred, timesteps[i], x)
+            self.forwards += 1
+        return x
+
+    @torch.no_grad()
+    def final(self, mask: torch.Tensor) -> torch.Tensor:
+        self.setup.scheduler.set_timesteps(self.num_steps, device=self.setup.device)
+        self.setup.handle.reset()
+        return self._run(mask, 0, self.x).double()
+
+    @torch.no_grad()
+    def flip_costs(
+        self, mask: torch.Tensor, reference: torch.Tensor, *, grow: bool, max_age: int | None, bar=None
+    ) -> dict[tuple[int, int], float]:
+        """Final-sample MSE change of flipping each eligible entry (compute → reuse when ``grow``)."""
+        setup = self.setup
+        states: dict[int, tuple[torch.Tensor, list, Any]] = {}
+
+        def keep(i: int, x: torch.Tensor) -> None:
+            states[i] = (x.clone(), setup.handle.snapshot(), copy.deepcopy(setup.scheduler))
+
+        setup.scheduler.set_timesteps(self.num_steps, device=setup.device)
+        setup.handle.reset()
+        base = F.mse_loss(self._run(mask, 0, self.x, on_step=keep).double(), reference).item()
+        costs = {}
+        for t in range(1, self.num_steps):
+            for k in range(mask.shape[1]):
+                if bool(mask[t, k]) != grow:
+                    continue
+                trial = mask.clone()
+                trial[t, k] = not grow
+                if grow and max_age is not None and CacheSchedule(trial).max_age() > max_age:
+                    continue
+                x, buffers, scheduler = states[t]
+                setup.scheduler = copy.deepcopy(scheduler)
+                setup.handle.restore(buffers)
+                final = self._run(trial, t, x).double()
+                costs[(t, k)] = F.mse_loss(final, reference).item() - base
+                if bar is not None:
+                    bar.update(1)
+        return costs

@@ -1,0 +1,122 @@
+"""search_schedule: greedy reuse by measured final-sample error, on tiny random DiTs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
+from harmonica.cache import attach_handle
+from harmonica.sampling import sample
+from harmonica.search import _Runner, search_schedule
+from harmonica.training import _ClassConditioning, _Group, _RoutedHandle, _Setup
+
+from .tiny_models import ddim, tiny_dit
+
+STEPS = 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def _engine_final(model, schedule, x, labels):
+    """The cached engine's own sampling run (the product's path), as the independent oracle."""
+    enable_cache(model, schedule)
+    try:
+        return sample(
+            model, ddim(), labels, noise=x, num_inference_steps=STEPS, guidance_scale=1.5, clamp=False
+        )
+    finally:
+        disable_cache(model)
+
+
+def test_flip_costs_are_final_sample_errors_of_the_engine_with_that_entry_flipped():
+    model = tiny_dit(num_layers=2)
+    handle = _RoutedHandle(model, STEPS, write_threshold=0.5)
+    conditioning = _ClassConditioning(model, None)
+    setup = _Setup(model, handle, ddim(), conditioning, True, 1.5, torch.device("cpu"), _Group())
+    attach_handle(model, handle)
+    runner = _Runner(setup, STEPS, seed=0, batch_size=3)
+    mask = CacheSchedule.fora(STEPS, len(units(model)), 2).compute
+    full = torch.ones_like(mask)
+    try:
+        reference = runner.final(full)
+        costs = runner.flip_costs(mask, reference, grow=True, max_age=None)
+        base = runner.final(mask)
+    finally:
+        disable_cache(model)
+    x, labels = runner.x, runner.cond
+    torch.testing.assert_close(reference.float(), _engine_final(model, CacheSchedule(full), x, labels))
+    torch.testing.assert_close(base.float(), _engine_final(model, CacheSchedule(mask), x, labels))
+    assert set(costs) == {(t, k) for t in range(1, STEPS) for k in range(mask.shape[1]) if mask[t, k]}
+    base_error = torch.nn.functional.mse_loss(base, reference).item()
+    for t, k in [(2, 0), (4, 3)]:
+        flipped = mask.clone()
+        flipped[t, k] = False
+        final = _engine_final(model, CacheSchedule(flipped), x, labels).double()
+        expected = torch.nn.functional.mse_loss(final, reference).item() - base_error
+        assert costs[(t, k)] == pytest.approx(expected, rel=1e-2)  # a difference of float32 MSEs
+
+
+def test_search_reaches_each_target_exactly_and_encodes_it_as_a_router(tmp_path):
+    model = tiny_dit(num_layers=2)
+    num_units = len(units(model))
+    result = search_schedule(
+        model, ddim(), num_steps=STEPS, target_cur=[0.3, 0.5], rounds=3, batch_size=2, progress=False
+    )
+    total = STEPS * num_units
+    for target, schedule in result.schedules.items():
+        assert int((~schedule.compute).sum()) == round(target * total)
+    low, high = result.schedules[0.3].compute, result.schedules[0.5].compute
+    assert bool((high <= low).all())  # the second target extends the first
+    assert result.schedule == result.schedules[0.5] and result.forwards > 0 and result.history
+    result.router.save(tmp_path / "searched.safetensors")
+    loaded = Router.load(tmp_path / "searched.safetensors", model=model)
+    assert loaded.to_schedule() == result.schedule
+    assert loaded.training_settings["method"] == "search"
+    assert model.__dict__.get("_harmonica_cache") is None  # the model is left uncached
+
+
+def test_search_respects_the_age_cap_and_polishes_a_router_down_to_its_target():
+    model = tiny_dit(num_layers=1)
+    capped = search_schedule(
+        model, ddim(), num_steps=6, target_cur=0.45, max_age=1, batch_size=1, progress=False
+    )
+    assert capped.schedule.max_age() <= 1
+    router = Router.for_model(model, 6, seed=0)
+    with torch.no_grad():
+        router.logits[1:] = -5.0  # caches every unit after step 0
+    polished = search_schedule(
+        model, ddim(), num_steps=6, target_cur=0.4, start=router, batch_size=1, progress=False
+    )
+    start = router.to_schedule().compute
+    assert int((~polished.schedule.compute).sum()) == round(0.4 * 6 * len(units(model)))
+    assert bool((polished.schedule.compute >= start).all())  # shrinking only turns reuses into computes
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(target_cur=1.5), ValueError, r"target_cur must be a cache usage ratio in \(0, 1\), got 1.5"),
+        (dict(target_cur=0.3, max_age=0), ValueError, "max_age .* got 0"),
+        (dict(target_cur=0.3, rounds=0), ValueError, "rounds must be an int >= 1, got 0"),
+        (dict(target_cur=0.3, start=CacheSchedule.full(3, 2)), ValueError, "3 steps × 2 units"),
+    ],
+)
+def test_search_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        search_schedule(tiny_dit(num_layers=1), ddim(), num_steps=STEPS, progress=False, **kwargs)
+
+
+def test_search_refuses_a_model_without_units_and_a_cached_model():
+    from harmonica.models import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError):
+        search_schedule(torch.nn.Linear(2, 2), ddim(), num_steps=STEPS, target_cur=0.3, progress=False)
+    model = tiny_dit(num_layers=1)
+    enable_cache(model, CacheSchedule.full(STEPS, len(units(model))))
+    with pytest.raises(Exception, match="disable_cache"):
+        search_schedule(model, ddim(), num_steps=STEPS, target_cur=0.3, progress=False)
+    disable_cache(model)
