@@ -55,6 +55,7 @@ from .eval import (
 from .models import load_local, supported_class, units
 from .peers import (
     DBCache,
+    EvenSteps,
     FirstBlockCache,
     Fora,
     MagCache,
@@ -114,6 +115,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     family          value                                   meaning
     ==============  ======================================  ===========================================
     ``fora``        ``N`` (int ≥ 1)                         compute every unit on steps ``t % N == 0``
+    ``steps``       usage (float in [0, 1))                 every unit reused on evenly spaced steps
     ``fbcache``     ``τ`` (float > 0)                       FirstBlockCache threshold
     ``taylorseer``  ``N`` or ``N:order``, or ``default``    cache interval (and Taylor order); ``default``
                                                             = diffusers' default module patterns
@@ -130,6 +132,11 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     if family == "fora":
         n = _number(family, text, int, 1, "pass the FORA interval N, e.g. 3")
         return Fora(f"FORA N={n}", interval=n)
+    if family == "steps":
+        usage = _number(family, text, float, 0.0, "pass a cache usage ratio in [0, 1), e.g. 0.35")
+        if usage >= 1:
+            raise ValueError(f"steps: {text!r} must be below 1; pass a cache usage ratio, e.g. 0.35")
+        return EvenSteps(f"even steps {usage:.0%}", usage=usage)
     if family == "fbcache":
         tau = _number(family, text, float, 1e-12, "pass a threshold such as 0.1")
         return FirstBlockCache(f"FBCache τ={tau:g}", threshold=tau)
@@ -154,7 +161,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
         tau = _number(family, head, float, 1e-12, hint)
         fn = _number(family, tail, int, 1, hint) if tail else 1
         return DBCache(f"DBCache F{fn}B0 τ={tau:g}", threshold=tau, fn_compute_blocks=fn)
-    known = ", ".join(sorted(DEFAULT_SWEEP))
+    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps"}))
     raise ValueError(f"unknown method family {family!r}; choose from {known} (routers: pass routers=...)")
 
 
@@ -1044,7 +1051,7 @@ def compare(
             [round(v, 3) for v in line] for line in torch.stack(executed).float().mean(0).tolist()
         ]
         row.ideal_speedup = _ideal_speedup(transformer, executed[0])
-        if isinstance(method, (Fora, RouterMethod)):
+        if isinstance(method, (Fora, EvenSteps, RouterMethod)):
             row.cache_usage_ratio = method.schedule(transformer, steps).cache_usage_ratio
             if abs(row.cache_usage_ratio - row.skipped_share) * total > 0.5:  # counts, not float noise
                 row.status = (

@@ -168,6 +168,25 @@ class Fora(Method):
 
 
 @dataclass
+class EvenSteps(Method):
+    """Whole-step reuse at a chosen usage (:meth:`CacheSchedule.even_steps`) on harmonica's engine."""
+
+    usage: float = 0.35
+    family = "even steps"
+    origin = "ours"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"usage": self.usage}
+
+    def schedule(self, transformer: nn.Module, num_steps: int) -> CacheSchedule:
+        return CacheSchedule.even_steps(num_steps, len(units(transformer)), self.usage)
+
+    def attach(self, transformer: nn.Module, run: RunInfo) -> Attachment:
+        return _HarmonicaAttachment(transformer, self.schedule(transformer, run.num_inference_steps), 0.1)
+
+
+@dataclass
 class RouterMethod(Method):
     """A trained harmonica router (``Router.load(path, model=...)``) at inference threshold τ."""
 

@@ -76,6 +76,20 @@ class CacheSchedule:
         steps = torch.arange(num_steps) % interval == 0
         return cls(steps[:, None].expand(num_steps, num_units))
 
+    @classmethod
+    def even_steps(cls, num_steps: int, num_units: int, usage: float) -> CacheSchedule:
+        """Every unit reused on ``round(usage · T)`` steps spread evenly over steps 1…T−1 (whole-step
+        reuse at a chosen cache usage ratio; at usage 0.5 and even T this is FORA N=2)."""
+        _check_size(num_steps, num_units)
+        if not 0 <= usage < 1:
+            raise ValueError(f"usage is a cache usage ratio in [0, 1), got {usage!r}")
+        count = min(round(usage * num_steps), num_steps - 1)
+        mask = torch.ones(num_steps, num_units, dtype=torch.bool)
+        if count:
+            spacing = (num_steps - 1) / count
+            mask[[1 + int((i + 0.5) * spacing) for i in range(count)]] = False  # centred in its span
+        return cls(mask)
+
     def with_max_age(self, max_age: int | None) -> CacheSchedule:
         """This schedule with every reuse of an entry older than ``max_age`` steps turned into a compute.
 

@@ -126,3 +126,16 @@ def test_fingerprint_names_the_shape():
     assert fp["class"] == "PixArtTransformer2DModel"
     assert (fp["depth"], fp["width"], fp["heads"], fp["patch_size"]) == (1, 32, 2, 2)
     assert fp["units"] == ["blocks.0.attn1", "blocks.0.attn2", "blocks.0.ff"]
+
+
+def test_even_steps_reuses_whole_steps_at_the_asked_usage_evenly():
+    for steps, usage in [(20, 0.35), (20, 0.4), (13, 0.3), (7, 0.5)]:
+        schedule = CacheSchedule.even_steps(steps, 3, usage)
+        reused = [t for t in range(steps) if not bool(schedule.compute[t].any())]
+        assert len(reused) == round(usage * steps) and 0 not in reused
+        assert bool((schedule.compute.all(1) | ~schedule.compute.any(1)).all())  # whole steps only
+        gaps = [b - a for a, b in zip(reused, reused[1:], strict=False)]
+        assert max(gaps) - min(gaps) <= 1
+    assert CacheSchedule.even_steps(20, 4, 0.5) == CacheSchedule.fora(20, 4, 2)
+    with pytest.raises(ValueError, match="usage is a cache usage ratio"):
+        CacheSchedule.even_steps(20, 4, 1.0)
