@@ -42,12 +42,12 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, write_text
 from ._machine import cpu_name
 from .eval import (
-    bootstrap_interval,
     class_accuracy,
     classifier_features,
     classifier_fid,
     classifier_kid,
     kid_with_interval,
+    mean_with_interval,
     mse,
     psnr,
     ssim,
@@ -839,11 +839,10 @@ def _ideal_speedup(transformer: nn.Module, executed: torch.Tensor) -> float | No
 def _quality(
     row: MethodRow, images: torch.Tensor, reference: torch.Tensor, work: _Workload, data_range: float
 ) -> None:
-    per_image = psnr(images, reference, data_range=data_range, reduction="none").double()
-    value = per_image.mean().item()
+    value, interval = mean_with_interval(psnr(images, reference, data_range=data_range, reduction="none"))
     row.psnr = None if math.isinf(value) else value
-    if row.psnr is not None and per_image.isfinite().all():
-        row.psnr_low, row.psnr_high = bootstrap_interval(lambda i: per_image[i].mean(), len(per_image))
+    if interval is not None:
+        row.psnr_low, row.psnr_high = interval
     row.mse = mse(images, reference).item()
     if min(images.shape[-2:]) > 9:  # the 9×9 SSIM window needs larger images
         row.ssim = ssim(images, reference, data_range=data_range).item()

@@ -28,6 +28,8 @@ __all__ = [
     "classifier_kid",
     "fid",
     "kid",
+    "kid_with_interval",
+    "mean_with_interval",
     "mse",
     "psnr",
     "ssim",
@@ -249,6 +251,15 @@ def bootstrap_interval(
     tail = (1 - confidence) / 2
     low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return low, high
+
+
+def mean_with_interval(values: torch.Tensor, **kwargs) -> tuple[float, tuple[float, float] | None]:
+    """The mean of per-sample ``values`` and its :func:`bootstrap_interval` (None if any is infinite,
+    e.g. the PSNR of an image identical to its reference)."""
+    values = values.detach().double().flatten()
+    if not values.isfinite().all():
+        return values.mean().item(), None
+    return values.mean().item(), bootstrap_interval(lambda i: values[i].mean(), len(values), **kwargs)
 
 
 def kid_with_interval(
