@@ -795,10 +795,7 @@ def train_router(
             if state.beta is None:
                 state.beta = sum(state.beta_probes) / len(state.beta_probes) or 1e-12
             elif config.target_cur is not None:
-                # Damped multiplicative β control towards the budget: at most ×1.25 per trajectory (a
-                # ×2 gain swung β by 10⁹ and overshot); the exact budget is set after training.
-                error = (config.target_cur - cur) / max(config.target_cur, 0.05)
-                state.beta *= math.exp(max(-_BETA_STEP, min(_BETA_STEP, error)))
+                _steer_beta(state, config.target_cur - cur)
             state.elapsed = time.perf_counter() - start_time
             record = {
                 "iteration": float(state.iteration),
@@ -853,7 +850,18 @@ def train_router(
     )
 
 
-_BETA_STEP = math.log(1.25)
+def _steer_beta(state: _State, error: float) -> None:
+    """Budget mode's β control, a bisection in log β: β is multiplied (usage under the target) or
+    divided (over it) by ``exp(step)``; the step starts at log 2 and halves whenever the error changes
+    sign, so β brackets its value instead of swinging past it (a fixed ×2 gain swung β by 10⁹).
+    Within one point of the target β is kept. The exact budget is set after training."""
+    if abs(error) < 0.01:
+        return
+    sign = 1 if error > 0 else -1
+    if state.beta_sign is not None and sign != state.beta_sign:
+        state.beta_step /= 2
+    state.beta_sign = sign
+    state.beta *= math.exp(sign * state.beta_step)
 
 
 @torch.no_grad()
@@ -886,6 +894,8 @@ class _State:
     trajectory: int = 0
     lambda_at: int | None = None
     beta_probes: list[float] = field(default_factory=list)
+    beta_step: float = math.log(2)
+    beta_sign: int | None = None
     elapsed: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -1198,6 +1208,8 @@ def _save_checkpoint(path: Path, run_key, router: Router, optimizer, state: _Sta
         "optimizer": optimizer.state_dict(),
         "state": {
             "beta": state.beta,
+            "beta_step": state.beta_step,
+            "beta_sign": state.beta_sign,
             "lam": state.lam.cpu(),
             "iteration": state.iteration,
             "trajectory": state.trajectory,
@@ -1237,6 +1249,8 @@ def _load_checkpoint(path: Path, run_key, router: Router, optimizer, state: _Sta
     optimizer.load_state_dict(payload["optimizer"])
     saved_state = payload["state"]
     state.beta = float(saved_state["beta"])
+    state.beta_step = float(saved_state["beta_step"])
+    state.beta_sign = saved_state["beta_sign"]
     state.lam = saved_state["lam"].float()
     state.iteration = int(saved_state["iteration"])
     state.trajectory = int(saved_state["trajectory"])

@@ -650,3 +650,25 @@ def test_without_beta_or_target_training_runs_in_budget_mode_and_says_so(capsys)
 def test_new_settings_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train_router(tiny_dit(num_layers=1), ddim(), num_steps=STEPS, iterations=1, progress=False, **kwargs)
+
+
+def test_budget_control_brackets_beta_instead_of_swinging_past_it():
+    """On a monotone usage(β) the control doubles β until usage crosses the target, then halves its step
+    at each crossing: β ends within a few per cent of the β that meets the target, and the usage
+    never again goes as far past the target as at the first crossing."""
+    import math
+
+    from harmonica.training import _State, _steer_beta
+
+    def usage(beta: float) -> float:  # cache usage as a smooth increasing function of log β
+        return 1 / (1 + math.exp(-(math.log(beta) - math.log(3e-6))))
+
+    target = 0.4
+    state = _State(beta=1e-9, lam=torch.ones(3))
+    errors = []
+    for _ in range(60):
+        errors.append(target - usage(state.beta))
+        _steer_beta(state, errors[-1])
+    first_cross = next(i for i, e in enumerate(errors) if e < 0)
+    assert all(abs(e) <= abs(errors[first_cross]) + 1e-9 for e in errors[first_cross:])
+    assert abs(usage(state.beta) - target) < 0.011
