@@ -29,6 +29,9 @@ from . import ASSETS, load_model, load_scheduler
 
 RUNS = {
     "harmonica": dict(method="harmonica", lambda_variant="marginal"),
+    "harmonica-plus": dict(
+        method="harmonica", lambda_variant="marginal", lambda_on="hard", straight_through=True
+    ),
     "harmonica-loo": dict(method="harmonica", lambda_variant="leave_one_out"),
     "sdt": dict(method="harmonica", lambda_variant="none"),
     "l2c": dict(method="l2c"),
