@@ -1,15 +1,17 @@
 """Train the routers that ship with the reference model (the evidence run of METHOD.md §3–6).
 
-Four learned routers for the reference digits DiT at T = 20 DDIM steps, CFG 1.5, all in budget mode
-at the same target cache usage ratio so they compare at the same compute:
+Learned routers for the reference digits DiT at T = 20 DDIM steps, CFG 1.5, all in budget mode at
+the same target cache usage ratio so they compare at the same compute:
 
-- ``harmonica``: SDT + IEPO (the released-code λ variant);
+- ``harmonica``: SDT + IEPO as published (the released-code λ, measured with the soft router);
+- ``harmonica-plus``: SDT + IEPO with λ measured on the hard schedule and a straight-through forward,
+  so training sees the trajectory inference runs;
 - ``harmonica-loo``: SDT + IEPO with the poster's leave-one-out λ;
 - ``sdt``: SDT with λ ≡ 1 (the paper's ablation without IEPO);
 - ``l2c``: Learning-to-Cache on the training digits, with its alternating refresh.
 
-Same learning rate, batch, iteration count and seed for all three (lr 0.05 instead of 0.01 / 1e-3:
-the CPU budget here allows ~40 trajectories instead of the paper's 2 000). Each run checkpoints and
+Same iteration count (1 000, ~50 trajectories against the paper's 2 000), batch and seed for all,
+with :func:`train_router`'s default learning rate for that length. Each run checkpoints and
 resumes. Writes ``<out>/<name>-T<steps>.safetensors`` and ``<out>/<name>-T<steps>.history.json``.
 
 Run: ``python -m harmonica.reference.train_routers --only harmonica --threads 1``.
@@ -43,11 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ASSETS / "routers")
     parser.add_argument("--only", choices=sorted(RUNS), action="append", help="runs to do (default: all)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--iterations", type=int, default=760)
+    parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--target-cur", type=float, default=0.35)
-    parser.add_argument("--lambda-every", type=int, default=190)
+    parser.add_argument("--lr", type=float, default=None, help="default: train_router's")
+    parser.add_argument("--target-cur", type=float, default=0.4)
+    parser.add_argument("--lambda-every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="default: <out>/.checkpoints")
