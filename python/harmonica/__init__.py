@@ -3,15 +3,28 @@
 Inference: ``enable_cache(pipe, CacheSchedule.fora(T, len(units(pipe.transformer)), 2))`` (or a
 trained :class:`Router`) makes sampling skip the scheduled units; ``disable_cache(pipe)`` undoes it.
 Training: ``train_router(pipe, num_steps=T).router`` learns a router (SDT + IEPO, or L2C).
+
+The names below are imported on first use (PEP 562), so ``harmonica --help`` does not pay for
+torch and diffusers.
 """
 
-from .cache import CacheHandle, disable_cache, enable_cache
-from .models import units
-from .router import Router
-from .schedule import CacheSchedule
-from .training import TrainingResult, train_router
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "CacheHandle": ".cache",
+    "CacheSchedule": ".schedule",
+    "Router": ".router",
+    "TrainingResult": ".training",
+    "disable_cache": ".cache",
+    "enable_cache": ".cache",
+    "train_router": ".training",
+    "units": ".models",
+}
 
 __all__ = [
     "CacheHandle",
@@ -23,3 +36,23 @@ __all__ = [
     "train_router",
     "units",
 ]
+
+if TYPE_CHECKING:
+    from .cache import CacheHandle, disable_cache, enable_cache
+    from .models import units
+    from .router import Router
+    from .schedule import CacheSchedule
+    from .training import TrainingResult, train_router
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'harmonica' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
