@@ -192,7 +192,9 @@ class CacheHandle:
         row = self._row
         if row is None:
             raise CacheStateError(
-                "a cached block ran outside a call of its transformer; call the transformer, not its blocks"
+                "a cached block ran outside a call of its transformer; call the transformer, not its "
+                "blocks. A model compiled before enable_cache bypasses the cache's bookkeeping: "
+                "torch.compile the model after enable_cache (and again after disable_cache)"
             )
         return row[unit]
 
@@ -741,9 +743,20 @@ def _stepped_class(cls: type[nn.Module]) -> type[nn.Module]:
             try:
                 handle._embeddings.begin_call(first_step=handle.step == 0)
                 output = super(stepped, self).__call__(*args, **kwargs)
-            except BaseException:
+            except BaseException as err:
                 if handle._inference_only:  # a half-run step leaves a half-written cache
                     handle.reset()
+                device = getattr(hidden_states, "device", None)
+                if (
+                    isinstance(err, TypeError)
+                    and device is not None
+                    and torch.is_autocast_enabled(device.type)
+                ):
+                    raise TypeError(
+                        f"{err} (under torch.autocast: the cached blocks' fused residual ops take the "
+                        "branch and the residual stream in one dtype, which autocast breaks for this "
+                        "model; cast the model instead, e.g. model.to(torch.bfloat16), or disable_cache)"
+                    ) from err
                 raise
             handle._embeddings.end_call()
             handle._end_step()
@@ -751,17 +764,37 @@ def _stepped_class(cls: type[nn.Module]) -> type[nn.Module]:
             handle._call_lock.release()
         return output
 
+    def __reduce_ex__(self: nn.Module, protocol: Any) -> Any:
+        # pickle finds a class by module and qualname, which name the original class: rebuild the
+        # stepped class from it instead (torch.save and copy.deepcopy of a cached model).
+        reduced = super(stepped, self).__reduce_ex__(protocol)
+        if isinstance(reduced, tuple) and len(reduced) >= 2 and reduced[1] and reduced[1][0] is stepped:
+            return (_new_stepped, (cls, *reduced[1][1:]), *reduced[2:])
+        return reduced
+
     # Same name, module and qualname, so configs saved while caching is on name the real class.
     stepped = type(
         cls.__name__,
         (cls,),
-        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        {
+            "__call__": __call__,
+            "__reduce_ex__": __reduce_ex__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        },
     )
     _STEPPED_CLASSES[cls] = stepped
     return stepped
 
 
 _STEPPED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _new_stepped(cls: type[nn.Module], *args: Any) -> nn.Module:
+    """Unpickling a cached model: an empty instance of ``cls``'s stepped class (state set after)."""
+    stepped = _stepped_class(cls)
+    return stepped.__new__(stepped, *args)
+
 
 _STALE_MODEL = (
     "this model was compiled (or copied) while caching was enabled and caching has since been "
