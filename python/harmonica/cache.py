@@ -12,7 +12,11 @@ that call, as diffusers pipelines do). The step counter is a Python int on the
 :class:`CacheHandle`, advanced by the transformer's ``__call__``; the per-step decisions are Python
 bools taken from the schedule, so nothing in the step path reads device values on the host. A
 pipeline call resets the counter (``pipe.scheduler.set_timesteps`` is wrapped, which also checks
-the step count); users with their own loop call ``handle.reset()`` before each generation.
+the step count). Otherwise a call whose timestep is higher than the previous call's starts a new
+generation (own loops need no ``handle.reset()``): once per transformer call, comparing positions
+in the timestep array for device views of it (no host sync), values otherwise. One generation runs
+at a time: a call from another thread mid-generation, or an overlapping call, is a
+:class:`CacheStateError`.
 
 torch.compile. The bookkeeping runs in the transformer's ``__call__`` outside the traced region
 (``torch.compiler.disable(recursive=False)``); the traced forward only reads the current step's row
@@ -24,7 +28,9 @@ dynamo raises instead of falling back once the limit is hit). The cache buffers 
 that ``__call__`` too, so a compiled step only reads and overwrites tensors that exist before it runs.
 
 The engine is for inference: run it under ``torch.no_grad()`` / ``torch.inference_mode()`` as the
-diffusers pipelines do (with autograd on, cache writes would keep each step's graph alive).
+diffusers pipelines do. With autograd on and anything requiring grad (weights or inputs) a call
+raises :class:`CacheStateError` at once: the fused ops have no backward on this path, so gradients
+would be missing or wrong.
 """
 
 from __future__ import annotations

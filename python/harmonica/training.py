@@ -618,7 +618,8 @@ def train_router(
             ``(samples, class_labels)`` or a path (:func:`load_samples`). Default for the reference
             model: its training digits.
         checkpoint_dir: folder for the resumable training state (written after every trajectory).
-        resume: continue from ``checkpoint_dir``'s state when it exists (it must be from the same run).
+        resume: continue from ``checkpoint_dir``'s state when it exists (it must be from the same run:
+            settings, model and weights digest, sampler, conditioning); False moves it aside.
         progress: show a tqdm bar with loss, CUR, λ and β.
         callback: called with each trajectory's history record.
 
