@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,7 @@ def check_output_file(path: str | os.PathLike[str], what: str = "output file") -
         )
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{what} {path} exists and is not writable; choose another path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: folder {folder} is not writable; choose another path")
+    _probe(folder, f"{what} {path}: folder {folder}", "choose another path")
     return path
 
 
@@ -37,9 +37,18 @@ def check_output_dir(path: str | os.PathLike[str], what: str = "checkpoint_dir")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"{what} {path} cannot be created ({err.strerror}); choose another folder") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path} is not writable; choose another folder")
+    _probe(path, f"{what} {path}", "choose another folder")
     return path
+
+
+def _probe(folder: Path, subject: str, fix: str) -> None:
+    """Write (and drop) a file in ``folder``: the permission bits alone miss read-only mounts, and
+    say nothing for root."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{subject} is not writable ({err.strerror}); {fix}") from err
 
 
 def digest_tensors(*tensors: Any) -> str | None:

@@ -3,6 +3,7 @@ the result (named when they differ), resume=False never destroys a checkpoint, N
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -54,6 +55,14 @@ def test_train_router_refuses_an_unusable_checkpoint_dir_before_training(tmp_pat
     trained = []
     with pytest.raises(ValueError, match="checkpoint_dir .* is a file"):
         train_router(tiny_dit(), ddim(), checkpoint_dir=blocker, callback=trained.append, **COMMON)
+    assert trained == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a read-only /proc (Linux)")
+def test_train_router_refuses_an_unwritable_checkpoint_dir_before_training():
+    trained, folder = [], "/proc/harmonica-checkpoints"
+    with pytest.raises(ValueError, match=f"checkpoint_dir {folder} cannot be created"):
+        train_router(tiny_dit(), ddim(), checkpoint_dir=folder, callback=trained.append, **COMMON)
     assert trained == []
 
 
