@@ -988,22 +988,19 @@ class _ResetOnSetTimesteps:
         self.previous = scheduler.__dict__.get("set_timesteps")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.previous is not None:
-            result = self.previous(*args, **kwargs)
-        else:
-            result = type(self.scheduler).set_timesteps(self.scheduler, *args, **kwargs)
         handle = self.handle
-        if (
-            handle._step
-            and handle._owner != threading.get_ident()
-            and handle._step < handle._schedule.num_steps
-        ):
+        # Before touching the scheduler, which the other thread's generation is using.
+        if 0 < handle._step < handle._schedule.num_steps and handle._owner != threading.get_ident():
             raise CacheStateError(
                 f"this cached pipeline is at step {handle._step} of {handle._schedule.num_steps} of a "
                 "generation run by another thread; one cached pipeline runs one generation at a time. "
                 "Give each thread its own pipeline (copy.deepcopy(pipe) before enable_cache), or call "
                 "handle.reset() if that generation was abandoned"
             )
+        if self.previous is not None:
+            result = self.previous(*args, **kwargs)
+        else:
+            result = type(self.scheduler).set_timesteps(self.scheduler, *args, **kwargs)
         handle.reset()
         handle._check_num_steps(len(self.scheduler.timesteps))
         handle._by_scheduler = True

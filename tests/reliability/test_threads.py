@@ -98,3 +98,32 @@ def test_whole_generations_from_two_threads_in_turn_work():
         box = _in_thread(generate)
         assert "error" not in box, box
         torch.testing.assert_close(box["result"], expected, rtol=0, atol=0)
+
+
+def test_a_pipeline_call_from_another_thread_mid_generation_leaves_the_first_intact():
+    from ..harmonica.tiny_models import dit_pipeline
+
+    def run(pipe):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(class_labels=[1], num_inference_steps=T, generator=generator, output_type="np").images
+
+    def cached_pipeline():
+        pipe = dit_pipeline()
+        enable_cache(pipe, CacheSchedule.fora(T, len(units(pipe.transformer)), 2))
+        return pipe
+
+    expected = run(cached_pipeline())
+    pipe = cached_pipeline()
+    seen = {}
+
+    def intrude(module, args, kwargs, output):
+        if module._harmonica_cache.step == 1 and not seen:  # during the second step, once
+            seen["started"] = True
+            seen["box"] = _in_thread(lambda: run(pipe))
+
+    hook = pipe.transformer.register_forward_hook(intrude, with_kwargs=True)
+    got = run(pipe)
+    hook.remove()
+    error = seen["box"].get("error")
+    assert isinstance(error, CacheStateError) and "another thread" in str(error), seen
+    assert (got == expected).all()
