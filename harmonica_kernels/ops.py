@@ -41,7 +41,7 @@ def _like_x(t: torch.Tensor, x: torch.Tensor, name: str, *, same_dtype: bool) ->
     return t.contiguous()
 
 
-def _written(cache: torch.Tensor, x: torch.Tensor, reads: dict[str, torch.Tensor]) -> torch.Tensor:
+def _written(cache: torch.Tensor, x: torch.Tensor, reads: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """Checks a buffer that the op overwrites in place: x's shape, contiguous, not aliasing inputs."""
     _like_x(cache, x, "cache", same_dtype=False)
     if not cache.is_contiguous():
@@ -52,6 +52,8 @@ def _written(cache: torch.Tensor, x: torch.Tensor, reads: dict[str, torch.Tensor
         start = cache.data_ptr()
         end = start + cache.numel() * cache.element_size()
         for name, t in reads.items():
+            if not isinstance(t, torch.Tensor):  # None (no gate); other types fail their own check
+                continue
             t_start = t.data_ptr()
             if t_start < end and start < t_start + t.numel() * t.element_size():
                 raise ValueError(f"cache shares memory with {name}; pass a separate buffer ({name}.clone())")
@@ -106,7 +108,7 @@ def gated_residual_update_(
     """
     x = _activation(x)
     branch = _like_x(branch, x, "branch", same_dtype=True)
-    cache = _written(cache, x, {"x": x, "branch": branch})
+    cache = _written(cache, x, {"x": x, "branch": branch, "gate": gate})
     return backend_module(x.device).gated_residual_update_(x, _row(gate, x, "gate"), branch, cache)
 
 
@@ -157,7 +159,7 @@ def gated_residual_norm_modulate(
             raise ValueError("y (the branch output) is required unless reuse=True")
         y = _like_x(y, x, "y", same_dtype=True)
         if cache is not None:
-            cache = _written(cache, x, {"x": x, "y": y})
+            cache = _written(cache, x, {"x": x, "y": y, "gate": gate, "shift": shift, "scale": scale})
     return backend_module(x.device).gated_residual_norm_modulate(
         x,
         _row(gate, x, "gate"),

@@ -4,16 +4,30 @@ Inference: ``enable_cache(pipe, CacheSchedule.fora(T, len(units(pipe.transformer
 trained :class:`Router`) makes sampling skip the scheduled units; ``disable_cache(pipe)`` undoes it.
 Training: ``train_router(pipe, num_steps=T).router`` learns a router (SDT + IEPO, or L2C);
 ``search_schedule(pipe, num_steps=T, target_cur=0.4).schedule`` searches one on final-image errors.
+
+The names below are imported on first use (PEP 562), so ``harmonica --help`` does not pay for
+torch and diffusers.
 """
 
-from .cache import CacheHandle, disable_cache, enable_cache
-from .models import units
-from .router import Router
-from .schedule import CacheSchedule
-from .search import SearchResult, search_schedule
-from .training import TrainingResult, train_router
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "CacheHandle": ".cache",
+    "CacheSchedule": ".schedule",
+    "Router": ".router",
+    "SearchResult": ".search",
+    "TrainingResult": ".training",
+    "disable_cache": ".cache",
+    "enable_cache": ".cache",
+    "search_schedule": ".search",
+    "train_router": ".training",
+    "units": ".models",
+}
 
 __all__ = [
     "CacheHandle",
@@ -27,3 +41,24 @@ __all__ = [
     "train_router",
     "units",
 ]
+
+if TYPE_CHECKING:
+    from .cache import CacheHandle, disable_cache, enable_cache
+    from .models import units
+    from .router import Router
+    from .schedule import CacheSchedule
+    from .search import SearchResult, search_schedule
+    from .training import TrainingResult, train_router
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'harmonica' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

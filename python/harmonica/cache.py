@@ -12,7 +12,11 @@ that call, as diffusers pipelines do). The step counter is a Python int on the
 :class:`CacheHandle`, advanced by the transformer's ``__call__``; the per-step decisions are Python
 bools taken from the schedule, so nothing in the step path reads device values on the host. A
 pipeline call resets the counter (``pipe.scheduler.set_timesteps`` is wrapped, which also checks
-the step count); users with their own loop call ``handle.reset()`` before each generation.
+the step count). Otherwise a call whose timestep is higher than the previous call's starts a new
+generation (own loops need no ``handle.reset()``): once per transformer call, comparing positions
+in the timestep array for device views of it (no host sync), values otherwise. One generation runs
+at a time: a call from another thread mid-generation, or an overlapping call, is a
+:class:`CacheStateError`.
 
 torch.compile. The bookkeeping runs in the transformer's ``__call__`` outside the traced region
 (``torch.compiler.disable(recursive=False)``); the traced forward only reads the current step's row
@@ -24,13 +28,17 @@ dynamo raises instead of falling back once the limit is hit). The cache buffers 
 that ``__call__`` too, so a compiled step only reads and overwrites tensors that exist before it runs.
 
 The engine is for inference: run it under ``torch.no_grad()`` / ``torch.inference_mode()`` as the
-diffusers pipelines do (with autograd on, cache writes would keep each step's graph alive).
+diffusers pipelines do. With autograd on and anything requiring grad (weights or inputs) a call
+raises :class:`CacheStateError` at once: the fused ops have no backward on this path, so gradients
+would be missing or wrong.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -115,6 +123,16 @@ class CacheHandle:
         self._width = int(transformer.inner_dim)
         self._unit_names = tuple(units(transformer))
         self._step = 0
+        # Generation bookkeeping (once per transformer call, never per unit): the previous call's
+        # timestep, the thread whose generation is in progress, and whether a pipeline's
+        # set_timesteps started it (then the pipeline owns the boundaries).
+        self._last_timestep: Any = None
+        self._owner: int | None = None
+        self._by_scheduler = False
+        self._call_lock = threading.Lock()
+        self._timestep_index = _timestep_position(type(transformer))
+        # A subclass with its own step bookkeeping (router training) manages generations itself.
+        self._inference_only = type(self)._begin_step is CacheHandle._begin_step
         self._row: tuple[bool, ...] | None = None
         self._buffers: list[torch.Tensor | None] = [None] * schedule.num_units
         self._layout: tuple[Any, ...] | None = None
@@ -124,6 +142,15 @@ class CacheHandle:
         self._cached_blocks: list[CachedTransformerBlock] = []
         self._scheduler_hook: _ResetOnSetTimesteps | None = None
         self._embeddings = _SharedEmbeddings([])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_call_lock")  # locks neither copy nor pickle; a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._call_lock = threading.Lock()
 
     @property
     def schedule(self) -> CacheSchedule:
@@ -150,9 +177,17 @@ class CacheHandle:
         """Bytes currently held by cache buffers (0 before step 0 and after a reset)."""
         return sum(b.numel() * b.element_size() for b in self._buffers if b is not None)
 
+    @torch.compiler.disable
     def reset(self) -> None:
-        """Start a new generation: step 0 next, cache buffers freed."""
+        """Start a new generation: step 0 next, cache buffers freed.
+
+        Rarely needed: a pipeline call resets by itself, and so does a transformer call whose
+        timestep is higher than the previous call's (a user's loop starting over).
+        """
         self._step = 0
+        self._last_timestep = None
+        self._owner = None
+        self._by_scheduler = False
         self._row = None
         self._buffers = [None] * self._schedule.num_units
         self._layout = None
@@ -163,7 +198,9 @@ class CacheHandle:
         row = self._row
         if row is None:
             raise CacheStateError(
-                "a cached block ran outside a call of its transformer; call the transformer, not its blocks"
+                "a cached block ran outside a call of its transformer; call the transformer, not its "
+                "blocks. A model compiled before enable_cache bypasses the cache's bookkeeping: "
+                "torch.compile the model after enable_cache (and again after disable_cache)"
             )
         return row[unit]
 
@@ -219,11 +256,12 @@ class CacheHandle:
         num_steps = self._schedule.num_steps
         if self._step >= num_steps:
             raise CacheStateError(
-                f"the cache schedule was made for {num_steps} denoising steps, but the transformer is "
-                f"being called for step index {self._step} of this generation. Call the pipeline with "
-                f"num_inference_steps={num_steps} (one transformer call per step, CFG batched), or call "
-                "handle.reset() before each generation when you drive the transformer yourself"
-                " (and after replacing pipe.scheduler, enable the cache again)"
+                f"the cache schedule was made for {num_steps} denoising steps, but this generation is "
+                f"making transformer call {self._step + 1} with a timestep no higher than the last one, "
+                f"so its loop runs at least {self._step + 1} steps. Enable the cache with a schedule (or "
+                f"router) made for your number of steps, or sample with num_inference_steps={num_steps} "
+                "(one transformer call per step, CFG batched). A new generation starts by itself when "
+                "the timestep goes back up (or call handle.reset())"
             )
         layout = self._layout_of(hidden_states)
         if self._step == 0:
@@ -235,6 +273,33 @@ class CacheHandle:
                 "handle.reset() before changing batch size, resolution or dtype"
             )
         self._row = self._rows[self._step]
+
+    @torch.compiler.disable
+    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Per-call checks of an inference handle: autograd, threads, and generation boundaries."""
+        if torch.is_grad_enabled():
+            _refuse_autograd(module, args, kwargs)
+        thread = threading.get_ident()
+        if self._step and thread != self._owner:
+            if self._step < self._schedule.num_steps:
+                raise CacheStateError(
+                    f"this cached model is at step {self._step} of {self._schedule.num_steps} of a "
+                    "generation started by another thread; one cached model runs one generation at a "
+                    "time. Give each thread its own model (copy.deepcopy(model) before enable_cache), "
+                    "or call handle.reset() if that generation was abandoned"
+                )
+            self.reset()  # the other thread's generation is complete
+        index = self._timestep_index
+        timestep = kwargs.get("timestep") if index is None or len(args) <= index else args[index]
+        if (
+            self._step
+            and (not self._by_scheduler or self._step >= self._schedule.num_steps)
+            and _starts_over(self._last_timestep, timestep)
+        ):
+            self.reset()
+        if self._step == 0:
+            self._owner = thread
+        self._last_timestep = timestep
 
     @torch.compiler.disable
     def _end_step(self) -> None:
@@ -667,26 +732,136 @@ def _stepped_class(cls: type[nn.Module]) -> type[nn.Module]:
     # host and out of any compiled graph (no guard on the step index).
     @torch.compiler.disable(recursive=False)
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        handle: CacheHandle = self.__dict__[HANDLE_ATTR]
-        hidden_states = args[0] if args else kwargs.get("hidden_states")
-        handle._begin_step(hidden_states)
-        handle._embeddings.begin_call(first_step=handle.step == 0)
-        output = super(stepped, self).__call__(*args, **kwargs)
-        handle._embeddings.end_call()
-        handle._end_step()
+        handle: CacheHandle | None = self.__dict__.get(HANDLE_ATTR)
+        if handle is None:
+            raise CacheStateError(_STALE_MODEL)
+        if not handle._call_lock.acquire(blocking=False):
+            raise CacheStateError(
+                "this cached model is already running a call in another thread; one cached model runs "
+                "one generation at a time. Give each thread its own model (copy.deepcopy(model) before "
+                "enable_cache), or serialise the calls"
+            )
+        try:
+            hidden_states = args[0] if args else kwargs.get("hidden_states")
+            if handle._inference_only:
+                handle._enter(self, args, kwargs)
+            handle._begin_step(hidden_states)
+            try:
+                handle._embeddings.begin_call(first_step=handle.step == 0)
+                output = super(stepped, self).__call__(*args, **kwargs)
+            except BaseException as err:
+                if handle._inference_only:  # a half-run step leaves a half-written cache
+                    handle.reset()
+                device = getattr(hidden_states, "device", None)
+                if (
+                    isinstance(err, TypeError)
+                    and device is not None
+                    and torch.is_autocast_enabled(device.type)
+                ):
+                    raise TypeError(
+                        f"{err} (under torch.autocast: the cached blocks' fused residual ops take the "
+                        "branch and the residual stream in one dtype, which autocast breaks for this "
+                        "model; cast the model instead, e.g. model.to(torch.bfloat16), or disable_cache)"
+                    ) from err
+                raise
+            handle._embeddings.end_call()
+            handle._end_step()
+        finally:
+            handle._call_lock.release()
         return output
+
+    def __reduce_ex__(self: nn.Module, protocol: Any) -> Any:
+        # pickle finds a class by module and qualname, which name the original class: rebuild the
+        # stepped class from it instead (torch.save and copy.deepcopy of a cached model).
+        reduced = super(stepped, self).__reduce_ex__(protocol)
+        if isinstance(reduced, tuple) and len(reduced) >= 2 and reduced[1] and reduced[1][0] is stepped:
+            return (_new_stepped, (cls, *reduced[1][1:]), *reduced[2:])
+        return reduced
 
     # Same name, module and qualname, so configs saved while caching is on name the real class.
     stepped = type(
         cls.__name__,
         (cls,),
-        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        {
+            "__call__": __call__,
+            "__reduce_ex__": __reduce_ex__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        },
     )
     _STEPPED_CLASSES[cls] = stepped
     return stepped
 
 
 _STEPPED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _new_stepped(cls: type[nn.Module], *args: Any) -> nn.Module:
+    """Unpickling a cached model: an empty instance of ``cls``'s stepped class (state set after)."""
+    stepped = _stepped_class(cls)
+    return stepped.__new__(stepped, *args)
+
+
+_STALE_MODEL = (
+    "this model was compiled (or copied) while caching was enabled and caching has since been "
+    "disabled; call the model itself, or torch.compile it again after enable_cache/disable_cache"
+)
+
+
+def _timestep_position(cls: type[nn.Module]) -> int | None:
+    """Index of ``timestep`` among the positional arguments of ``cls.forward`` (after self)."""
+    try:
+        names = list(inspect.signature(cls.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+    return names.index("timestep") if "timestep" in names else None
+
+
+def _refuse_autograd(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise if this call would build an autograd graph: the cache path has no backward."""
+    tensors = itertools.chain(args, kwargs.values())
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors) or any(
+        p.requires_grad for p in module.parameters()
+    ):
+        raise CacheStateError(
+            "a cached transformer is inference-only: with autograd on, the fused cache ops would give "
+            "missing or wrong gradients. Run it under torch.no_grad() or torch.inference_mode() (as "
+            "diffusers pipelines do) or freeze it (model.requires_grad_(False)); to backpropagate "
+            "through the model, disable_cache(model) first"
+        )
+
+
+def _scalar_view(t: Any) -> tuple[int, int] | None:
+    """(storage, offset) of a device timestep that is one element of a longer timestep array.
+
+    ``for t in scheduler.timesteps`` (and pipelines' ``t.expand(B)``) give such views: a later step
+    has a higher offset, so comparing offsets needs no device read (no host sync).
+    """
+    if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
+        return None
+    if t.numel() != 1 and any(stride != 0 for stride in t.stride()):
+        return None
+    storage = t.untyped_storage()
+    if storage.nbytes() <= t.element_size():
+        return None
+    return storage.data_ptr(), t.storage_offset()
+
+
+def _starts_over(previous: Any, timestep: Any) -> bool:
+    """Whether ``timestep`` is higher than ``previous`` (a new generation); False when unknown."""
+    if previous is None or timestep is None:
+        return False
+    a, b = _scalar_view(previous), _scalar_view(timestep)
+    if a is not None and b is not None and a[0] == b[0]:
+        return b[1] < a[1]  # diffusers' timesteps decrease along the array
+    return _first_value(timestep) > _first_value(previous)
+
+
+def _first_value(t: Any) -> float:
+    """A timestep's value on the host (a device read only off the fast paths of _starts_over)."""
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0]) if t.numel() else float("nan")
+    return float(t)
 
 
 def enable_cache(
@@ -813,12 +988,22 @@ class _ResetOnSetTimesteps:
         self.previous = scheduler.__dict__.get("set_timesteps")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        handle = self.handle
+        # Before touching the scheduler, which the other thread's generation is using.
+        if 0 < handle._step < handle._schedule.num_steps and handle._owner != threading.get_ident():
+            raise CacheStateError(
+                f"this cached pipeline is at step {handle._step} of {handle._schedule.num_steps} of a "
+                "generation run by another thread; one cached pipeline runs one generation at a time. "
+                "Give each thread its own pipeline (copy.deepcopy(pipe) before enable_cache), or call "
+                "handle.reset() if that generation was abandoned"
+            )
         if self.previous is not None:
             result = self.previous(*args, **kwargs)
         else:
             result = type(self.scheduler).set_timesteps(self.scheduler, *args, **kwargs)
-        self.handle.reset()
-        self.handle._check_num_steps(len(self.scheduler.timesteps))
+        handle.reset()
+        handle._check_num_steps(len(self.scheduler.timesteps))
+        handle._by_scheduler = True
         return result
 
     def unwrap(self) -> None:

@@ -25,6 +25,16 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from ._checks import check_output_file
+
+    # Before the model loads or anything trains: a router that cannot be written is lost work.
+    check_output_file(args.out, "--out")
+    if args.checkpoint_dir is not None:
+        from ._checks import check_output_dir
+
+        check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    device = _device(args.device)
+
     import torch
 
     from .models import load_local
@@ -33,7 +43,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, _DTYPES[args.dtype])
-    transformer, scheduler = load_local(args.model, dtype=dtype, device=args.device)
+    transformer, scheduler = load_local(args.model, dtype=dtype, device=device)
     prompts = {}
     if args.prompt_embeds:
         from safetensors.torch import load_file
@@ -163,7 +173,7 @@ def _sample(args: argparse.Namespace) -> None:
             compare_uncached=args.compare_uncached,
             out=args.out,
             save_tensor=args.save_tensor,
-            device=args.device,
+            device=_device(args.device),
             dtype=getattr(torch, _DTYPES[args.dtype]),
             progress=not args.no_progress,
         )
@@ -195,10 +205,34 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """``--dtype`` choices: names of torch dtypes."""
 
 
-def _cuda() -> bool:
+def _device(name: str | None) -> str:
+    """``--device``: the default (CUDA when this torch has it, else CPU), or a checked device name."""
     import torch
 
-    return torch.cuda.is_available()
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name ({err}); use cpu or cuda[:N]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "is a CPU-only build" if torch.version.cuda is None else "sees no usable GPU"
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return name
+
+
+def _threads(text: str) -> int:
+    """``--threads``: 0 (torch's default) or a positive count."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a thread count >= 1, or 0 for torch's default")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="L2C: real samples (.safetensors/.pt or image folder)")
     t.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [P, L, C]")
     t.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
-    t.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    t.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument("--checkpoint-dir", default=None, help="resumable training state (resumed when present)")
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--out", default="router.safetensors", help="router file to write")
@@ -296,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=10, help="images per sampling call and timed batch")
     c.add_argument("--timing-repeats", type=int, default=3, help="paired timing rounds per method")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    c.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
     c.add_argument("--out", default="harmonica-compare", help="report folder (default: harmonica-compare)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_compare)
@@ -325,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=None, help="images when --labels is not given (cycles prompts)")
     s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     s.add_argument("--batch-size", type=int, default=10, help="images per sampling call")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    s.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    s.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     s.add_argument("--dtype", choices=list(_DTYPES), default="fp32", help="the transformer's dtype")
     s.add_argument("--out", default="samples.png", help="PNG image grid (default: samples.png)")
     s.add_argument(

@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
+from ._checks import check_output_file
+from ._io import atomic_write
 from .models import describe_fingerprint, fingerprint, fingerprint_mismatch, units
 from .schedule import CacheSchedule
 
@@ -205,15 +207,24 @@ class Router(nn.Module):
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the logits and :meth:`metadata` to a safetensors file, atomically (tmp + rename)."""
+        """Write the logits and :meth:`metadata` to a safetensors file, atomically (a killed save
+        leaves the old file, or none, and no temporary file).
+
+        Raises:
+            ValueError: the logits contain NaN or infinity (a diverged training run), or ``path`` is
+                a folder.
+            FileNotFoundError: ``path``'s folder does not exist.
+        """
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         logits = self.logits.detach().to("cpu", torch.float32).contiguous()
-        try:
-            save_file({"logits": logits}, str(tmp), metadata={_METADATA_KEY: json.dumps(self.metadata())})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        if not torch.isfinite(logits).all():
+            raise ValueError(
+                f"refusing to save a router whose logits contain NaN or infinity to {path}: the training "
+                "diverged (lower lr, or check guidance_scale and the model's outputs for inf/NaN)"
+            )
+        check_output_file(path, "router file")
+        data = save({"logits": logits}, metadata={_METADATA_KEY: json.dumps(self.metadata())})
+        atomic_write(path, lambda file: file.write(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, model: nn.Module | None = None) -> Router:

@@ -43,6 +43,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ from torch import nn
 
 from harmonica_kernels import available_backends, cached_gated_residual, routed_gated_residual
 
+from ._checks import check_output_dir, digest_module, digest_tensors, scheduler_key
+from ._io import atomic_write
 from .cache import CacheHandle, CacheStateError, _as_row, attach_handle, disable_cache
 from .models import fingerprint, supported_class, transformer_of, units
 from .router import LOGIT_BOUND, Router
@@ -685,7 +688,8 @@ def train_router(
             ``(samples, class_labels)`` or a path (:func:`load_samples`). Default for the reference
             model: its training digits.
         checkpoint_dir: folder for the resumable training state (written after every trajectory).
-        resume: continue from ``checkpoint_dir``'s state when it exists (it must be from the same run).
+        resume: continue from ``checkpoint_dir``'s state when it exists (it must be from the same run:
+            settings, model and weights digest, sampler, conditioning); False moves it aside.
         progress: show a tqdm bar with loss, CUR, λ and β.
         callback: called with each trajectory's history record.
 
@@ -778,9 +782,11 @@ def train_router(
     state = _State(beta=config.beta, lam=torch.ones(config.num_steps))
     state.lam[0] = 0.0
 
-    checkpoint = Path(checkpoint_dir) / _CHECKPOINT_NAME if checkpoint_dir is not None else None
+    checkpoint = _prepare_checkpoint(checkpoint_dir, resume)  # before any work; never deletes one
     resumed_from = None
-    run_key = _run_key(config, transformer)
+    run_key = None
+    if checkpoint is not None:
+        run_key = _run_key(config, transformer, scheduler, conditioning, samples, labels)
     if checkpoint is not None and resume and checkpoint.is_file():
         _load_checkpoint(checkpoint, run_key, router, optimizer, state)
         resumed_from = state.iteration
@@ -852,6 +858,7 @@ def train_router(
     )
     router.training_settings = settings
     router.to("cpu")
+    _check_finite(router, config)
     return TrainingResult(
         router=router,
         history=state.history,
@@ -1203,11 +1210,59 @@ def _reference_fingerprint() -> dict[str, Any] | None:
 # Checkpoints
 
 
-def _run_key(config: TrainingConfig, transformer: nn.Module) -> dict[str, Any]:
-    # Not the process count: the same global batch may resume on another number of processes.
+def _run_key(
+    config: TrainingConfig,
+    transformer: nn.Module,
+    scheduler: Any = None,
+    conditioning: Any = None,
+    samples: Any = None,
+    labels: Any = None,
+) -> dict[str, Any]:
+    """Everything that changes the trained router: settings, model shape and weights, sampler,
+    conditioning pool and (L2C) data. Not the process count: the same global batch may resume on
+    another number of processes."""
     key = asdict(config)
     key["fingerprint"] = fingerprint(transformer)
+    key["weights"] = digest_module(transformer)
+    if scheduler is not None:
+        key["scheduler"] = scheduler_key(scheduler)
+    if conditioning is not None:
+        key["conditioning"] = digest_tensors(*_conditioning_tensors(conditioning))
+    if samples is not None:
+        key["data"] = digest_tensors(samples, labels)
     return json.loads(json.dumps(key, default=str))
+
+
+def _conditioning_tensors(conditioning: Any) -> list[Any]:
+    """The tensors that define what a conditioning draws (class ids, or the prompt pool)."""
+    return [v for _, v in sorted(vars(conditioning).items()) if isinstance(v, torch.Tensor)]
+
+
+def _prepare_checkpoint(checkpoint_dir: Any, resume: bool) -> Path | None:
+    """Check the checkpoint folder is writable before any work; with ``resume=False`` move an existing
+    checkpoint aside (``router-training.pt`` → ``router-training.<n>.pt``), never delete it."""
+    if checkpoint_dir is None:
+        return None
+    path = check_output_dir(checkpoint_dir) / _CHECKPOINT_NAME
+    if not resume and path.exists():
+        n = 1
+        while (aside := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+            n += 1
+        os.replace(path, aside)
+        warnings.warn(
+            f"resume=False: the existing checkpoint {path} was moved to {aside.name}; training starts over",
+            stacklevel=3,
+        )
+    return path
+
+
+def _check_finite(router: Router, config: TrainingConfig) -> None:
+    if not torch.isfinite(router.logits).all():
+        raise ValueError(
+            f"training diverged: the router's logits contain NaN or infinity (lr={config.lr}, "
+            f"guidance_scale={config.guidance_scale}, beta={config.beta}); lower lr, use a finite "
+            "guidance_scale and check the model's outputs"
+        )
 
 
 def _save_checkpoint(path: Path, run_key, router: Router, optimizer, state: _State) -> None:
@@ -1229,12 +1284,36 @@ def _save_checkpoint(path: Path, run_key, router: Router, optimizer, state: _Sta
             "history": state.history,
         },
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if not torch.isfinite(payload["logits"]).all():
+        raise ValueError(
+            f"training diverged at iteration {state.iteration}: the router's logits contain NaN or "
+            f"infinity, so {path} keeps the last good state; lower lr or check guidance_scale"
+        )
+    atomic_write(path, lambda file: torch.save(payload, file))
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], keys: list[str]) -> str:
+    """``key: saved → now`` for each differing key (long values summarised)."""
+
+    def short(value: Any) -> str:
+        if isinstance(value, dict) and "class" in value:  # the scheduler
+            return str(value["class"])
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = []
+    for k in keys:
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and a.get("class") == b.get("class"):
+            sub = sorted(
+                x
+                for x in set(a.get("config", {})) | set(b.get("config", {}))
+                if a.get("config", {}).get(x) != b.get("config", {}).get(x)
+            )
+            parts.append(f"{k}: config {', '.join(sub)}")
+        else:
+            parts.append(f"{k}: {short(a)} in the checkpoint, {short(b)} now")
+    return "; ".join(parts)
 
 
 def _load_checkpoint(path: Path, run_key, router: Router, optimizer, state: _State) -> None:
@@ -1252,8 +1331,8 @@ def _load_checkpoint(path: Path, run_key, router: Router, optimizer, state: _Sta
     )
     if differing:
         raise ValueError(
-            f"{path} is from another training run (differs in {', '.join(differing)}); "
-            "use another checkpoint_dir or resume=False"
+            f"{path} is from another training run (differs in {_differences(saved, run_key, differing)}); "
+            "use another checkpoint_dir, or resume=False to move it aside and start over"
         )
     with torch.no_grad():
         router.logits.copy_(payload["logits"])

@@ -461,7 +461,7 @@ def test_evidence_pipeline_on_a_reduced_setting(tmp_path):
     model = load_model()
     for name, path in paths.items():
         router = Router.load(path, model=model)
-        assert router.training_settings["target_cur"] == 0.35 and router.training_settings["iterations"] == 10
+        assert router.training_settings["target_cur"] == 0.4 and router.training_settings["iterations"] == 10
         assert (tmp_path / f"{name}-T6.history.json").is_file()
     assert Router.load(paths["l2c"]).pinned_steps == [0, 2, 4]
     assert Router.load(paths["sdt"]).training_settings["lambda_variant"] == "none"
