@@ -44,13 +44,6 @@ def _train(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, _DTYPES[args.dtype])
     transformer, scheduler = load_local(args.model, dtype=dtype, device=device)
-    prompts = {}
-    if args.prompt_embeds:
-        from safetensors.torch import load_file
-
-        prompts = load_file(args.prompt_embeds)
-        if "prompt_embeds" not in prompts:
-            raise ValueError(f"{args.prompt_embeds} has no tensor named 'prompt_embeds'")
     result = train_router(
         transformer,
         scheduler,
@@ -65,13 +58,16 @@ def _train(args: argparse.Namespace) -> None:
         lambda_every=args.lambda_every,
         lambda_variant=args.lambda_variant,
         lambda_batch_size=args.lambda_batch,
+        lambda_on=args.lambda_on,
+        straight_through=args.straight_through,
+        max_age=args.max_age,
         write_threshold=args.write_threshold,
         threshold=args.tau,
         seed=args.seed,
         data=args.data,
         checkpoint_dir=args.checkpoint_dir,
         resume=not args.no_resume,
-        **{k: v for k, v in prompts.items() if k.endswith(("prompt_embeds", "attention_mask"))},
+        **_prompt_pool(args.prompt_embeds),
     )
     import torch.distributed as dist
 
@@ -82,6 +78,55 @@ def _train(args: argparse.Namespace) -> None:
             f"router for {args.steps} steps written to {args.out}: cache usage ratio {settings['cur']:.1%} "
             f"at τ = {args.tau}, {result.iterations} iterations in {result.seconds:.0f} s"
         )
+
+
+def _prompt_pool(path: str | None) -> dict:
+    """``--prompt-embeds``: the PixArt prompt pool's tensors (none without a path)."""
+    if not path:
+        return {}
+    from safetensors.torch import load_file
+
+    prompts = load_file(path)
+    if "prompt_embeds" not in prompts:
+        raise ValueError(f"{path} has no tensor named 'prompt_embeds'")
+    return {k: v for k, v in prompts.items() if k.endswith(("prompt_embeds", "attention_mask"))}
+
+
+def _search(args: argparse.Namespace) -> None:
+    from ._checks import check_output_file
+
+    check_output_file(args.out, "--out")
+    device = _device(args.device)
+
+    import torch
+
+    from .models import load_local
+    from .router import Router
+    from .search import search_schedule
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformer, scheduler = load_local(args.model, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
+    start = Router.load(args.start, model=transformer) if args.start else None
+    result = search_schedule(
+        transformer,
+        scheduler,
+        num_steps=args.steps,
+        target_cur=args.target_cur,
+        start=start,
+        max_age=args.max_age,
+        rounds=args.rounds,
+        batch_size=args.batch,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        **_prompt_pool(args.prompt_embeds),
+    )
+    result.router.save(args.out)
+    print(
+        f"schedule for {args.steps} steps written to {args.out}: cache usage ratio "
+        f"{result.schedule.cache_usage_ratio:.1%}, {result.forwards} sampling forwards "
+        f"in {result.seconds:.0f} s"
+    )
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -274,14 +319,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None, help="local transformer or pipeline folder (default: reference)")
     t.add_argument("--method", choices=["harmonica", "l2c"], default="harmonica")
     t.add_argument("--steps", type=int, default=20, help="sampling steps T the router is for")
-    t.add_argument("--iterations", type=int, default=20_000, help="trained denoising steps")
-    t.add_argument("--batch", type=int, default=32, help="global noise samples per iteration (CFG doubles)")
+    t.add_argument("--iterations", type=int, default=1000, help="trained denoising steps (default 1000)")
+    t.add_argument("--batch", type=int, default=16, help="global noise samples per iteration (CFG doubles)")
     t.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
-    t.add_argument("--lr", type=float, default=None, help="AdamW lr (default 0.01; L2C 1e-3)")
-    t.add_argument("--beta", type=float, default=None, help="weight of Σ r (default 7e-8; L2C 1e-6)")
-    t.add_argument("--target-cur", type=float, default=None, help="budget mode: adapt β to this cache usage")
+    t.add_argument("--lr", type=float, default=None, help="AdamW lr (default: scaled to the run's length)")
+    t.add_argument("--beta", type=float, default=None, help="fixed weight of Σ r (the paper's mode)")
+    t.add_argument(
+        "--target-cur",
+        type=float,
+        default=None,
+        help="budget mode: this cache usage (default 0.35 without --beta)",
+    )
     t.add_argument("--lambda-every", type=int, default=500, help="C: iterations between λ refreshes")
     t.add_argument("--lambda-variant", choices=["marginal", "leave_one_out", "none"], default="marginal")
+    t.add_argument(
+        "--lambda-on",
+        choices=["soft", "hard"],
+        default="soft",
+        help="measure λ on the soft router or hard schedule",
+    )
+    t.add_argument(
+        "--straight-through", action="store_true", help="train on the hard forward with the soft gradient"
+    )
+    t.add_argument(
+        "--max-age", type=int, default=None, help="cap on the age of a reused cache entry, in steps"
+    )
     t.add_argument("--lambda-batch", type=int, default=None, help="noise samples per λ estimate")
     t.add_argument("--tau", type=float, default=0.1, help="inference threshold τ of the router")
     t.add_argument("--write-threshold", type=float, default=0.1, help="cache-write threshold on r")
@@ -295,6 +357,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--out", default="router.safetensors", help="router file to write")
     t.set_defaults(func=_train)
+
+    r = sub.add_parser(
+        "search",
+        help="search a cache schedule on final-image errors at a target usage (or polish a router to it)",
+    )
+    r.add_argument("--model", default=None, help="local transformer or pipeline folder (default: reference)")
+    r.add_argument("--steps", type=int, default=20, help="sampling steps T the schedule is for")
+    r.add_argument("--target-cur", type=float, required=True, help="cache usage ratio to reach, in (0, 1)")
+    r.add_argument("--start", default=None, help="a trained router file to polish to the target")
+    r.add_argument(
+        "--max-age", type=int, default=None, help="cap on the age of a reused cache entry, in steps"
+    )
+    r.add_argument("--rounds", type=int, default=4, help="cost measurements on the way to the target")
+    r.add_argument("--batch", type=int, default=8, help="noise samples the errors are measured on")
+    r.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [P, L, C]")
+    r.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    r.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
+    r.add_argument("--out", default="schedule.safetensors", help="router file holding the schedule")
+    r.set_defaults(func=_search)
 
     c = sub.add_parser(
         "compare",

@@ -120,3 +120,18 @@ def test_search_refuses_a_model_without_units_and_a_cached_model():
     with pytest.raises(Exception, match="disable_cache"):
         search_schedule(model, ddim(), num_steps=STEPS, target_cur=0.3, progress=False)
     disable_cache(model)
+
+
+def test_cli_search_writes_a_schedule_router_and_refuses_bad_targets(tmp_path, capsys):
+    from harmonica.cli import main
+    from harmonica.reference import load_model
+
+    out = tmp_path / "s.safetensors"
+    args = ["search", "--steps", "4", "--target-cur", "0.25", "--batch", "1", "--rounds", "1"]
+    assert main([*args, "--threads", "1", "--out", str(out)]) == 0
+    assert "cache usage ratio 25.0%" in capsys.readouterr().out
+    schedule = Router.load(out, model=load_model()).to_schedule()
+    assert schedule.num_steps == 4 and schedule.cache_usage_ratio == pytest.approx(0.25)
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--steps", "4", "--target-cur", "1.5", "--out", str(out)])
+    assert exc.value.code == 2 and "target_cur must be a cache usage ratio" in capsys.readouterr().err
