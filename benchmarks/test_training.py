@@ -168,3 +168,33 @@ def test_training_iteration_vs_sampling_step(recorder, device):
         ),
     )
     assert torch.isfinite(result.router.logits).all()
+
+
+def test_default_router_training_on_the_reference_model(recorder, device):
+    """Wall-clock time of ``train_router`` with its defaults (1 000 iterations, batch 16, budget mode,
+    λ every 500 iterations) on the reference digits DiT at T = 20: the cost a user pays for a router.
+    ``smoke`` runs 4 iterations at T = 4 so that CI exercises the path."""
+    from harmonica.reference import load_model, load_scheduler
+
+    size = bench_size()
+    if size == "gpu":
+        pytest.skip("the reference model is a CPU workload; the GPU rows above time DiT-XL/2")
+    steps, extra = (20, {}) if size == "cpu" else (4, dict(iterations=4, batch_size=2))
+    model = load_model().to(device)
+    sync(device)
+    start = time.perf_counter()
+    result = train_router(model, load_scheduler(), num_steps=steps, progress=False, **extra)
+    sync(device)
+    seconds = time.perf_counter() - start
+    recorder.add(
+        "training",
+        dict(
+            group=f"reference digits DiT, T={steps}, train_router defaults, {device}",
+            impl="router with default settings",
+            median_s=seconds,
+            iterations=result.iterations,
+            batch=result.router.training_settings["batch_size"],
+            cur=result.router.training_settings["cur"],
+        ),
+    )
+    assert abs(result.router.training_settings["cur"] - 0.35) <= 0.05
