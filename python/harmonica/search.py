@@ -8,8 +8,9 @@ then, for every entry that could change, runs the rest of the sampling from that
 entry flipped, and measures the final sample's mean squared distance to the uncached sample. The
 entries whose reuse costs the least final-image error per FLOP saved are taken (the entries whose
 compute gains the most, when the start caches more than the target), the round's share at a time,
-under an optional cap on the age of reused entries; the next round measures again in the new
-context, so interactions between entries (stale chains) are seen.
+under an optional cap on the age of reused entries. Two neighbouring steps of one unit are never
+taken in the same round (their costs interact: reusing both makes a stale chain); the next round
+measures again in the new context.
 
 Cost: a round that can flip E entries runs ``Σ_t E_t · (T − t)`` sampling forwards of the batch,
 about ``E · T / 2``; :attr:`SearchResult.forwards` counts them.
@@ -188,15 +189,19 @@ def search_schedule(
                     entry: delta / float(flops[entry[1]]) * (1 if need > 0 else -1)
                     for entry, delta in costs.items()
                 }
-                taken = 0
+                taken, flipped = 0, set()
                 for entry in sorted(per_flop, key=per_flop.get):
                     if taken == min(chunk, abs(need)):
                         break
+                    t, k = entry
+                    if (t - 1, k) in flipped or (t + 1, k) in flipped:
+                        continue  # neighbours in one unit's chain interact: measure them apart
                     trial = mask.clone()
                     trial[entry] = not bool(trial[entry])
                     if max_age is not None and CacheSchedule(trial).max_age() > max_age:
                         continue
                     mask, taken = trial, taken + 1
+                    flipped.add(entry)
                 error = F.mse_loss(runner.final(mask), reference).item()
                 history.append(
                     {
