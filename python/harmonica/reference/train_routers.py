@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .._io import write_text
+from ..search import schedule_router
 from ..training import train_router
 from . import ASSETS, load_model, load_scheduler
 
@@ -53,10 +54,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="default: <out>/.checkpoints")
+    parser.add_argument(
+        "--search",
+        type=_targets,
+        default=None,
+        metavar="U1,U2,...",
+        help="instead of training: search schedules at these usages, or polish --start to them",
+    )
+    parser.add_argument("--max-age", type=int, default=None, help="search: cap on a reused entry's age")
+    parser.add_argument(
+        "--start", default=None, help="search: a trained router (a RUNS name in --out) to polish"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.search is not None:
+        _search(args)
+        return
     checkpoint_root = args.checkpoint_root or args.out / ".checkpoints"
     for name in args.only or list(RUNS):
         result = train_router(
@@ -76,6 +91,49 @@ def main(argv: list[str] | None = None) -> None:
         result.router.save(args.out / f"{stem}.safetensors")
         write_text(args.out / f"{stem}.history.json", json.dumps(result.history, indent=1) + "\n")
         print(f"{stem}: CUR {result.router.training_settings['cur']:.1%}, {result.seconds:.0f} s")
+
+
+def _targets(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected usages such as 0.35,0.4,0.5") from None
+
+
+def _search(args: argparse.Namespace) -> None:
+    """Searched schedules (``search-a<age>-T<steps>-<pct>``) or a trained router polished to each usage
+    (``<name>-polished-T<steps>-<pct>``), in the order given (each extends or trims the one before)."""
+    from ..router import Router
+    from ..search import search_schedule
+
+    model = load_model()
+    start = (
+        Router.load(args.out / f"{args.start}-T{args.steps}.safetensors", model=model) if args.start else None
+    )
+    result = search_schedule(
+        model,
+        load_scheduler(),
+        num_steps=args.steps,
+        target_cur=args.search,
+        start=start,
+        max_age=args.max_age,
+        seed=args.seed,
+    )
+    prefix = f"{args.start}-polished" if args.start else f"search-a{args.max_age or 'none'}"
+    for target, schedule in result.schedules.items():
+        stem = f"{prefix}-T{args.steps}-{round(100 * target)}"
+        settings = {
+            **result.router.training_settings,
+            "target_cur": target,
+            "cur": schedule.cache_usage_ratio,
+        }
+        if start is not None:
+            settings["polished_from"] = start.training_settings
+        router = schedule_router(model, schedule, load_scheduler(), settings)
+        router.save(args.out / f"{stem}.safetensors")
+        print(f"{stem}: CUR {schedule.cache_usage_ratio:.1%}")
+    write_text(args.out / f"{prefix}-T{args.steps}.history.json", json.dumps(result.history, indent=1) + "\n")
+    print(f"{result.forwards} sampling forwards in {result.seconds:.0f} s")
 
 
 if __name__ == "__main__":
