@@ -13,7 +13,8 @@ taken in the same round (their costs interact: reusing both makes a stale chain)
 measures again in the new context.
 
 Cost: a round that can flip E entries runs ``Σ_t E_t · (T − t)`` sampling forwards of the batch,
-about ``E · T / 2``; :attr:`SearchResult.forwards` counts them.
+about ``E · T / 2``; later rounds in the same direction measure only the 3·chunk entries that ranked
+cheapest in the round before (lazy greedy). :attr:`SearchResult.forwards` counts them.
 """
 
 from __future__ import annotations
@@ -178,30 +179,36 @@ def search_schedule(
             for a, b in zip([1 - mask.float().mean().item(), *targets[:-1]], targets, strict=True)
         )
         chunk = max(1, math.ceil(distance / rounds))
+        shortlist: tuple[bool, list[tuple[int, int]]] | None = None
         for target in targets:
             goal = round(target * total)
             while (reused := int((~mask).sum())) != goal:
                 need = goal - reused
-                costs = runner.flip_costs(mask, reference, grow=need > 0, max_age=max_age, bar=bar)
+                grow = need > 0
+                # Lazy greedy: after a round in the same direction only the entries that ranked among
+                # the cheapest (3 rounds' worth) are measured again: an expensive entry rarely becomes
+                # cheap as the schedule fills, and measuring every entry is the search's whole cost.
+                only = shortlist[1] if shortlist is not None and shortlist[0] == grow else None
+                costs = runner.flip_costs(mask, reference, grow=grow, max_age=max_age, only=only, bar=bar)
+                if not costs and only is not None:
+                    costs = runner.flip_costs(mask, reference, grow=grow, max_age=max_age, bar=bar)
                 if not costs:
                     break  # nothing left that may flip (the age cap binds)
-                per_flop = {
-                    entry: delta / float(flops[entry[1]]) * (1 if need > 0 else -1)
-                    for entry, delta in costs.items()
-                }
+                sign = 1 if grow else -1
+                ranked = sorted(costs, key=lambda e: sign * costs[e] / float(flops[e[1]]))
                 taken, flipped = 0, set()
-                for entry in sorted(per_flop, key=per_flop.get):
+                for t, k in ranked:
                     if taken == min(chunk, abs(need)):
                         break
-                    t, k = entry
                     if (t - 1, k) in flipped or (t + 1, k) in flipped:
                         continue  # neighbours in one unit's chain interact: measure them apart
                     trial = mask.clone()
-                    trial[entry] = not bool(trial[entry])
+                    trial[t, k] = not bool(trial[t, k])
                     if max_age is not None and CacheSchedule(trial).max_age() > max_age:
                         continue
                     mask, taken = trial, taken + 1
-                    flipped.add(entry)
+                    flipped.add((t, k))
+                shortlist = (grow, [e for e in ranked if e not in flipped][: 3 * chunk])
                 error = F.mse_loss(runner.final(mask), reference).item()
                 history.append(
                     {
@@ -303,9 +310,18 @@ class _Runner:
 
     @torch.no_grad()
     def flip_costs(
-        self, mask: torch.Tensor, reference: torch.Tensor, *, grow: bool, max_age: int | None, bar=None
+        self,
+        mask: torch.Tensor,
+        reference: torch.Tensor,
+        *,
+        grow: bool,
+        max_age: int | None,
+        only: list[tuple[int, int]] | None = None,
+        bar=None,
     ) -> dict[tuple[int, int], float]:
-        """Final-sample MSE change of flipping each eligible entry (compute → reuse when ``grow``)."""
+        """Final-sample MSE change of flipping each eligible entry (compute → reuse when ``grow``), or
+        each eligible entry of ``only``."""
+        wanted = None if only is None else set(only)
         setup = self.setup
         states: dict[int, tuple[torch.Tensor, list, Any]] = {}
 
@@ -318,7 +334,7 @@ class _Runner:
         costs = {}
         for t in range(1, self.num_steps):
             for k in range(mask.shape[1]):
-                if bool(mask[t, k]) != grow:
+                if bool(mask[t, k]) != grow or (wanted is not None and (t, k) not in wanted):
                     continue
                 trial = mask.clone()
                 trial[t, k] = not grow
