@@ -51,6 +51,7 @@ def _impl(x: torch.Tensor, *inputs: torch.Tensor | None):
     # None: the forced backend cannot run on this device; backend_module raises the reason.
     return eager if eager is not None else backend_module(x.device)
 
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_NAMES = "float32, float16 or bfloat16"
 
