@@ -17,6 +17,8 @@ outputs contiguous ``[B, N, D]``, per-sample vectors with unit stride along D.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -68,6 +70,14 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
+def _load_row(ptr, b, stride_b, d, d_mask):
+    """Sample b's segment d of a per-sample vector (gate, shift, scale), in fp32. evict_last: every
+    tile of the sample reads it again, while the streamed tensors are read once."""
+    row = tl.load(ptr + b * stride_b + d, mask=d_mask, other=0.0, eviction_policy="evict_last")
+    return row.to(tl.float32)
+
+
+@triton.jit
 def _tile_offsets(N, D, n_tiles, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Sample index, flat [BLOCK_N, BLOCK_D] offsets into a [B, N, D] tensor, the feature offsets
     and the in-bounds mask of this program's tile."""
@@ -105,7 +115,7 @@ def _gated_residual_kernel(
     value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         out = tl.fma(gate[None, :], value.to(tl.float32), x)
     else:
         out = x + value.to(tl.float32)
@@ -138,7 +148,7 @@ def _routed_gated_residual_kernel(
     cache = tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     mixed = _lerp(cache, branch, r)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         out = tl.fma(gate[None, :], mixed, x)
     else:
         out = x + mixed
@@ -173,7 +183,7 @@ def _routed_gated_residual_backward_kernel(
     cache = tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     diff = branch - cache
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         g_gated = g * gate[None, :]
         mixed = _lerp(cache, branch, r)
         pid_bn = tl.program_id(0)
@@ -216,7 +226,7 @@ def _gated_residual_norm_modulate_kernel(
     value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         x_out = tl.fma(gate[None, :], value.to(tl.float32), x)
     else:
         x_out = x + value.to(tl.float32)
@@ -230,8 +240,8 @@ def _gated_residual_norm_modulate_kernel(
     centred = tl.where(mask, x_out - mean[:, None], 0.0)
     var = tl.sum(centred * centred, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
-    shift = tl.load(shift_ptr + b * shift_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * scale_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+    shift = _load_row(shift_ptr, b, shift_stride_b, d, d_mask)
+    scale = _load_row(scale_ptr, b, scale_stride_b, d, d_mask)
     h = tl.fma(centred * rstd[:, None], 1.0 + scale[None, :], shift[None, :])
     tl.store(h_ptr + offsets, _cast_for_store(h, h_ptr.dtype.element_ty), mask=mask)
 
@@ -245,12 +255,26 @@ def _num_warps(tile_elements: int) -> int:
     return min(16, max(1, tile_elements // 512))
 
 
-def _elementwise_grid(B: int, N: int, D: int) -> tuple[tuple[int, int], int, int, int]:
-    """(grid, BLOCK_N, BLOCK_D, n_tiles) for the elementwise kernels."""
+@functools.lru_cache(maxsize=256)
+def elementwise_config(B: int, N: int, D: int) -> tuple[tuple[int, int], int, int, int, int]:
+    """(grid, BLOCK_N, BLOCK_D, n_tiles, num_warps) of the elementwise kernels for [B, N, D];
+    memoised: a model calls its ops with a handful of shapes, and the launch should not redo this."""
     block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
     block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
     n_tiles = triton.cdiv(N, block_n)
-    return (B * n_tiles, triton.cdiv(D, block_d)), block_n, block_d, n_tiles
+    grid = (B * n_tiles, triton.cdiv(D, block_d))
+    return grid, block_n, block_d, n_tiles, _num_warps(block_n * block_d)
+
+
+@functools.lru_cache(maxsize=256)
+def norm_config(B: int, N: int, D: int) -> tuple[tuple[int, int], int, int, int, int]:
+    """(grid, BLOCK_N, BLOCK_D, n_tiles, num_warps) of the norm kernel: BLOCK_D covers a whole row;
+    a few short rows per program so that small D still moves a useful amount per program, long rows
+    one row each and more warps."""
+    block_d = triton.next_power_of_2(D)
+    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
+    n_tiles = triton.cdiv(N, block_n)
+    return (B * n_tiles, 1), block_n, block_d, n_tiles, _num_warps(block_n * block_d)
 
 
 def launch_gated_residual(
@@ -265,7 +289,7 @@ def launch_gated_residual(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
+    grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D)
     _gated_residual_kernel[grid](
         x,
         gate if gate is not None else x,
@@ -280,7 +304,7 @@ def launch_gated_residual(
         WRITE_CACHE=cache_out is not None,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=_num_warps(block_n * block_d),
+        num_warps=num_warps,
     )
 
 
@@ -297,7 +321,7 @@ def launch_routed_gated_residual(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
+    grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D)
     _routed_gated_residual_kernel[grid](
         x,
         gate if gate is not None else x,
@@ -312,7 +336,7 @@ def launch_routed_gated_residual(
         HAS_GATE=gate is not None,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=_num_warps(block_n * block_d),
+        num_warps=num_warps,
     )
 
 
@@ -334,7 +358,7 @@ def launch_routed_gated_residual_backward(
     if grad_out.numel() == 0:
         rows = torch.zeros(B, D, dtype=torch.float32, device=device) if gate is not None else None
         return rows, torch.zeros((), dtype=torch.float32, device=device)
-    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
+    grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D)
     partial_r = torch.empty(grid, dtype=torch.float32, device=device)
     partial_gate = (
         torch.empty(B, n_tiles, D, dtype=torch.float32, device=device) if gate is not None else partial_r
@@ -355,7 +379,7 @@ def launch_routed_gated_residual_backward(
         HAS_GATE=gate is not None,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=_num_warps(block_n * block_d),
+        num_warps=num_warps,
     )
     grad_gate_rows = partial_gate.sum(dim=1) if gate is not None else None
     return grad_gate_rows, partial_r.sum()
@@ -379,13 +403,8 @@ def launch_gated_residual_norm_modulate(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    block_d = triton.next_power_of_2(D)
-    # A few short rows per program so small D still moves a useful amount per program; long rows
-    # get one row each and more warps.
-    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
-    n_tiles = triton.cdiv(N, block_n)
-    num_warps = _num_warps(block_n * block_d)
-    _gated_residual_norm_modulate_kernel[(B * n_tiles, 1)](
+    grid, block_n, block_d, n_tiles, num_warps = norm_config(B, N, D)
+    _gated_residual_norm_modulate_kernel[grid](
         x,
         gate if gate is not None else x,
         value,
