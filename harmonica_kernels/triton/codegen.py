@@ -34,6 +34,7 @@ _FP32_POINTERS = {"partial_gate_ptr", "partial_r_ptr", "r_ptr"}
 @dataclass(frozen=True)
 class KernelReport:
     kernel: str
+    width: int
     dtype: str
     loads: int
     v4_loads: int
@@ -44,21 +45,31 @@ class KernelReport:
     spill_loads: int
 
 
-def _specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, dict, int]]:
-    """(kernel, constexprs, num_warps) as the launchers pick them for [B, N, D] with a gate."""
+def _specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, dict, int, int]]:
+    """(kernel, constexprs, num_warps, D) as the launchers pick them for [B, N, D] with a gate; both
+    norm kernels: the one the launcher picks for D, and the other one at the nearest width it takes
+    (a power of two for the one-tile kernel, 1152 for the chunked one)."""
     _, block_n, block_d, _, warps = kernels.elementwise_config(B, N, D)
-    _, norm_n, norm_d, _, norm_warps = kernels.norm_config(B, N, D)
     tile = {"HAS_GATE": True, "BLOCK_N": block_n, "BLOCK_D": block_d}
-    return [
-        (kernels._gated_residual_kernel, {**tile, "WRITE_CACHE": True}, warps),
-        (kernels._routed_gated_residual_kernel, tile, warps),
-        (kernels._routed_gated_residual_backward_kernel, tile, warps),
-        (
-            kernels._gated_residual_norm_modulate_kernel,
-            {"HAS_GATE": True, "WRITE_CACHE": True, "BLOCK_N": norm_n, "BLOCK_D": norm_d},
-            norm_warps,
-        ),
+    specs = [
+        (kernels._gated_residual_kernel, {**tile, "WRITE_CACHE": True}, warps, D),
+        (kernels._routed_gated_residual_kernel, tile, warps, D),
+        (kernels._routed_gated_residual_backward_kernel, tile, warps, D),
     ]
+    _, _, _, _, _, chunks = kernels.norm_config(B, N, D)
+    norm_widths = (triton.next_power_of_2(D), D) if chunks else (D, 1152)
+    for width in norm_widths:
+        _, norm_n, norm_d, _, norm_warps, chunks = kernels.norm_config(B, N, width)
+        constexprs = {"HAS_GATE": True, "WRITE_CACHE": True, "BLOCK_N": norm_n, "BLOCK_D": norm_d}
+        if chunks:
+            fn, constexprs = kernels._gated_residual_norm_modulate_chunked_kernel, {
+                **constexprs,
+                "NUM_CHUNKS": chunks,
+            }
+        else:
+            fn = kernels._gated_residual_norm_modulate_kernel
+        specs.append((fn, constexprs, norm_warps, width))
+    return specs
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -105,15 +116,17 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, dtype: str, arch: int, 
 def report(B: int = 16, N: int = 256, D: int = 1152, arch: int = 90) -> list[KernelReport]:
     # The integer arguments as the launchers pass them: chunk() views of a [B, 6D] adaLN output
     # have batch stride 6D.
-    ints = {"N": N, "D": D, "gate_stride_b": 6 * D, "shift_stride_b": 6 * D, "scale_stride_b": 6 * D}
     rows = []
-    for fn, constexprs, warps in _specs(B, N, D):
+    for fn, constexprs, warps, width in _specs(B, N, D):
+        ints = {"N": N, "D": width}
+        ints.update(dict.fromkeys(("gate_stride_b", "shift_stride_b", "scale_stride_b"), 6 * width))
         for dtype in ("float32", "bfloat16"):
             ptx = compile_kernel(fn, constexprs, warps, dtype, arch, ints)
             registers, spill_stores, spill_loads = _ptxas_stats(ptx, arch)
             rows.append(
                 KernelReport(
                     kernel=fn.__name__,
+                    width=width,
                     dtype=dtype,
                     loads=len(re.findall(r"\bld\.global\.", ptx)),
                     v4_loads=len(re.findall(r"\bld\.global\.[\w.:]*\bv4\.", ptx)),
@@ -138,10 +151,10 @@ def main() -> None:
         print(json.dumps([asdict(r) for r in rows]))
         return
     print(f"sm_{args.arch}, shape {list(args.shape)}")
-    print("kernel | dtype | loads (128-bit) | stores (128-bit) | registers | spill bytes")
+    print("kernel | D | dtype | loads (128-bit) | stores (128-bit) | registers | spill bytes")
     for r in rows:
         print(
-            f"{r.kernel} | {r.dtype} | {r.loads} ({r.v4_loads}) | {r.stores} ({r.v4_stores}) | "
+            f"{r.kernel} | {r.width} | {r.dtype} | {r.loads} ({r.v4_loads}) | {r.stores} ({r.v4_stores}) | "
             f"{r.registers} | {r.spill_stores + r.spill_loads}"
         )
 

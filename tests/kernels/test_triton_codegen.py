@@ -57,6 +57,7 @@ def test_every_kernel_was_compiled(sm90_reports):
         "_routed_gated_residual_kernel",
         "_routed_gated_residual_backward_kernel",
         "_gated_residual_norm_modulate_kernel",
+        "_gated_residual_norm_modulate_chunked_kernel",
     }
     assert {r["dtype"] for r in sm90_reports} == {"float32", "bfloat16"}
 
