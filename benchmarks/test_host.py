@@ -185,7 +185,7 @@ def test_reuse_step_host_cost(request, recorder, device, embedders):
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ratios, reuse_s, stock_s = [], [], []
-    pairs = 1 if smoke else 31
+    pairs = 1 if smoke else 61
     with torch.inference_mode():
         for i in range(pairs + 1):
             handle.reset()

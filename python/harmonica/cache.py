@@ -37,7 +37,12 @@ from typing import Any
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
-from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, Timesteps
+from diffusers.models.embeddings import (
+    CombinedTimestepLabelEmbeddings,
+    LabelEmbedding,
+    TimestepEmbedding,
+    Timesteps,
+)
 from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 from torch.nn import functional as F
@@ -317,6 +322,8 @@ class CachedTransformerBlock(nn.Module):
         # Set by _SharedEmbeddings: which DiT blocks share this one's conditioning embedding.
         self._embedding_key: tuple[tuple[Any, ...], int] | None = None
         self._embedding_trainable = False
+        # Set by _SharedEmbeddings: see _plain_embedding (the embedding without module calls).
+        self._embedding_plain: tuple[Any, ...] | None = None
         ff_norm = self._ff_norm()
         plain_norm = ff_norm.weight is None and ff_norm.bias is None
         # The fused op normalises without affine weights; affine norms take the unfused path.
@@ -552,11 +559,19 @@ class _SharedEmbeddings:
             projection = memo.get(projection_key)
             if projection is None:
                 projection = memo[projection_key] = embedder.time_proj(timestep)
-            # CombinedTimestepLabelEmbeddings.forward (checked to be that class in _group)
-            conditioning = embedder.timestep_embedder(projection.to(dtype=dtype)) + embedder.class_embedder(
-                class_labels
-            )
-            shared = memo[(key, dtype)] = (conditioning, norm1.silu(conditioning))
+            plain = block._embedding_plain
+            if plain is not None and _runs_plainly(plain[1]):
+                # The modules' own maths without their ~8 module calls, a few microseconds of host
+                # time each (with untied embedders, every block of a reuse step pays them).
+                (w1, b1, w2, b2, table), _ = plain
+                t_emb = F.linear(F.silu(F.linear(projection.to(dtype=dtype), w1, b1)), w2, b2)
+                conditioning = t_emb + F.embedding(class_labels, table)
+                shared = memo[(key, dtype)] = (conditioning, F.silu(conditioning))
+            else:
+                # CombinedTimestepLabelEmbeddings.forward (checked to be that class in _group)
+                t_emb = embedder.timestep_embedder(projection.to(dtype=dtype))
+                conditioning = t_emb + embedder.class_embedder(class_labels)
+                shared = memo[(key, dtype)] = (conditioning, norm1.silu(conditioning))
         return shared[1]
 
     def _serve(
@@ -600,9 +615,54 @@ class _SharedEmbeddings:
                 leaders.append(embedder)
             block._embedding_key = (projection_key, group)
             block._embedding_trainable = any(p.requires_grad for p in embedder.parameters())
+            block._embedding_plain = _plain_embedding(embedder, block.norm1)
         if self._blocks and self._blocks[0]._embedding_key is not None:
             self._served = self._blocks[0].norm1.emb
             self._served.forward = self._serve
+
+
+def _plain_embedding(embedder: nn.Module, norm1: nn.Module) -> tuple[Any, ...] | None:
+    """``((linear_1.weight, linear_1.bias, linear_2.weight, linear_2.bias, embedding weight),
+    modules)`` when ``silu(embedder(t, labels))`` is exactly ``silu(linear_2(silu(linear_1(t))) +
+    embedding(labels))`` (diffusers' DiT), else None. ``modules`` are the submodules whose calls
+    this skips: _runs_plainly checks on each use that none of them is hooked, patched or training.
+    The tensors are the parameters themselves: replacing one regroups (see _parameter_state)."""
+    timestep_embedder = getattr(embedder, "timestep_embedder", None)
+    class_embedder = getattr(embedder, "class_embedder", None)
+    table = getattr(class_embedder, "embedding_table", None)
+    act = getattr(timestep_embedder, "act", None)
+    linears = (getattr(timestep_embedder, "linear_1", None), getattr(timestep_embedder, "linear_2", None))
+    silu = getattr(norm1, "silu", None)
+    plain = (
+        type(timestep_embedder) is TimestepEmbedding
+        and type(act) is nn.SiLU
+        and type(silu) is nn.SiLU
+        and getattr(timestep_embedder, "cond_proj", None) is None
+        and getattr(timestep_embedder, "post_act", None) is None
+        and all(type(linear) is nn.Linear for linear in linears)
+        and type(class_embedder) is LabelEmbedding
+        and type(table) is nn.Embedding
+        and table.max_norm is None
+    )
+    if not plain:
+        return None
+    (w1, b1), (w2, b2) = ((linear.weight, linear.bias) for linear in linears)
+    return (w1, b1, w2, b2, table.weight), (timestep_embedder, act, *linears, class_embedder, table, silu)
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _runs_plainly(modules: tuple[nn.Module, ...]) -> bool:
+    """Whether calling ``modules`` would only run their maths: no hook (module or global, e.g.
+    accelerate's offloading or a user's), no patched ``forward``, none training (label dropout)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    for module in modules:
+        state = module.__dict__
+        if module.training or "forward" in state or any(state[name] for name in _MODULE_HOOKS):
+            return False
+    return True
 
 
 def _shares_embedding(block: CachedTransformerBlock) -> bool:
