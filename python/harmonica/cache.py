@@ -650,17 +650,21 @@ def _plain_embedding(embedder: nn.Module, norm1: nn.Module) -> tuple[Any, ...] |
     return (w1, b1, w2, b2, table.weight), (timestep_embedder, act, *linears, class_embedder, table, silu)
 
 
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
 def _runs_plainly(modules: tuple[nn.Module, ...]) -> bool:
     """Whether calling ``modules`` would only run their maths: no hook (module or global, e.g.
     accelerate's offloading or a user's), no patched ``forward``, none training (label dropout)."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
     for module in modules:
-        state = module.__dict__
-        if module.training or "forward" in state or any(state[name] for name in _MODULE_HOOKS):
+        state = module.__dict__  # written out, not a generator: this runs for every block and step
+        if (
+            module.training
+            or "forward" in state
+            or state["_forward_hooks"]
+            or state["_forward_pre_hooks"]
+            or state["_backward_hooks"]
+            or state["_backward_pre_hooks"]
+        ):
             return False
     return True
 
