@@ -316,7 +316,7 @@ def host_seconds_per_call(fn: Callable[[], Any], device: str, calls: int = 200, 
     return statistics.median(per_call)
 
 
-def graph_seconds_per_call(fn: Callable[[], Any], device: str, rep_ms: float = 100) -> float | None:
+def graph_seconds_per_call(fn: Callable[[], Any], device: str, rep_ms: float = 25) -> float | None:
     """Device time of one call with no host in the way: ``fn`` captured in a CUDA graph and replayed
     (``triton.testing.do_bench_cudagraph``, median in seconds). It does not flush the L2 cache
     between replays: callers rotate over input sets that exceed it. None off CUDA (no graphs)."""
