@@ -114,6 +114,8 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, dtype: str, arch: int, 
 
 
 def report(B: int = 16, N: int = 256, D: int = 1152, arch: int = 90) -> list[KernelReport]:
+    if kernels.INTERPRETED:
+        raise RuntimeError("under TRITON_INTERPRET=1 the kernels are the interpreter's: unset it to compile")
     # The integer arguments as the launchers pass them: chunk() views of a [B, 6D] adaLN output
     # have batch stride 6D.
     rows = []
