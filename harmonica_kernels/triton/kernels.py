@@ -442,7 +442,8 @@ def launch_routed_gated_residual_backward(
     r: torch.Tensor,
     grad_branch: torch.Tensor,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Writes grad_branch; returns the fp32 sums (grad_gate_rows [B, D] or None, grad_r scalar).
+    """Writes grad_branch; returns the fp32 sums (grad_gate_rows [B or 1 (gate's batch), D] or None,
+    grad_r scalar).
 
     The kernel leaves one fp32 partial per (sample, token tile, feature) for the gate and one per
     program for r; the last reduction runs as a torch sum on the same device (no host sync)."""
@@ -474,7 +475,12 @@ def launch_routed_gated_residual_backward(
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
-    grad_gate_rows = partial_gate.sum(dim=1) if gate is not None else None
+    if gate is None:
+        grad_gate_rows = None
+    elif gate.shape[0] == 1:  # a broadcast gate: its gradient sums over the batch too, in one reduction
+        grad_gate_rows = partial_gate.sum(dim=(0, 1)).unsqueeze(0)
+    else:
+        grad_gate_rows = partial_gate.sum(dim=1)
     return grad_gate_rows, partial_r.sum()
 
 

@@ -160,8 +160,6 @@ def routed_gated_residual_backward(
     if gate is None:
         grad_gate = grad_out.new_empty(0)
     else:
-        if gate.shape[0] == 1:
-            gate_rows = gate_rows.sum(dim=0, keepdim=True)
         # .to() always copies here (fp32 -> gate dtype) or reshapes a fresh sum: never an alias.
         grad_gate = gate_rows.reshape(gate.shape).to(gate.dtype)
     grad_r = r_sum.reshape(r.shape).to(r.dtype)
