@@ -35,9 +35,11 @@ _FP32_POINTERS = {"partial_gate_ptr", "partial_r_ptr", "r_ptr"}
 class KernelReport:
     kernel: str
     width: int
+    config: str
     dtype: str
     loads: int
     v4_loads: int
+    narrow_streamed_loads: int  # not 128-bit and not a per-sample vector (those load evict_last)
     stores: int
     v4_stores: int
     registers: int
@@ -62,10 +64,13 @@ def _specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, dict, int, 
         _, norm_n, norm_d, _, norm_warps, chunks = kernels.norm_config(B, N, width)
         constexprs = {"HAS_GATE": True, "WRITE_CACHE": True, "BLOCK_N": norm_n, "BLOCK_D": norm_d}
         if chunks:
-            fn, constexprs = kernels._gated_residual_norm_modulate_chunked_kernel, {
-                **constexprs,
-                "NUM_CHUNKS": chunks,
-            }
+            fn, constexprs = (
+                kernels._gated_residual_norm_modulate_chunked_kernel,
+                {
+                    **constexprs,
+                    "NUM_CHUNKS": chunks,
+                },
+            )
         else:
             fn = kernels._gated_residual_norm_modulate_kernel
         specs.append((fn, constexprs, norm_warps, width))
@@ -113,13 +118,41 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, dtype: str, arch: int, 
     return compiled.asm["ptx"]
 
 
-def report(B: int = 16, N: int = 256, D: int = 1152, arch: int = 90) -> list[KernelReport]:
+def _candidate_specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, dict, int, int]]:
+    """Every autotuning candidate of the tuned kernels (gated, routed, norm) for [B, N, D]."""
+    specs = []
+    for tile, warps in kernels.TUNING_CANDIDATES:
+        _, block_n, block_d, _, num_warps = kernels.elementwise_config(B, N, D, tile, warps)
+        constexprs = {"HAS_GATE": True, "BLOCK_N": block_n, "BLOCK_D": block_d}
+        specs.append((kernels._gated_residual_kernel, {**constexprs, "WRITE_CACHE": True}, num_warps, D))
+        specs.append((kernels._routed_gated_residual_kernel, constexprs, num_warps, D))
+        _, norm_n, norm_d, _, norm_warps, chunks = kernels.norm_config(B, N, D, tile, warps)
+        constexprs = {"HAS_GATE": True, "WRITE_CACHE": True, "BLOCK_N": norm_n, "BLOCK_D": norm_d}
+        if chunks:
+            fn, constexprs = (
+                kernels._gated_residual_norm_modulate_chunked_kernel,
+                {
+                    **constexprs,
+                    "NUM_CHUNKS": chunks,
+                },
+            )
+        else:
+            fn = kernels._gated_residual_norm_modulate_kernel
+        specs.append((fn, constexprs, norm_warps, D))
+    return specs
+
+
+def report(
+    B: int = 16, N: int = 256, D: int = 1152, arch: int = 90, candidates: bool = False
+) -> list[KernelReport]:
+    """One row per kernel and dtype as launched by default, or (``candidates``) per autotuning
+    candidate of the tuned kernels."""
     if kernels.INTERPRETED:
         raise RuntimeError("under TRITON_INTERPRET=1 the kernels are the interpreter's: unset it to compile")
     # The integer arguments as the launchers pass them: chunk() views of a [B, 6D] adaLN output
     # have batch stride 6D.
     rows = []
-    for fn, constexprs, warps, width in _specs(B, N, D):
+    for fn, constexprs, warps, width in (_candidate_specs if candidates else _specs)(B, N, D):
         ints = {"N": N, "D": width}
         ints.update(dict.fromkeys(("gate_stride_b", "shift_stride_b", "scale_stride_b"), 6 * width))
         for dtype in ("float32", "bfloat16"):
@@ -129,8 +162,13 @@ def report(B: int = 16, N: int = 256, D: int = 1152, arch: int = 90) -> list[Ker
                 KernelReport(
                     kernel=fn.__name__,
                     width=width,
+                    config=f"BLOCK_N={constexprs['BLOCK_N']} BLOCK_D={constexprs['BLOCK_D']} warps={warps}",
                     dtype=dtype,
                     loads=len(re.findall(r"\bld\.global\.", ptx)),
+                    narrow_streamed_loads=sum(
+                        "v4" not in op and "evict_last" not in op
+                        for op in re.findall(r"\bld\.global\.[^\s;]*", ptx)
+                    ),
                     v4_loads=len(re.findall(r"\bld\.global\.[\w.:]*\bv4\.", ptx)),
                     stores=len(re.findall(r"\bst\.global\.", ptx)),
                     v4_stores=len(re.findall(r"\bst\.global\.[\w.:]*\bv4\.", ptx)),
@@ -147,17 +185,18 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--shape", type=int, nargs=3, default=(16, 256, 1152), metavar=("B", "N", "D"))
     parser.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    parser.add_argument("--candidates", action="store_true", help="every autotuning candidate")
     args = parser.parse_args()
-    rows = report(*args.shape, arch=args.arch)
+    rows = report(*args.shape, arch=args.arch, candidates=args.candidates)
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))
         return
     print(f"sm_{args.arch}, shape {list(args.shape)}")
-    print("kernel | D | dtype | loads (128-bit) | stores (128-bit) | registers | spill bytes")
+    print("kernel | D | config | dtype | loads (128-bit) | stores (128-bit) | registers | spill bytes")
     for r in rows:
         print(
-            f"{r.kernel} | {r.width} | {r.dtype} | {r.loads} ({r.v4_loads}) | {r.stores} ({r.v4_stores}) | "
-            f"{r.registers} | {r.spill_stores + r.spill_loads}"
+            f"{r.kernel} | {r.width} | {r.config} | {r.dtype} | {r.loads} ({r.v4_loads}) | "
+            f"{r.stores} ({r.v4_stores}) | {r.registers} | {r.spill_stores + r.spill_loads}"
         )
 
 

@@ -18,6 +18,8 @@ outputs contiguous ``[B, N, D]``, per-sample vectors with unit stride along D.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
 import triton
@@ -334,14 +336,17 @@ def _num_warps(tile_elements: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def elementwise_config(B: int, N: int, D: int) -> tuple[tuple[int, int], int, int, int, int]:
-    """(grid, BLOCK_N, BLOCK_D, n_tiles, num_warps) of the elementwise kernels for [B, N, D];
-    memoised: a model calls its ops with a handful of shapes, and the launch should not redo this."""
+def elementwise_config(
+    B: int, N: int, D: int, tile: int = _TILE_ELEMENTS, warps: int | None = None
+) -> tuple[tuple[int, int], int, int, int, int]:
+    """(grid, BLOCK_N, BLOCK_D, n_tiles, num_warps) of the elementwise kernels for [B, N, D], with
+    tiles of about ``tile`` elements and ``warps`` warps (None: 16 elements per thread); memoised:
+    a model calls its ops with a handful of shapes, and the launch should not redo this."""
     block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
-    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
+    block_n = min(triton.next_power_of_2(N), max(1, tile // block_d))
     n_tiles = triton.cdiv(N, block_n)
     grid = (B * n_tiles, triton.cdiv(D, block_d))
-    return grid, block_n, block_d, n_tiles, _num_warps(block_n * block_d)
+    return grid, block_n, block_d, n_tiles, warps or _num_warps(block_n * block_d)
 
 
 # The chunked norm kernel takes rows whose power-of-two tile would leave more than this share of
@@ -351,23 +356,63 @@ _MIN_NORM_CHUNK = 64
 
 
 @functools.lru_cache(maxsize=256)
-def norm_config(B: int, N: int, D: int) -> tuple[tuple[int, int], int, int, int, int, int]:
+def norm_config(
+    B: int, N: int, D: int, tile: int = _TILE_ELEMENTS, warps: int | None = None
+) -> tuple[tuple[int, int], int, int, int, int, int]:
     """(grid, BLOCK_N, BLOCK_D, n_tiles, num_warps, NUM_CHUNKS) of the norm kernels.
 
     NUM_CHUNKS = 0: the one-tile kernel, BLOCK_D covering a whole row (next power of two); a few
     short rows per program so that small D still moves a useful amount per program, long rows one
     row each and more warps. NUM_CHUNKS > 0: the chunked kernel, D = NUM_CHUNKS * BLOCK_D exactly
     (BLOCK_D the largest power of two dividing D, at most _MAX_BLOCK_D), rows stacked to a tile of
-    about _TILE_ELEMENTS."""
+    about ``tile`` elements (``warps`` as in elementwise_config)."""
     block_d = triton.next_power_of_2(D)
     chunk = min(D & -D, _MAX_BLOCK_D)  # largest power of two dividing D
     if 1 - D / block_d > _MAX_NORM_PADDING and chunk >= _MIN_NORM_CHUNK:
-        block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // chunk))
+        block_n = min(triton.next_power_of_2(N), max(1, tile // chunk))
         n_tiles = triton.cdiv(N, block_n)
-        return (B * n_tiles, 1), block_n, chunk, n_tiles, _num_warps(block_n * chunk), D // chunk
-    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
+        num_warps = warps or _num_warps(block_n * chunk)
+        return (B * n_tiles, 1), block_n, chunk, n_tiles, num_warps, D // chunk
+    block_n = min(triton.next_power_of_2(N), max(1, tile // block_d))
     n_tiles = triton.cdiv(N, block_n)
-    return (B * n_tiles, 1), block_n, block_d, n_tiles, _num_warps(block_n * block_d), 0
+    return (B * n_tiles, 1), block_n, block_d, n_tiles, warps or _num_warps(block_n * block_d), 0
+
+
+# ---- autotuning: (tile elements, warps) per shape and dtypes, timed once on the GPU -------------
+
+# Candidates; the first is the default (what the interpreter, HARMONICA_TRITON_AUTOTUNE=0 and a first
+# call during CUDA-graph capture use). Each compiles for sm_90 with 128-bit accesses and no spills
+# (tests/kernels/test_triton_codegen.py), so a choice only changes speed, never results.
+TUNING_CANDIDATES: tuple[tuple[int, int | None], ...] = ((_TILE_ELEMENTS, None), (2048, None), (8192, 8))
+_AUTOTUNE = os.environ.get("HARMONICA_TRITON_AUTOTUNE", "1") != "0"
+_tuned: dict[tuple, tuple[int, int | None]] = {}
+
+
+def _tuned_choice(key: tuple, launch) -> tuple[int, int | None]:
+    """The (tile, warps) for ``key`` (kernel, shape, dtypes, flags, device): on the first call on a
+    GPU each candidate is timed with ``triton.testing.do_bench`` on the call's own arguments (every
+    kernel here is idempotent: it writes only outputs derived from its inputs) and the fastest is
+    kept for the process; a dictionary lookup afterwards."""
+    choice = _tuned.get(key)
+    if choice is not None:
+        return choice
+    choice = TUNING_CANDIDATES[0]
+    if not _AUTOTUNE or INTERPRETED:
+        _tuned[key] = choice
+        return choice
+    if torch.cuda.is_current_stream_capturing():  # timing would break the capture: tune later
+        return choice
+    try:
+        from triton.testing import do_bench
+
+        times = {c: do_bench(lambda c=c: launch(*c), warmup=3, rep=10) for c in TUNING_CANDIDATES}
+        choice = min(times, key=times.get)
+    except Exception as err:  # tuning is an optimisation: never fail the op for it
+        warnings.warn(
+            f"harmonica: Triton autotuning failed ({err!r}); using the default launch", stacklevel=3
+        )
+    _tuned[key] = choice
+    return choice
 
 
 def launch_gated_residual(
@@ -382,23 +427,29 @@ def launch_gated_residual(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D)
-    _gated_residual_kernel[grid](
-        x,
-        gate if gate is not None else x,
-        value,
-        out,
-        cache_out if cache_out is not None else out,
-        N,
-        D,
-        gate_stride_b,
-        n_tiles,
-        HAS_GATE=gate is not None,
-        WRITE_CACHE=cache_out is not None,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+
+    def launch(tile: int, warps: int | None) -> None:
+        grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D, tile, warps)
+        _gated_residual_kernel[grid](
+            x,
+            gate if gate is not None else x,
+            value,
+            out,
+            cache_out if cache_out is not None else out,
+            N,
+            D,
+            gate_stride_b,
+            n_tiles,
+            HAS_GATE=gate is not None,
+            WRITE_CACHE=cache_out is not None,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+
+    cache_dtype = None if cache_out is None else cache_out.dtype
+    key = ("gated", B, N, D, x.dtype, value.dtype, cache_dtype, gate is None, gate_stride_b == 0, x.device)
+    launch(*_tuned_choice(key, launch))
 
 
 def launch_routed_gated_residual(
@@ -414,23 +465,28 @@ def launch_routed_gated_residual(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D)
-    _routed_gated_residual_kernel[grid](
-        x,
-        gate if gate is not None else x,
-        branch,
-        cache,
-        r,
-        out,
-        N,
-        D,
-        gate_stride_b,
-        n_tiles,
-        HAS_GATE=gate is not None,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+
+    def launch(tile: int, warps: int | None) -> None:
+        grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D, tile, warps)
+        _routed_gated_residual_kernel[grid](
+            x,
+            gate if gate is not None else x,
+            branch,
+            cache,
+            r,
+            out,
+            N,
+            D,
+            gate_stride_b,
+            n_tiles,
+            HAS_GATE=gate is not None,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+
+    key = ("routed", B, N, D, x.dtype, cache.dtype, r.dtype, gate is None, gate_stride_b == 0, x.device)
+    launch(*_tuned_choice(key, launch))
 
 
 def launch_routed_gated_residual_backward(
@@ -502,31 +558,37 @@ def launch_gated_residual_norm_modulate(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    grid, block_n, block_d, n_tiles, num_warps, num_chunks = norm_config(B, N, D)
-    if num_chunks:
-        kernel, chunks = _gated_residual_norm_modulate_chunked_kernel, {"NUM_CHUNKS": num_chunks}
-    else:
-        kernel, chunks = _gated_residual_norm_modulate_kernel, {}
-    kernel[grid](
-        x,
-        gate if gate is not None else x,
-        value,
-        shift,
-        scale,
-        x_out,
-        h,
-        cache_out if cache_out is not None else x_out,
-        N,
-        D,
-        gate_stride_b,
-        shift_stride_b,
-        scale_stride_b,
-        n_tiles,
-        eps,
-        HAS_GATE=gate is not None,
-        WRITE_CACHE=cache_out is not None,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-        **chunks,
-    )
+
+    def launch(tile: int, warps: int | None) -> None:
+        grid, block_n, block_d, n_tiles, num_warps, num_chunks = norm_config(B, N, D, tile, warps)
+        if num_chunks:
+            kernel, chunks = _gated_residual_norm_modulate_chunked_kernel, {"NUM_CHUNKS": num_chunks}
+        else:
+            kernel, chunks = _gated_residual_norm_modulate_kernel, {}
+        kernel[grid](
+            x,
+            gate if gate is not None else x,
+            value,
+            shift,
+            scale,
+            x_out,
+            h,
+            cache_out if cache_out is not None else x_out,
+            N,
+            D,
+            gate_stride_b,
+            shift_stride_b,
+            scale_stride_b,
+            n_tiles,
+            eps,
+            HAS_GATE=gate is not None,
+            WRITE_CACHE=cache_out is not None,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+            **chunks,
+        )
+
+    cache_dtype = None if cache_out is None else cache_out.dtype
+    key = ("norm", B, N, D, x.dtype, value.dtype, cache_dtype, gate is None, x.device)
+    launch(*_tuned_choice(key, launch))

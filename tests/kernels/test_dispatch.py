@@ -99,3 +99,46 @@ def test_fast_path_follows_set_backend():
             assert _backend.self_checked[0] is _backend.eager_for[0] is not None
     default = hk.get_backend("cpu")
     assert (_backend.self_checked[0] is not None) == (default in ("cpp", "cuda"))
+
+
+def test_autotuning_keeps_the_fastest_candidate(monkeypatch):
+    """The tuning logic without a GPU: do_bench faked, the interpreter flag lifted."""
+    kernels = pytest.importorskip("harmonica_kernels.triton.kernels")
+    import triton.testing
+
+    candidates = kernels.TUNING_CANDIDATES
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.setattr(kernels, "_AUTOTUNE", True)
+    monkeypatch.setattr(kernels, "_tuned", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    milliseconds = dict(zip(candidates, [3.0, 1.0, 2.0][: len(candidates)], strict=True))
+    launched: list[tuple] = []
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        return milliseconds[launched[-1]]
+
+    def launch(tile, warps):
+        launched.append((tile, warps))
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    fastest = min(milliseconds, key=milliseconds.get)
+    assert kernels._tuned_choice(("op", 1), launch) == fastest
+    assert sorted(launched) == sorted(candidates)
+    launched.clear()
+    assert kernels._tuned_choice(("op", 1), launch) == fastest and not launched, "memoised per key"
+
+    # During CUDA-graph capture: the default, and tuned on a later call.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert kernels._tuned_choice(("op", 2), launch) == candidates[0] and not launched
+    assert ("op", 2) not in kernels._tuned
+
+    # A failing benchmark never fails the op: the default, with a warning.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    def broken_do_bench(fn, warmup, rep):
+        raise RuntimeError("no device")
+
+    monkeypatch.setattr(triton.testing, "do_bench", broken_do_bench)
+    with pytest.warns(UserWarning, match="autotuning failed"):
+        assert kernels._tuned_choice(("op", 3), launch) == candidates[0]

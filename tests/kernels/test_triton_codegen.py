@@ -24,14 +24,13 @@ SCALAR_LOADS = {"_routed_gated_residual_kernel": 1, "_routed_gated_residual_back
 SCALAR_STORES = {"_routed_gated_residual_backward_kernel": 2}
 
 
-@pytest.fixture(scope="module")
-def sm90_reports() -> list[dict]:
+def _compile_for_sm90(*flags: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "harmonica_kernels.triton.codegen", "--json", "--arch", "90"],
+            [sys.executable, "-m", "harmonica_kernels.triton.codegen", "--json", "--arch", "90", *flags],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -48,6 +47,11 @@ def sm90_reports() -> list[dict]:
             pytest.skip(f"this triton cannot compile for sm_90 here: {result.stderr.strip()[-300:]}")
         pytest.fail(f"compiling for sm_90 failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def sm90_reports() -> list[dict]:
+    return _compile_for_sm90()
 
 
 def test_every_kernel_was_compiled(sm90_reports):
@@ -74,3 +78,14 @@ def test_no_register_spills(sm90_reports):
     for r in sm90_reports:
         assert r["spill_stores"] == r["spill_loads"] == 0, r
         assert r["registers"] <= 128, r  # 8 warps at <= 128 registers keep 2 programs per SM
+
+
+def test_autotuning_candidates_compile_cleanly():
+    """Every (tile, warps) the autotuner may pick: no spills, 128-bit stores, and 128-bit loads of
+    every streamed tensor (narrower warps may split a per-sample vector row into smaller loads)."""
+    reports = _compile_for_sm90("--candidates")
+    assert len({r["config"] for r in reports}) > 1
+    for r in reports:
+        assert r["spill_stores"] == r["spill_loads"] == 0, r
+        assert r["stores"] == r["v4_stores"], r
+        assert r["narrow_streamed_loads"] <= SCALAR_LOADS.get(r["kernel"], 0), r
