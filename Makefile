@@ -2,11 +2,21 @@
 PYTHON ?= python3
 export MAX_JOBS ?= 2
 
-.PHONY: install quickstart test lint
+.PHONY: install rebuild quickstart test lint
 
+# The editable install compiles the C++ extension (minutes on 2 cores); it is skipped when
+# tools/install_stamp.py finds this checkout installed and nothing the build reads changed since.
 install:
-	$(PYTHON) -m pip install --quiet torch==2.13.0 setuptools wheel ninja pybind11
-	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(PYTHON) -m pip install --quiet torch==2.13.0 "setuptools>=77" wheel ninja pybind11 packaging
+	@if $(PYTHON) tools/install_stamp.py check; then \
+		echo "harmonica: installed from this checkout, build inputs unchanged: not rebuilding (make rebuild forces it)"; \
+	else \
+		$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[test]" && $(PYTHON) tools/install_stamp.py write; \
+	fi
+
+rebuild:
+	rm -f build/install-stamp.json
+	$(MAKE) install
 
 quickstart: install
 	harmonica quickstart

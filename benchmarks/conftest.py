@@ -295,3 +295,33 @@ def measure(benchmark, fn: Callable[[], Any], device: str, inner: int | None = N
     if benchmark.disabled:
         return None
     return statistics.median(seconds[1:]) / inner
+
+
+def host_seconds_per_call(fn: Callable[[], Any], device: str, calls: int = 200, rounds: int = 5) -> float:
+    """What issuing one call costs the host: the median over ``rounds`` of a loop of ``calls`` calls
+    between two host clock reads, divided by ``calls``. On CUDA nothing inside the loop waits for the
+    device (it is synchronised between rounds only), so a kernel shorter than its launch shows the
+    launch cost, and a longer one still shows what the host spent issuing it (unless the launch
+    queue fills up: keep ``calls`` well under its ~1000 entries)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()  # warm-up
+    per_call = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls)
+    sync()
+    return statistics.median(per_call)
+
+
+def graph_seconds_per_call(fn: Callable[[], Any], device: str, rep_ms: float = 25) -> float | None:
+    """Device time of one call with no host in the way: ``fn`` captured in a CUDA graph and replayed
+    (``triton.testing.do_bench_cudagraph``, median in seconds). It does not flush the L2 cache
+    between replays: callers rotate over input sets that exceed it. None off CUDA (no graphs)."""
+    if device != "cuda":
+        return None
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") / 1e3

@@ -27,6 +27,8 @@
 #   profile    benchmarks/profile_e2e.py: DiT-XL/2's kernels in a step that computes every unit and
 #              in one that reuses every unit
 #   kernels    pytest benchmarks/test_kernels.py at gpu size
+#   host       pytest benchmarks/test_host.py: host us per eager op call, and a tiny DiT's step that
+#              reuses every unit against the stock step (issue 15's host-cost bars, on this machine)
 #   tests      pytest tests/kernels, cuda and triton backends (HARMONICA_REQUIRE_BACKENDS=cuda,triton)
 #              with whatever budget is left (gpu_check already covers the cuda ops)
 #   tables     harmonica bench: the result JSONs as markdown tables
@@ -193,6 +195,7 @@ bench_suite() { # bench_suite NAME FILE
 stage_e2e() { bench_suite e2e benchmarks/test_e2e.py; }
 stage_profile() { "$PY" -m benchmarks.profile_e2e; }
 stage_kernels() { bench_suite kernels benchmarks/test_kernels.py; }
+stage_host() { bench_suite host benchmarks/test_host.py; }
 stage_training() { bench_suite training benchmarks/test_training.py; }
 
 stage_smoke() { # no GPU: every benchmark suite once at smoke size, timed, results written
@@ -206,7 +209,7 @@ stage_tables() {
 }
 
 export -f run_pytest stage_env stage_wheels stage_build stage_info stage_gpu_check stage_tests bench_suite \
-  stage_e2e stage_profile stage_kernels stage_training stage_smoke stage_tables
+  stage_e2e stage_profile stage_kernels stage_host stage_training stage_smoke stage_tables
 
 stage env 30 stage_env
 cp "$RES/logs/env.log" "$RES/env.txt" 2>/dev/null
@@ -224,6 +227,7 @@ if ((HAVE_CUDA)); then
   stage e2e 240 stage_e2e
   stage profile 45 stage_profile
   stage kernels 75 stage_kernels
+  stage host 40 stage_host
   stage tests 120 stage_tests
 else
   record build skipped 0 "no CUDA device (the installed extension is used)"

@@ -11,6 +11,12 @@ ratio over 15 pairs of adjacent calls (:func:`conftest.interleaved_ratio`), whic
 show instead of the ratio of two rows timed seconds apart. On CUDA the fused ops run under both GPU
 backends (``cuda`` extension and ``triton``), and the inputs rotate over enough copies to exceed the
 L2 cache four times (a tensor re-read from L2 would overstate the bandwidth).
+
+What each time measures: ``median_s`` is wall-clock per call (on CUDA 20 eager calls between two
+events: whichever of host and device is slower); ``host_us`` is what issuing one call costs the
+host (a loop of calls, no sync inside); on CUDA ``device_us_graph`` is the device alone (the call
+replayed from a CUDA graph, ``triton.testing.do_bench_cudagraph``) and ``pct_copy_bandwidth_graph``
+compares it with ``copy_`` of the same bytes timed the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 import harmonica_kernels as hk
 from harmonica_kernels._backend import backend_module
 
-from .conftest import bench_size, interleaved_ratio, measure
+from .conftest import bench_size, graph_seconds_per_call, host_seconds_per_call, interleaved_ratio, measure
 
 SHAPES = {
     "smoke": {"tiny": (2, 24, 72)},
@@ -135,6 +141,22 @@ def _input_sets(device: str, moved: int) -> int:
     return max(1, min(16, math.ceil(4 * l2 / moved)))
 
 
+def _copy_graph_seconds(moved: int, sets: int, device: str) -> float | None:
+    """CUDA-graph device time of ``dst.copy_(src)`` moving ``moved`` bytes (read + write), rotating
+    over ``sets`` buffer pairs as the op rotates over its inputs."""
+    elements = max(1, moved // 8)  # fp32: moved / 2 bytes read, as many written
+    pairs = [
+        (torch.randn(elements, device=device), torch.empty(elements, device=device)) for _ in range(sets)
+    ]
+    rotation = itertools.cycle(pairs)
+
+    def copy():
+        src, dst = next(rotation)
+        dst.copy_(src)
+
+    return graph_seconds_per_call(copy, device)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize(("op", "impl"), VARIANTS)
@@ -157,11 +179,17 @@ def test_kernel(benchmark, recorder, device, copy_bandwidth, op, shape_name, dty
 
     group = f"{op}/{shape_name}/{str(dtype)[6:]}"
     benchmark.group = group
+    smoke = benchmark.disabled
     with hk.use_backend(forced) if forced else contextlib.nullcontext():
         backend = hk.get_backend(device) if impl.startswith("fused") else "torch"
         seconds = measure(benchmark, fn, device)
+        # The host's share on its own (the smoke run exercises it with a few calls), and on CUDA
+        # the device's alone: the call replayed from a CUDA graph, against copy_ timed the same way.
+        host_s = host_seconds_per_call(fn, device, calls=2 if smoke else 200, rounds=1 if smoke else 5)
+        graph_s = None if smoke else graph_seconds_per_call(fn, device)
     if seconds is None:
         return
+    copy_graph_s = None if graph_s is None else _copy_graph_seconds(moved, sets, device)
     gbps = moved / seconds / 1e9
     row = {
         "group": group,
@@ -179,7 +207,12 @@ def test_kernel(benchmark, recorder, device, copy_bandwidth, op, shape_name, dty
         "gbps": gbps,
         "copy_bandwidth_gbps": copy_bandwidth,
         "pct_copy_bandwidth": 100 * gbps / copy_bandwidth,
+        "host_us": host_s * 1e6,
     }
+    if graph_s is not None:
+        row["device_us_graph"] = graph_s * 1e6
+        row["copy_device_us_graph"] = copy_graph_s * 1e6
+        row["pct_copy_bandwidth_graph"] = 100 * copy_graph_s / graph_s  # same bytes moved
     if device == "cpu" and impl == "fused":
         row["paired_speedups"] = {name: interleaved_ratio(base, fused) for name, base in baselines.items()}
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, dict)})

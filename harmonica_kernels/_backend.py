@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import os
 from collections.abc import Iterator
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -22,8 +22,29 @@ BACKENDS = ("cuda", "triton", "cpp", "torch")
 
 _missing: dict[str, str] = {}
 _modules: dict[str, ModuleType | None] = {"torch": reference}
+# Per backend, the functions the public functions call in eager mode (no torch.compile tracing, no
+# gradient needed), under the reference's names: the reference itself, the Triton launchers without
+# the custom_op dispatch, or the C++ ops' raw dispatcher entries (skipping OpOverload.__call__).
+_eager: dict[str, ModuleType | SimpleNamespace] = {"torch": reference}
 _forced: str | None = None
 _loaded = False
+
+# The eager fast path, indexed by ``tensor.is_cuda`` (0: CPU and other devices, 1: CUDA) so that a
+# call finds its backend without building a torch.device: ``eager_for[i]`` is the active backend's
+# eager functions for that device kind, or None when the forced backend cannot run there (the slow
+# path then raises get_backend's error); ``self_checked[i]`` is the same for the C++ backends only,
+# whose ops check their own arguments, or None. Refreshed by set_backend and on first load.
+eager_for: list[ModuleType | SimpleNamespace | None] = [None, None]
+self_checked: list[SimpleNamespace | None] = [None, None]
+
+
+_OP_NAMES = (
+    "cached_gated_residual",
+    "gated_residual_update_",
+    "routed_gated_residual",
+    "routed_gated_residual_backward",
+    "gated_residual_norm_modulate",
+)
 
 
 class _ExtensionOps(ModuleType):
@@ -31,12 +52,15 @@ class _ExtensionOps(ModuleType):
 
     def __init__(self) -> None:
         super().__init__("harmonica_kernels._C_ops")
-        ops = torch.ops.harmonica
-        self.cached_gated_residual = ops.cached_gated_residual.default
-        self.gated_residual_update_ = ops.gated_residual_update_.default
-        self.routed_gated_residual = ops.routed_gated_residual.default
-        self.routed_gated_residual_backward = ops.routed_gated_residual_backward.default
-        self.gated_residual_norm_modulate = ops.gated_residual_norm_modulate.default
+        for name in _OP_NAMES:
+            setattr(self, name, getattr(torch.ops.harmonica, name).default)
+
+
+def _raw_entries(ops: ModuleType) -> SimpleNamespace:
+    """The dispatcher entries behind ``ops``' OpOverloads (what ``OpOverload.__call__`` forwards to,
+    one Python frame less per call); the overloads themselves if a torch lacks ``_op``."""
+    overloads = {name: getattr(ops, name) for name in _OP_NAMES}
+    return SimpleNamespace(**{name: getattr(op, "_op", op) for name, op in overloads.items()})
 
 
 def _has_kernel(device_key: str) -> bool:
@@ -62,12 +86,15 @@ def _load_extension() -> None:
     _meta.register_fakes()
     _meta.register_routed_autograd()
     ops = _ExtensionOps()
+    raw = _raw_entries(ops)
     if _has_kernel("CPU"):
         _modules["cpp"] = ops
+        _eager["cpp"] = raw
     else:
         _missing["cpp"] = "the extension was built without CPU kernels"
     if _has_kernel("CUDA"):
         _modules["cuda"] = ops
+        _eager["cuda"] = raw
     else:
         _missing["cuda"] = (
             "the extension was built without CUDA kernels (a CPU torch, or no nvcc at build time; "
@@ -80,7 +107,9 @@ def _load_triton() -> None:
         _missing["triton"] = "no CUDA device and TRITON_INTERPRET is not 1"
         return
     try:
-        _modules["triton"] = importlib.import_module("harmonica_kernels.triton")
+        module = importlib.import_module("harmonica_kernels.triton")
+        _modules["triton"] = module
+        _eager["triton"] = module.eager
     except ImportError as err:
         _missing["triton"] = f"triton is not usable: {err}"
 
@@ -91,6 +120,18 @@ def _ensure_loaded() -> None:
         _loaded = True
         _load_extension()
         _load_triton()
+        _refresh_fast_path()
+
+
+def _refresh_fast_path() -> None:
+    for index, device_type in enumerate(("cpu", "cuda")):
+        try:
+            name = get_backend(device_type)
+        except RuntimeError:  # a forced backend that cannot run on this device kind
+            eager_for[index] = self_checked[index] = None
+            continue
+        eager_for[index] = _eager[name]
+        self_checked[index] = _eager[name] if name in ("cpp", "cuda") else None
 
 
 def available_backends() -> list[str]:
@@ -118,9 +159,11 @@ def set_backend(name: str | None) -> None:
     global _forced
     if name in (None, "auto"):
         _forced = None
-        return
-    _check_name(name)
-    _forced = name
+    else:
+        _check_name(name)
+        _forced = name
+    if _loaded:
+        _refresh_fast_path()
 
 
 @contextlib.contextmanager

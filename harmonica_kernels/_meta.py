@@ -11,15 +11,26 @@ from collections.abc import Callable
 import torch
 
 
+def _check_devices(x: torch.Tensor, *others: torch.Tensor | None) -> None:
+    """Tensors on mixed devices where one is ``meta`` dispatch to these fakes, not to a device kernel
+    that would reject them: refuse them here too (the public functions then explain)."""
+    for t in others:
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"harmonica: a tensor is on {t.device} but x is on {x.device}")
+
+
 def fake_cached_gated_residual(x, gate, cache):
+    _check_devices(x, gate, cache)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def fake_gated_residual_update_(x, gate, branch, cache):
+    _check_devices(x, gate, branch, cache)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def fake_routed_gated_residual(x, gate, branch, cache, r):
+    _check_devices(x, gate, branch, cache, r)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -34,6 +45,7 @@ def fake_routed_gated_residual_backward(grad_out, gate, branch, cache, r):
 
 
 def fake_gated_residual_norm_modulate(x, gate, y, shift, scale, eps, cache, reuse):
+    _check_devices(x, gate, y, shift, scale, cache)
     x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(x, memory_format=torch.contiguous_format)
     return x_out, h

@@ -5,13 +5,60 @@ maths): ``x``/``branch``/``y``/``cache`` are ``[B, N, D]``; ``gate``/``shift``/`
 ``[B, D]`` or ``[B, 1, D]`` with batch B or 1, possibly strided views from ``chunk()`` (passed to
 the kernels without a copy as long as their last dim has unit stride); fp32/fp16/bf16 with fp32
 arithmetic; the cache may be stored in a different float dtype than the activations.
+
+Dispatch. Each call is validated once, then runs one of two paths:
+
+- eager (the common case: not traced by ``torch.compile``, no gradient needed): the backend's
+  function is called directly, without the ``custom_op``/``OpOverload`` layers (``_backend._eager``).
+  The C++ ops (cpp, cuda backends) check their own arguments in C++ for memory safety, at no cost
+  worth measuring, so with those backends the Python checks below run only when the op rejects its
+  input: they then say what was wrong in the user's terms (or normalise an accepted input the op
+  does not take, e.g. a non-contiguous x, and call again). The torch and triton backends' eager
+  functions trust their caller: the Python checks run before them.
+- traced or differentiable: the registered op (``torch.ops.harmonica.*``), which ``torch.compile``,
+  ``opcheck`` and autograd need. Under ``torch.compile`` the Python checks run at trace time only.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _backend
 from ._backend import backend_module
+
+# A C++ op rejecting its input raises RuntimeError (TORCH_CHECK, a missing kernel) or, for the
+# wrong Python types, TypeError; TORCH_CHECK_VALUE raises ValueError.
+_OP_ERRORS = (RuntimeError, TypeError, ValueError)
+_is_compiling = torch.compiler.is_compiling
+
+
+def _self_checked(x: object):
+    """The C++ eager functions for x's device when the active backend is cpp/cuda, else None.
+    Only plain tensors in eager mode take this path (subclasses and traced calls are validated)."""
+    if type(x) is torch.Tensor and not _is_compiling():
+        return _backend.self_checked[x.is_cuda]
+    return None
+
+
+def _outside(cache: torch.Tensor, *rows: torch.Tensor | None) -> bool:
+    """Whether no per-sample row starts inside ``cache`` (the C++ ops check x and the branch against
+    the buffer they write, not the modulation rows; a row that does goes through full validation)."""
+    start = cache.data_ptr()
+    end = start + cache.numel() * cache.element_size()
+    return all(r is None or not start <= r.data_ptr() < end for r in rows)
+
+
+def _impl(x: torch.Tensor, *inputs: torch.Tensor | None):
+    """After validation: the active backend's eager functions, or its registered ops when traced
+    by torch.compile or when a gradient must flow through one of ``inputs``."""
+    if _is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    ):
+        return backend_module(x.device)
+    eager = _backend.eager_for[x.is_cuda]
+    # None: the forced backend cannot run on this device; backend_module raises the reason.
+    return eager if eager is not None else backend_module(x.device)
+
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_NAMES = "float32, float16 or bfloat16"
@@ -93,9 +140,16 @@ def cached_gated_residual(x: torch.Tensor, gate: torch.Tensor | None, cache: tor
     Returns:
         A new contiguous ``[B, N, D]`` tensor in x's dtype.
     """
+    checked = _self_checked(x)
+    if checked is not None:
+        try:
+            return checked.cached_gated_residual(x, gate, cache)
+        except _OP_ERRORS:
+            pass  # validated below: a clear error, or a normalised input the op accepts
     x = _activation(x)
     cache = _like_x(cache, x, "cache", same_dtype=False)
-    return backend_module(x.device).cached_gated_residual(x, _row(gate, x, "gate"), cache)
+    gate = _row(gate, x, "gate")
+    return _impl(x, x, gate, cache).cached_gated_residual(x, gate, cache)
 
 
 def gated_residual_update_(
@@ -106,10 +160,17 @@ def gated_residual_update_(
     ``cache`` (``[B, N, D]``, contiguous, any float dtype, not aliasing x or branch) is overwritten
     in place; x and branch are only read. Returns a new tensor in x's dtype.
     """
+    checked = _self_checked(x)
+    if checked is not None and _outside(cache, gate):
+        try:
+            return checked.gated_residual_update_(x, gate, branch, cache)
+        except _OP_ERRORS:
+            pass  # validated below: a clear error, or a normalised input the op accepts
     x = _activation(x)
     branch = _like_x(branch, x, "branch", same_dtype=True)
     cache = _written(cache, x, {"x": x, "branch": branch, "gate": gate})
-    return backend_module(x.device).gated_residual_update_(x, _row(gate, x, "gate"), branch, cache)
+    gate = _row(gate, x, "gate")
+    return _impl(x, x, gate, branch).gated_residual_update_(x, gate, branch, cache)
 
 
 def routed_gated_residual(
@@ -129,7 +190,8 @@ def routed_gated_residual(
         raise ValueError(f"r must be a one-element floating tensor, got {r!r}")
     if r.device != x.device:
         raise ValueError(f"r is on {r.device} but x is on {x.device}; move both to one device")
-    return backend_module(x.device).routed_gated_residual(x, _row(gate, x, "gate"), branch, cache, r)
+    gate = _row(gate, x, "gate")
+    return _impl(x, x, gate, branch, r).routed_gated_residual(x, gate, branch, cache, r)
 
 
 def gated_residual_norm_modulate(
@@ -149,6 +211,14 @@ def gated_residual_norm_modulate(
     cache is given without ``reuse``); then ``h = LayerNorm(x_out) * (1 + scale) + shift`` over D,
     without affine weights. Returns ``(x_out, h)``, both new ``[B, N, D]`` tensors in x's dtype.
     """
+    checked = _self_checked(x)
+    if checked is not None and (reuse or cache is None or _outside(cache, gate, shift, scale)):
+        try:
+            return checked.gated_residual_norm_modulate(
+                x, gate, y, shift, scale, float(eps), cache, bool(reuse)
+            )
+        except _OP_ERRORS:
+            pass  # validated below: a clear error, or a normalised input the op accepts
     x = _activation(x)
     if reuse:
         if cache is None or y is not None:
@@ -160,13 +230,9 @@ def gated_residual_norm_modulate(
         y = _like_x(y, x, "y", same_dtype=True)
         if cache is not None:
             cache = _written(cache, x, {"x": x, "y": y, "gate": gate, "shift": shift, "scale": scale})
-    return backend_module(x.device).gated_residual_norm_modulate(
-        x,
-        _row(gate, x, "gate"),
-        y,
-        _row(shift, x, "shift", optional=False),
-        _row(scale, x, "scale", optional=False),
-        float(eps),
-        cache,
-        bool(reuse),
+    gate = _row(gate, x, "gate")
+    shift = _row(shift, x, "shift", optional=False)
+    scale = _row(scale, x, "scale", optional=False)
+    return _impl(x, x, gate, y, shift, scale).gated_residual_norm_modulate(
+        x, gate, y, shift, scale, float(eps), cache, bool(reuse)
     )

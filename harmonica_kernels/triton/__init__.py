@@ -4,7 +4,9 @@ Importing this module registers ``harmonica::triton_*`` (same signatures as the 
 ``csrc/bindings.cpp``, shared fakes and autograd from ``harmonica_kernels._meta``) and raises
 ``ImportError`` with the reason when triton cannot be imported. The module-level callables below
 are the ops' ``.default`` overloads, named like the reference functions so that the dispatcher can
-swap backend modules. ``TRITON_INTERPRET`` must be set before triton is first imported.
+swap backend modules; ``eager`` holds the unregistered functions that the public functions call
+outside ``torch.compile`` and autograd (no dispatcher, no second validation).
+``TRITON_INTERPRET`` must be set before triton is first imported.
 """
 
 try:
@@ -13,10 +15,14 @@ try:
 except Exception as exc:  # ImportError, or a broken install failing at import time
     raise ImportError(f"harmonica triton backend unavailable: cannot import triton ({exc!r})") from exc
 
+from types import SimpleNamespace
+
 import torch
 
 from . import ops
 from .ops import INTERPRETED
+
+eager = SimpleNamespace(**ops.EAGER)
 
 cached_gated_residual = torch.ops.harmonica.triton_cached_gated_residual.default
 gated_residual_update_ = torch.ops.harmonica.triton_gated_residual_update_.default
@@ -31,5 +37,6 @@ __all__ = [
     "routed_gated_residual",
     "routed_gated_residual_backward",
     "gated_residual_norm_modulate",
+    "eager",
     "ops",
 ]

@@ -17,6 +17,10 @@ outputs contiguous ``[B, N, D]``, per-sample vectors with unit stride along D.
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -68,6 +72,14 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
+def _load_row(ptr, b, stride_b, d, d_mask):
+    """Sample b's segment d of a per-sample vector (gate, shift, scale), in fp32. evict_last: every
+    tile of the sample reads it again, while the streamed tensors are read once."""
+    row = tl.load(ptr + b * stride_b + d, mask=d_mask, other=0.0, eviction_policy="evict_last")
+    return row.to(tl.float32)
+
+
+@triton.jit
 def _tile_offsets(N, D, n_tiles, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Sample index, flat [BLOCK_N, BLOCK_D] offsets into a [B, N, D] tensor, the feature offsets
     and the in-bounds mask of this program's tile."""
@@ -105,7 +117,7 @@ def _gated_residual_kernel(
     value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         out = tl.fma(gate[None, :], value.to(tl.float32), x)
     else:
         out = x + value.to(tl.float32)
@@ -138,7 +150,7 @@ def _routed_gated_residual_kernel(
     cache = tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     mixed = _lerp(cache, branch, r)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         out = tl.fma(gate[None, :], mixed, x)
     else:
         out = x + mixed
@@ -173,7 +185,7 @@ def _routed_gated_residual_backward_kernel(
     cache = tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     diff = branch - cache
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         g_gated = g * gate[None, :]
         mixed = _lerp(cache, branch, r)
         pid_bn = tl.program_id(0)
@@ -216,7 +228,7 @@ def _gated_residual_norm_modulate_kernel(
     value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        gate = tl.load(gate_ptr + b * gate_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         x_out = tl.fma(gate[None, :], value.to(tl.float32), x)
     else:
         x_out = x + value.to(tl.float32)
@@ -230,10 +242,88 @@ def _gated_residual_norm_modulate_kernel(
     centred = tl.where(mask, x_out - mean[:, None], 0.0)
     var = tl.sum(centred * centred, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
-    shift = tl.load(shift_ptr + b * shift_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * scale_stride_b + d, mask=d_mask, other=0.0).to(tl.float32)
+    shift = _load_row(shift_ptr, b, shift_stride_b, d, d_mask)
+    scale = _load_row(scale_ptr, b, scale_stride_b, d, d_mask)
     h = tl.fma(centred * rstd[:, None], 1.0 + scale[None, :], shift[None, :])
     tl.store(h_ptr + offsets, _cast_for_store(h, h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_norm_modulate_chunked_kernel(
+    x_ptr,
+    gate_ptr,
+    value_ptr,
+    shift_ptr,
+    scale_ptr,
+    x_out_ptr,
+    h_ptr,
+    cache_ptr,
+    N,
+    D,
+    gate_stride_b,
+    shift_stride_b,
+    scale_stride_b,
+    n_tiles,
+    eps,
+    HAS_GATE: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+):
+    """The norm kernel for rows of NUM_CHUNKS * BLOCK_D = D elements that a power-of-two tile would
+    pad heavily (D = 1152 = 9 * 128 in a 2048 tile: 44 % of the lanes idle). Pass 1 walks the row in
+    [BLOCK_N, BLOCK_D] chunks: x_out (and the cache) are stored and the row statistics merged chunk
+    by chunk (Chan et al.'s pairwise update of mean and sum of squared deviations, each chunk's own
+    two-pass, as stable as the one-tile kernel). Pass 2 recomputes each chunk's fp32 x_out from x and
+    the value (re-read while still in L1/L2: no extra DRAM traffic at these tile sizes; reading the
+    stored x_out back would round it to x's dtype first) and writes h."""
+    pid = tl.program_id(0)
+    b = pid // n_tiles
+    n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = n < N
+    rows = (b * N + n).to(tl.int64)
+    mean = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c in tl.range(0, NUM_CHUNKS):
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = row_mask[:, None] & d_mask[None, :]
+        offsets = rows[:, None] * D + d[None, :]
+        value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
+            x_out = tl.fma(gate[None, :], value.to(tl.float32), x)
+        else:
+            x_out = x + value.to(tl.float32)
+        tl.store(x_out_ptr + offsets, _cast_for_store(x_out, x_out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_CACHE:
+            tl.store(cache_ptr + offsets, _cast_for_store(value, cache_ptr.dtype.element_ty), mask=mask)
+        chunk_mean = tl.sum(x_out, axis=1) / BLOCK_D
+        deviation = x_out - chunk_mean[:, None]
+        chunk_m2 = tl.sum(deviation * deviation, axis=1)
+        seen = c * 1.0  # chunks merged so far (a float in the compiled kernel and the interpreter)
+        delta = chunk_mean - mean
+        mean += delta / (seen + 1.0)
+        m2 += chunk_m2 + delta * delta * (seen * BLOCK_D / (seen + 1.0))
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    for c in tl.range(0, NUM_CHUNKS):
+        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = row_mask[:, None] & d_mask[None, :]
+        offsets = rows[:, None] * D + d[None, :]
+        value = tl.load(value_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
+            x_out = tl.fma(gate[None, :], value, x)
+        else:
+            x_out = x + value
+        shift = _load_row(shift_ptr, b, shift_stride_b, d, d_mask)
+        scale = _load_row(scale_ptr, b, scale_stride_b, d, d_mask)
+        h = tl.fma((x_out - mean[:, None]) * rstd[:, None], 1.0 + scale[None, :], shift[None, :])
+        tl.store(h_ptr + offsets, _cast_for_store(h, h_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,12 +335,84 @@ def _num_warps(tile_elements: int) -> int:
     return min(16, max(1, tile_elements // 512))
 
 
-def _elementwise_grid(B: int, N: int, D: int) -> tuple[tuple[int, int], int, int, int]:
-    """(grid, BLOCK_N, BLOCK_D, n_tiles) for the elementwise kernels."""
+@functools.lru_cache(maxsize=256)
+def elementwise_config(
+    B: int, N: int, D: int, tile: int = _TILE_ELEMENTS, warps: int | None = None
+) -> tuple[tuple[int, int], int, int, int, int]:
+    """(grid, BLOCK_N, BLOCK_D, n_tiles, num_warps) of the elementwise kernels for [B, N, D], with
+    tiles of about ``tile`` elements and ``warps`` warps (None: 16 elements per thread); memoised:
+    a model calls its ops with a handful of shapes, and the launch should not redo this."""
     block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
-    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
+    block_n = min(triton.next_power_of_2(N), max(1, tile // block_d))
     n_tiles = triton.cdiv(N, block_n)
-    return (B * n_tiles, triton.cdiv(D, block_d)), block_n, block_d, n_tiles
+    grid = (B * n_tiles, triton.cdiv(D, block_d))
+    return grid, block_n, block_d, n_tiles, warps or _num_warps(block_n * block_d)
+
+
+# The chunked norm kernel takes rows whose power-of-two tile would leave more than this share of
+# lanes idle, when D splits into chunks of at least _MIN_NORM_CHUNK (a power of two dividing D).
+_MAX_NORM_PADDING = 0.125
+_MIN_NORM_CHUNK = 64
+
+
+@functools.lru_cache(maxsize=256)
+def norm_config(
+    B: int, N: int, D: int, tile: int = _TILE_ELEMENTS, warps: int | None = None
+) -> tuple[tuple[int, int], int, int, int, int, int]:
+    """(grid, BLOCK_N, BLOCK_D, n_tiles, num_warps, NUM_CHUNKS) of the norm kernels.
+
+    NUM_CHUNKS = 0: the one-tile kernel, BLOCK_D covering a whole row (next power of two); a few
+    short rows per program so that small D still moves a useful amount per program, long rows one
+    row each and more warps. NUM_CHUNKS > 0: the chunked kernel, D = NUM_CHUNKS * BLOCK_D exactly
+    (BLOCK_D the largest power of two dividing D, at most _MAX_BLOCK_D), rows stacked to a tile of
+    about ``tile`` elements (``warps`` as in elementwise_config)."""
+    block_d = triton.next_power_of_2(D)
+    chunk = min(D & -D, _MAX_BLOCK_D)  # largest power of two dividing D
+    if 1 - D / block_d > _MAX_NORM_PADDING and chunk >= _MIN_NORM_CHUNK:
+        block_n = min(triton.next_power_of_2(N), max(1, tile // chunk))
+        n_tiles = triton.cdiv(N, block_n)
+        num_warps = warps or _num_warps(block_n * chunk)
+        return (B * n_tiles, 1), block_n, chunk, n_tiles, num_warps, D // chunk
+    block_n = min(triton.next_power_of_2(N), max(1, tile // block_d))
+    n_tiles = triton.cdiv(N, block_n)
+    return (B * n_tiles, 1), block_n, block_d, n_tiles, warps or _num_warps(block_n * block_d), 0
+
+
+# ---- autotuning: (tile elements, warps) per shape and dtypes, timed once on the GPU -------------
+
+# Candidates; the first is the default (what the interpreter, HARMONICA_TRITON_AUTOTUNE=0 and a first
+# call during CUDA-graph capture use). Each compiles for sm_90 with 128-bit accesses and no spills
+# (tests/kernels/test_triton_codegen.py), so a choice only changes speed, never results.
+TUNING_CANDIDATES: tuple[tuple[int, int | None], ...] = ((_TILE_ELEMENTS, None), (2048, None), (8192, 8))
+_AUTOTUNE = os.environ.get("HARMONICA_TRITON_AUTOTUNE", "1") != "0"
+_tuned: dict[tuple, tuple[int, int | None]] = {}
+
+
+def _tuned_choice(key: tuple, launch) -> tuple[int, int | None]:
+    """The (tile, warps) for ``key`` (kernel, shape, dtypes, flags, device): on the first call on a
+    GPU each candidate is timed with ``triton.testing.do_bench`` on the call's own arguments (every
+    kernel here is idempotent: it writes only outputs derived from its inputs) and the fastest is
+    kept for the process; a dictionary lookup afterwards."""
+    choice = _tuned.get(key)
+    if choice is not None:
+        return choice
+    choice = TUNING_CANDIDATES[0]
+    if not _AUTOTUNE or INTERPRETED:
+        _tuned[key] = choice
+        return choice
+    if torch.cuda.is_current_stream_capturing():  # timing would break the capture: tune later
+        return choice
+    try:
+        from triton.testing import do_bench
+
+        times = {c: do_bench(lambda c=c: launch(*c), warmup=3, rep=10) for c in TUNING_CANDIDATES}
+        choice = min(times, key=times.get)
+    except Exception as err:  # tuning is an optimisation: never fail the op for it
+        warnings.warn(
+            f"harmonica: Triton autotuning failed ({err!r}); using the default launch", stacklevel=3
+        )
+    _tuned[key] = choice
+    return choice
 
 
 def launch_gated_residual(
@@ -265,23 +427,29 @@ def launch_gated_residual(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
-    _gated_residual_kernel[grid](
-        x,
-        gate if gate is not None else x,
-        value,
-        out,
-        cache_out if cache_out is not None else out,
-        N,
-        D,
-        gate_stride_b,
-        n_tiles,
-        HAS_GATE=gate is not None,
-        WRITE_CACHE=cache_out is not None,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=_num_warps(block_n * block_d),
-    )
+
+    def launch(tile: int, warps: int | None) -> None:
+        grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D, tile, warps)
+        _gated_residual_kernel[grid](
+            x,
+            gate if gate is not None else x,
+            value,
+            out,
+            cache_out if cache_out is not None else out,
+            N,
+            D,
+            gate_stride_b,
+            n_tiles,
+            HAS_GATE=gate is not None,
+            WRITE_CACHE=cache_out is not None,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+
+    cache_dtype = None if cache_out is None else cache_out.dtype
+    key = ("gated", B, N, D, x.dtype, value.dtype, cache_dtype, gate is None, gate_stride_b == 0, x.device)
+    launch(*_tuned_choice(key, launch))
 
 
 def launch_routed_gated_residual(
@@ -297,23 +465,28 @@ def launch_routed_gated_residual(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
-    _routed_gated_residual_kernel[grid](
-        x,
-        gate if gate is not None else x,
-        branch,
-        cache,
-        r,
-        out,
-        N,
-        D,
-        gate_stride_b,
-        n_tiles,
-        HAS_GATE=gate is not None,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=_num_warps(block_n * block_d),
-    )
+
+    def launch(tile: int, warps: int | None) -> None:
+        grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D, tile, warps)
+        _routed_gated_residual_kernel[grid](
+            x,
+            gate if gate is not None else x,
+            branch,
+            cache,
+            r,
+            out,
+            N,
+            D,
+            gate_stride_b,
+            n_tiles,
+            HAS_GATE=gate is not None,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+
+    key = ("routed", B, N, D, x.dtype, cache.dtype, r.dtype, gate is None, gate_stride_b == 0, x.device)
+    launch(*_tuned_choice(key, launch))
 
 
 def launch_routed_gated_residual_backward(
@@ -325,7 +498,8 @@ def launch_routed_gated_residual_backward(
     r: torch.Tensor,
     grad_branch: torch.Tensor,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Writes grad_branch; returns the fp32 sums (grad_gate_rows [B, D] or None, grad_r scalar).
+    """Writes grad_branch; returns the fp32 sums (grad_gate_rows [B or 1 (gate's batch), D] or None,
+    grad_r scalar).
 
     The kernel leaves one fp32 partial per (sample, token tile, feature) for the gate and one per
     program for r; the last reduction runs as a torch sum on the same device (no host sync)."""
@@ -334,7 +508,7 @@ def launch_routed_gated_residual_backward(
     if grad_out.numel() == 0:
         rows = torch.zeros(B, D, dtype=torch.float32, device=device) if gate is not None else None
         return rows, torch.zeros((), dtype=torch.float32, device=device)
-    grid, block_n, block_d, n_tiles = _elementwise_grid(B, N, D)
+    grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D)
     partial_r = torch.empty(grid, dtype=torch.float32, device=device)
     partial_gate = (
         torch.empty(B, n_tiles, D, dtype=torch.float32, device=device) if gate is not None else partial_r
@@ -355,9 +529,14 @@ def launch_routed_gated_residual_backward(
         HAS_GATE=gate is not None,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=_num_warps(block_n * block_d),
+        num_warps=num_warps,
     )
-    grad_gate_rows = partial_gate.sum(dim=1) if gate is not None else None
+    if gate is None:
+        grad_gate_rows = None
+    elif gate.shape[0] == 1:  # a broadcast gate: its gradient sums over the batch too, in one reduction
+        grad_gate_rows = partial_gate.sum(dim=(0, 1)).unsqueeze(0)
+    else:
+        grad_gate_rows = partial_gate.sum(dim=1)
     return grad_gate_rows, partial_r.sum()
 
 
@@ -379,31 +558,37 @@ def launch_gated_residual_norm_modulate(
     B, N, D = x.shape
     if x.numel() == 0:
         return
-    block_d = triton.next_power_of_2(D)
-    # A few short rows per program so small D still moves a useful amount per program; long rows
-    # get one row each and more warps.
-    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMENTS // block_d))
-    n_tiles = triton.cdiv(N, block_n)
-    num_warps = _num_warps(block_n * block_d)
-    _gated_residual_norm_modulate_kernel[(B * n_tiles, 1)](
-        x,
-        gate if gate is not None else x,
-        value,
-        shift,
-        scale,
-        x_out,
-        h,
-        cache_out if cache_out is not None else x_out,
-        N,
-        D,
-        gate_stride_b,
-        shift_stride_b,
-        scale_stride_b,
-        n_tiles,
-        eps,
-        HAS_GATE=gate is not None,
-        WRITE_CACHE=cache_out is not None,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+
+    def launch(tile: int, warps: int | None) -> None:
+        grid, block_n, block_d, n_tiles, num_warps, num_chunks = norm_config(B, N, D, tile, warps)
+        if num_chunks:
+            kernel, chunks = _gated_residual_norm_modulate_chunked_kernel, {"NUM_CHUNKS": num_chunks}
+        else:
+            kernel, chunks = _gated_residual_norm_modulate_kernel, {}
+        kernel[grid](
+            x,
+            gate if gate is not None else x,
+            value,
+            shift,
+            scale,
+            x_out,
+            h,
+            cache_out if cache_out is not None else x_out,
+            N,
+            D,
+            gate_stride_b,
+            shift_stride_b,
+            scale_stride_b,
+            n_tiles,
+            eps,
+            HAS_GATE=gate is not None,
+            WRITE_CACHE=cache_out is not None,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+            **chunks,
+        )
+
+    cache_dtype = None if cache_out is None else cache_out.dtype
+    key = ("norm", B, N, D, x.dtype, value.dtype, cache_dtype, gate is None, x.device)
+    launch(*_tuned_choice(key, launch))

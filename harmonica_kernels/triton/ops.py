@@ -1,4 +1,4 @@
-"""Registration of the Triton-backed ops ``harmonica::triton_*``.
+"""The Triton backend's entry points: eager functions, and the registered ops ``harmonica::triton_*``.
 
 Each op is a ``torch.library.custom_op`` with the signature of its C++ twin in
 ``csrc/bindings.cpp``; fake impls and the autograd formula are shared with the C++ backend
@@ -6,10 +6,14 @@ Each op is a ``torch.library.custom_op`` with the signature of its C++ twin in
 ``torch.compile(fullgraph=True)`` under ``TRITON_INTERPRET=1``, where ``triton_op`` + ``wrap_triton``
 fails opcheck's fake-tensor test.
 
-The wrappers validate their arguments (clear ``ValueError``s), allocate every output (contiguous,
-x's dtype, never a view of an input) and launch one kernel; per-sample vectors are passed with
-their batch stride, never copied.
+The eager functions (named like the reference's, collected in ``EAGER``) trust their caller, the
+public functions of ``harmonica_kernels.ops``, which validate once; they allocate every output
+(contiguous, x's dtype, never a view of an input) and launch one kernel; per-sample vectors are
+passed with their batch stride, never copied. The registered ops validate their arguments (clear
+``ValueError``s) and then run the eager function.
 """
+
+import contextlib
 
 import torch
 
@@ -92,29 +96,122 @@ def _check_writable_cache(
             )
 
 
-class _on_device:
-    """Make x's GPU current for the launch (triton launches on the current device)."""
-
-    __slots__ = ("_guard",)
-
-    def __init__(self, x: torch.Tensor):
-        self._guard = torch.cuda.device(x.device) if x.device.type == "cuda" else None
-
-    def __enter__(self):
-        if self._guard is not None:
-            self._guard.__enter__()
-
-    def __exit__(self, *exc):
-        if self._guard is not None:
-            self._guard.__exit__(*exc)
+def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make x's GPU current for the launch (triton launches on the current device); no switch, and
+    no context manager state, when it already is (the common case: one GPU per process)."""
+    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def _gate_stride(gate: torch.Tensor | None, x: torch.Tensor) -> int:
     return 0 if gate is None else _row_vector_batch_stride(gate, x, "gate")
 
 
+def _batch_stride(v: torch.Tensor | None) -> int:
+    """Batch stride in elements of an already validated per-sample vector (0 when it broadcasts)."""
+    return 0 if v is None or v.shape[0] == 1 else v.stride(0)
+
+
 # ----------------------------------------------------------------------------------------------
-# Ops. Signatures mirror csrc/bindings.cpp exactly (names, order, types, no defaults).
+# Eager entry points: what the public functions of harmonica_kernels.ops call outside torch.compile
+# and autograd. They trust their caller (the public function has validated and normalised every
+# argument: activations contiguous, per-sample vectors with unit stride along D), allocate the
+# outputs and launch one kernel.
+
+
+def cached_gated_residual(x: torch.Tensor, gate: torch.Tensor | None, cache: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_gated_residual(x, gate, _batch_stride(gate), cache, out, None)
+    return out
+
+
+def gated_residual_update_(
+    x: torch.Tensor, gate: torch.Tensor | None, branch: torch.Tensor, cache: torch.Tensor
+) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_gated_residual(x, gate, _batch_stride(gate), branch, out, cache)
+    return out
+
+
+def routed_gated_residual(
+    x: torch.Tensor, gate: torch.Tensor | None, branch: torch.Tensor, cache: torch.Tensor, r: torch.Tensor
+) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_routed_gated_residual(x, gate, _batch_stride(gate), branch, cache, r, out)
+    return out
+
+
+def routed_gated_residual_backward(
+    grad_out: torch.Tensor,
+    gate: torch.Tensor | None,
+    branch: torch.Tensor,
+    cache: torch.Tensor,
+    r: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_branch = torch.empty_like(branch, memory_format=torch.contiguous_format)
+    with _on_device(grad_out):
+        gate_rows, r_sum = kernels.launch_routed_gated_residual_backward(
+            grad_out, gate, _batch_stride(gate), branch, cache, r, grad_branch
+        )
+    if gate is None:
+        grad_gate = grad_out.new_empty(0)
+    else:
+        # .to() always copies here (fp32 -> gate dtype) or reshapes a fresh sum: never an alias.
+        grad_gate = gate_rows.reshape(gate.shape).to(gate.dtype)
+    grad_r = r_sum.reshape(r.shape).to(r.dtype)
+    return grad_branch, grad_gate, grad_r
+
+
+def gated_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    y: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    cache: torch.Tensor | None,
+    reuse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    value, cache_out = (cache, None) if reuse else (y, cache)
+    x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_gated_residual_norm_modulate(
+            x,
+            gate,
+            _batch_stride(gate),
+            value,
+            shift,
+            _batch_stride(shift),
+            scale,
+            _batch_stride(scale),
+            float(eps),
+            x_out,
+            h,
+            cache_out,
+        )
+    return x_out, h
+
+
+EAGER = {
+    "cached_gated_residual": cached_gated_residual,
+    "gated_residual_update_": gated_residual_update_,
+    "routed_gated_residual": routed_gated_residual,
+    "routed_gated_residual_backward": routed_gated_residual_backward,
+    "gated_residual_norm_modulate": gated_residual_norm_modulate,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered ops: what torch.compile graphs, opcheck, autograd and direct ``torch.ops.harmonica``
+# callers run. Signatures mirror csrc/bindings.cpp exactly (names, order, types, no defaults).
+# Like the C++ ops they check their arguments themselves (a Triton kernel given a wrong shape reads
+# out of bounds): in a compiled graph the public function's validation ran at trace time only, so
+# each call is still validated once.
 
 
 @torch.library.custom_op("harmonica::triton_cached_gated_residual", mutates_args=())
@@ -125,12 +222,8 @@ def triton_cached_gated_residual(
     [B, 1, D] (batch B or 1, any batch stride) or None; out contiguous in x's dtype."""
     _check_x(x)
     _check_like_x(cache, x, "cache", same_dtype=False)
-    gate_stride_b = _gate_stride(gate, x)
-    x, cache = x.contiguous(), cache.contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    with _on_device(x):
-        kernels.launch_gated_residual(x, gate, gate_stride_b, cache, out, None)
-    return out
+    _gate_stride(gate, x)
+    return cached_gated_residual(x.contiguous(), gate, cache.contiguous())
 
 
 @torch.library.custom_op("harmonica::triton_gated_residual_update_", mutates_args=("cache",))
@@ -141,13 +234,9 @@ def triton_gated_residual_update_(
     cache must be contiguous and must not overlap x, gate or branch."""
     _check_x(x)
     _check_like_x(branch, x, "branch", same_dtype=True)
-    gate_stride_b = _gate_stride(gate, x)
+    _gate_stride(gate, x)
     _check_writable_cache(cache, x, {"x": x, "gate": gate, "branch": branch})
-    x, branch = x.contiguous(), branch.contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    with _on_device(x):
-        kernels.launch_gated_residual(x, gate, gate_stride_b, branch, out, cache)
-    return out
+    return gated_residual_update_(x.contiguous(), gate, branch.contiguous(), cache)
 
 
 @torch.library.custom_op("harmonica::triton_routed_gated_residual", mutates_args=())
@@ -159,12 +248,8 @@ def triton_routed_gated_residual(
     _check_like_x(branch, x, "branch", same_dtype=True)
     _check_like_x(cache, x, "cache", same_dtype=False)
     _check_r(r, x)
-    gate_stride_b = _gate_stride(gate, x)
-    x, branch, cache = x.contiguous(), branch.contiguous(), cache.contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    with _on_device(x):
-        kernels.launch_routed_gated_residual(x, gate, gate_stride_b, branch, cache, r, out)
-    return out
+    _gate_stride(gate, x)
+    return routed_gated_residual(x.contiguous(), gate, branch.contiguous(), cache.contiguous(), r)
 
 
 @torch.library.custom_op("harmonica::triton_routed_gated_residual_backward", mutates_args=())
@@ -185,22 +270,10 @@ def triton_routed_gated_residual_backward(
     _check_like_x(branch, grad_out, "branch", same_dtype=False, x_name="grad_out")
     _check_like_x(cache, grad_out, "cache", same_dtype=False, x_name="grad_out")
     _check_r(r, grad_out)
-    gate_stride_b = _gate_stride(gate, grad_out)
-    grad_out, branch, cache = grad_out.contiguous(), branch.contiguous(), cache.contiguous()
-    grad_branch = torch.empty_like(branch, memory_format=torch.contiguous_format)
-    with _on_device(grad_out):
-        gate_rows, r_sum = kernels.launch_routed_gated_residual_backward(
-            grad_out, gate, gate_stride_b, branch, cache, r, grad_branch
-        )
-    if gate is None:
-        grad_gate = grad_out.new_empty(0)
-    else:
-        if gate.shape[0] == 1:
-            gate_rows = gate_rows.sum(dim=0, keepdim=True)
-        # .to() always copies here (fp32 -> gate dtype) or reshapes a fresh sum: never an alias.
-        grad_gate = gate_rows.reshape(gate.shape).to(gate.dtype)
-    grad_r = r_sum.reshape(r.shape).to(r.dtype)
-    return grad_branch, grad_gate, grad_r
+    _gate_stride(gate, grad_out)
+    return routed_gated_residual_backward(
+        grad_out.contiguous(), gate, branch.contiguous(), cache.contiguous(), r
+    )
 
 
 @torch.library.custom_op("harmonica::triton_gated_residual_norm_modulate", mutates_args=("cache",))
@@ -226,36 +299,18 @@ def triton_gated_residual_norm_modulate(
             raise ValueError("harmonica: reuse=True reads the cache; pass y=None")
     elif y is None:
         raise ValueError("harmonica: y is required unless reuse=True")
-    gate_stride_b = _gate_stride(gate, x)
-    shift_stride_b = _row_vector_batch_stride(shift, x, "shift")
-    scale_stride_b = _row_vector_batch_stride(scale, x, "scale")
-    x = x.contiguous()
+    _gate_stride(gate, x)
+    _row_vector_batch_stride(shift, x, "shift")
+    _row_vector_batch_stride(scale, x, "scale")
     if reuse:
         _check_like_x(cache, x, "cache", same_dtype=False)
-        value, cache_out = cache.contiguous(), None
+        cache = cache.contiguous()
     else:
         _check_like_x(y, x, "y", same_dtype=True)
-        value, cache_out = y.contiguous(), cache
+        y = y.contiguous()
         if cache is not None:
             _check_writable_cache(cache, x, {"x": x, "gate": gate, "y": y, "shift": shift, "scale": scale})
-    x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    h = torch.empty_like(x, memory_format=torch.contiguous_format)
-    with _on_device(x):
-        kernels.launch_gated_residual_norm_modulate(
-            x,
-            gate,
-            gate_stride_b,
-            value,
-            shift,
-            shift_stride_b,
-            scale,
-            scale_stride_b,
-            float(eps),
-            x_out,
-            h,
-            cache_out,
-        )
-    return x_out, h
+    return gated_residual_norm_modulate(x.contiguous(), gate, y, shift, scale, eps, cache, reuse)
 
 
 register_fakes("triton_")

@@ -45,7 +45,12 @@ from typing import Any
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
-from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, Timesteps
+from diffusers.models.embeddings import (
+    CombinedTimestepLabelEmbeddings,
+    LabelEmbedding,
+    TimestepEmbedding,
+    Timesteps,
+)
 from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 from torch.nn import functional as F
@@ -382,6 +387,8 @@ class CachedTransformerBlock(nn.Module):
         # Set by _SharedEmbeddings: which DiT blocks share this one's conditioning embedding.
         self._embedding_key: tuple[tuple[Any, ...], int] | None = None
         self._embedding_trainable = False
+        # Set by _SharedEmbeddings: see _plain_embedding (the embedding without module calls).
+        self._embedding_plain: tuple[Any, ...] | None = None
         ff_norm = self._ff_norm()
         plain_norm = ff_norm.weight is None and ff_norm.bias is None
         # The fused op normalises without affine weights; affine norms take the unfused path.
@@ -509,13 +516,11 @@ def _ada_zero_chunks(
     """
     if all(runs):
         return list(linear(emb).chunk(6, dim=1))
-    if (
-        not any(runs)
-        and linear.bias is not None
-        and linear.weight.is_contiguous()
-        and linear.bias.is_contiguous()
-    ):
-        return _ada_zero_gates(linear, emb)
+    if not any(runs):
+        # nn.Module attribute reads cost ~1 us each on the host: read the parameters once
+        weight, bias = linear.weight, linear.bias
+        if bias is not None and weight.is_contiguous() and bias.is_contiguous():
+            return _ada_zero_gates(weight, bias, emb)
     attn_runs, ff_runs = runs
     needed = (attn_runs, attn_runs, True, ff_runs, ff_runs, True)
     width = linear.out_features // 6
@@ -535,12 +540,12 @@ def _ada_zero_chunks(
     return chunks
 
 
-def _ada_zero_gates(linear: nn.Linear, emb: torch.Tensor) -> list[torch.Tensor | None]:
+def _ada_zero_gates(weight: torch.Tensor, bias: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor | None]:
     """:func:`_ada_zero_chunks` for the two gates only (chunks 2 and 5), as one ``baddbmm``."""
-    width, dim = linear.out_features // 6, linear.in_features
+    width, dim = weight.shape[0] // 6, weight.shape[1]
     # The 6 chunks as [2, 3, W, D]: index 2 of the middle dim is chunk 2 and chunk 5 (views, no copy).
-    rows = linear.weight.view(2, 3, width, dim)[:, 2]
-    shifts = linear.bias.view(2, 3, 1, width)[:, 2]
+    rows = weight.view(2, 3, width, dim)[:, 2]
+    shifts = bias.view(2, 3, 1, width)[:, 2]
     gate_msa, gate_mlp = torch.baddbmm(shifts, emb.expand(2, *emb.shape), rows.transpose(1, 2)).unbind(0)
     return [None, None, gate_msa, None, None, gate_mlp]
 
@@ -619,11 +624,19 @@ class _SharedEmbeddings:
             projection = memo.get(projection_key)
             if projection is None:
                 projection = memo[projection_key] = embedder.time_proj(timestep)
-            # CombinedTimestepLabelEmbeddings.forward (checked to be that class in _group)
-            conditioning = embedder.timestep_embedder(projection.to(dtype=dtype)) + embedder.class_embedder(
-                class_labels
-            )
-            shared = memo[(key, dtype)] = (conditioning, norm1.silu(conditioning))
+            plain = block._embedding_plain
+            if plain is not None and _runs_plainly(plain[1]):
+                # The modules' own maths without their ~8 module calls, a few microseconds of host
+                # time each (with untied embedders, every block of a reuse step pays them).
+                (w1, b1, w2, b2, table), _ = plain
+                t_emb = F.linear(F.silu(F.linear(projection.to(dtype=dtype), w1, b1)), w2, b2)
+                conditioning = t_emb + F.embedding(class_labels, table)
+                shared = memo[(key, dtype)] = (conditioning, F.silu(conditioning))
+            else:
+                # CombinedTimestepLabelEmbeddings.forward (checked to be that class in _group)
+                t_emb = embedder.timestep_embedder(projection.to(dtype=dtype))
+                conditioning = t_emb + embedder.class_embedder(class_labels)
+                shared = memo[(key, dtype)] = (conditioning, norm1.silu(conditioning))
         return shared[1]
 
     def _serve(
@@ -667,9 +680,58 @@ class _SharedEmbeddings:
                 leaders.append(embedder)
             block._embedding_key = (projection_key, group)
             block._embedding_trainable = any(p.requires_grad for p in embedder.parameters())
+            block._embedding_plain = _plain_embedding(embedder, block.norm1)
         if self._blocks and self._blocks[0]._embedding_key is not None:
             self._served = self._blocks[0].norm1.emb
             self._served.forward = self._serve
+
+
+def _plain_embedding(embedder: nn.Module, norm1: nn.Module) -> tuple[Any, ...] | None:
+    """``((linear_1.weight, linear_1.bias, linear_2.weight, linear_2.bias, embedding weight),
+    modules)`` when ``silu(embedder(t, labels))`` is exactly ``silu(linear_2(silu(linear_1(t))) +
+    embedding(labels))`` (diffusers' DiT), else None. ``modules`` are the submodules whose calls
+    this skips: _runs_plainly checks on each use that none of them is hooked, patched or training.
+    The tensors are the parameters themselves: replacing one regroups (see _parameter_state)."""
+    timestep_embedder = getattr(embedder, "timestep_embedder", None)
+    class_embedder = getattr(embedder, "class_embedder", None)
+    table = getattr(class_embedder, "embedding_table", None)
+    act = getattr(timestep_embedder, "act", None)
+    linears = (getattr(timestep_embedder, "linear_1", None), getattr(timestep_embedder, "linear_2", None))
+    silu = getattr(norm1, "silu", None)
+    plain = (
+        type(timestep_embedder) is TimestepEmbedding
+        and type(act) is nn.SiLU
+        and type(silu) is nn.SiLU
+        and getattr(timestep_embedder, "cond_proj", None) is None
+        and getattr(timestep_embedder, "post_act", None) is None
+        and all(type(linear) is nn.Linear for linear in linears)
+        and type(class_embedder) is LabelEmbedding
+        and type(table) is nn.Embedding
+        and table.max_norm is None
+    )
+    if not plain:
+        return None
+    (w1, b1), (w2, b2) = ((linear.weight, linear.bias) for linear in linears)
+    return (w1, b1, w2, b2, table.weight), (timestep_embedder, act, *linears, class_embedder, table, silu)
+
+
+def _runs_plainly(modules: tuple[nn.Module, ...]) -> bool:
+    """Whether calling ``modules`` would only run their maths: no hook (module or global, e.g.
+    accelerate's offloading or a user's), no patched ``forward``, none training (label dropout)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    for module in modules:
+        state = module.__dict__  # written out, not a generator: this runs for every block and step
+        if (
+            module.training
+            or "forward" in state
+            or state["_forward_hooks"]
+            or state["_forward_pre_hooks"]
+            or state["_backward_hooks"]
+            or state["_backward_pre_hooks"]
+        ):
+            return False
+    return True
 
 
 def _shares_embedding(block: CachedTransformerBlock) -> bool:
