@@ -6,6 +6,7 @@ the same target cache usage ratio so they compare at the same compute:
 - ``harmonica``: SDT + IEPO as published (the released-code λ, measured with the soft router);
 - ``harmonica-plus``: SDT + IEPO with λ measured on the hard schedule and a straight-through forward,
   so training sees the trajectory inference runs;
+- ``harmonica-plus-age2``: the same with reused entries at most 2 steps old;
 - ``harmonica-loo``: SDT + IEPO with the poster's leave-one-out λ;
 - ``sdt``: SDT with λ ≡ 1 (the paper's ablation without IEPO);
 - ``l2c``: Learning-to-Cache on the training digits, with its alternating refresh.
@@ -34,6 +35,9 @@ RUNS = {
     "harmonica": dict(method="harmonica", lambda_variant="marginal"),
     "harmonica-plus": dict(
         method="harmonica", lambda_variant="marginal", lambda_on="hard", straight_through=True
+    ),
+    "harmonica-plus-age2": dict(
+        method="harmonica", lambda_variant="marginal", lambda_on="hard", straight_through=True, max_age=2
     ),
     "harmonica-loo": dict(method="harmonica", lambda_variant="leave_one_out"),
     "sdt": dict(method="harmonica", lambda_variant="none"),
