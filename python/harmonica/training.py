@@ -869,21 +869,19 @@ def train_router(
 
 
 def _steer_beta(state: _State, error: float) -> None:
-    """Budget mode's β control, a search in log β: β is multiplied (usage under the target) or divided
-    (over it) by ``exp(step)``. Until the usage first crosses the target the step doubles after every
-    trajectory (β is a scale nobody knows in advance: 10⁻¹¹…10 on the models here); from then on it
-    halves at every crossing, so β brackets its value instead of swinging past it (a fixed ×2 gain
-    swung β by 10⁹). Within one point of the target β is kept. The exact budget is set after training."""
+    """Budget mode's β control, a bisection in log β: β is multiplied (usage under the target) or
+    divided (over it) by ``exp(step)``; the step starts at log 2 and halves whenever the error changes
+    sign, so β brackets its value instead of swinging past it (a fixed ×2 gain swung β by 10⁹). The
+    usage answers β only as fast as the logits move (lr per update), so the step never grows: a
+    galloping step ran β to 10⁴¹ before the logits had moved. Within one point of the target β is
+    kept. The exact budget is set after training."""
     if abs(error) < 0.01:
         return
     sign = 1 if error > 0 else -1
     if state.beta_sign is not None and sign != state.beta_sign:
-        state.beta_crossed = True
         state.beta_step /= 2
-    elif state.beta_sign is not None and not state.beta_crossed:
-        state.beta_step = min(2 * state.beta_step, math.log(1e4))
     state.beta_sign = sign
-    state.beta *= math.exp(sign * state.beta_step)
+    state.beta = min(max(state.beta * math.exp(sign * state.beta_step), 1e-30), 1e30)
 
 
 @torch.no_grad()
@@ -918,7 +916,6 @@ class _State:
     beta_probes: list[float] = field(default_factory=list)
     beta_step: float = math.log(2)
     beta_sign: int | None = None
-    beta_crossed: bool = False
     elapsed: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -1281,7 +1278,6 @@ def _save_checkpoint(path: Path, run_key, router: Router, optimizer, state: _Sta
             "beta": state.beta,
             "beta_step": state.beta_step,
             "beta_sign": state.beta_sign,
-            "beta_crossed": state.beta_crossed,
             "lam": state.lam.cpu(),
             "iteration": state.iteration,
             "trajectory": state.trajectory,
@@ -1347,7 +1343,6 @@ def _load_checkpoint(path: Path, run_key, router: Router, optimizer, state: _Sta
     state.beta = float(saved_state["beta"])
     state.beta_step = float(saved_state["beta_step"])
     state.beta_sign = saved_state["beta_sign"]
-    state.beta_crossed = bool(saved_state["beta_crossed"])
     state.lam = saved_state["lam"].float()
     state.iteration = int(saved_state["iteration"])
     state.trajectory = int(saved_state["trajectory"])
