@@ -1,5 +1,10 @@
 """Schedules searched on the final image: greedy reuse by measured final-sample error per FLOP saved.
 
+By default the search reuses whole steps (every unit of a step together, so the step's features stay
+consistent with each other; reusing single units one at a time by their isolated costs measured
+2–4 dB below whole-step reuse on the reference model), and single units only for a remainder
+smaller than a step (``granularity="unit"`` searches units throughout).
+
 ``search_schedule(model, scheduler, num_steps=T, target_cur=0.4)`` builds a hard ``[T, U]`` schedule
 without training a router. It starts from every unit computed (or from a router's or schedule's own
 table, to polish it to an exact usage) and grows the reused set in rounds. Each round runs the
@@ -20,11 +25,12 @@ cheapest in the round before (lazy greedy). :attr:`SearchResult.forwards` counts
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +81,7 @@ def search_schedule(
     start: Router | CacheSchedule | None = None,
     threshold: float = 0.1,
     max_age: int | None = None,
+    granularity: Literal["step", "unit"] = "step",
     rounds: int = 4,
     batch_size: int = 8,
     guidance_scale: float = 1.5,
@@ -97,8 +104,11 @@ def search_schedule(
             polish to the target usage; default: every unit computed.
         max_age: cap on the age of a reused entry in steps (None: none). Entries of ``start`` over the
             cap are computed first.
-        rounds: cost measurements on the way to the last target (more: interactions seen sooner,
-            proportionally more forwards); every target is also re-measured on arrival.
+        granularity: ``"step"`` flips whole steps (every unit of a step reused together, the
+            features of one step stay consistent), one step per round, then single units for a
+            remainder smaller than a step; ``"unit"`` flips single units, ``rounds`` batches.
+        rounds: unit granularity: cost measurements on the way to the last target (more:
+            interactions seen sooner, proportionally more forwards).
         batch_size: noise samples (one class or prompt each, drawn from ``seed``) the errors are
             measured on; CFG doubles the transformer batch.
         guidance_scale: CFG scale as at inference.
@@ -124,6 +134,8 @@ def search_schedule(
             raise ValueError(f"target_cur must be a cache usage ratio in (0, 1), got {target!r}")
     if max_age is not None:
         _check_max_age(max_age)
+    if granularity not in ("step", "unit"):
+        raise ValueError(f"granularity must be 'step' or 'unit', got {granularity!r}")
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2 (step 0 only fills the cache), got {num_steps!r}")
     for name, value in (("rounds", rounds), ("batch_size", batch_size)):
@@ -185,30 +197,36 @@ def search_schedule(
             while (reused := int((~mask).sum())) != goal:
                 need = goal - reused
                 grow = need > 0
-                # Lazy greedy: after a round in the same direction only the entries that ranked among
-                # the cheapest (3 rounds' worth) are measured again: an expensive entry rarely becomes
-                # cheap as the schedule fills, and measuring every entry is the search's whole cost.
-                only = shortlist[1] if shortlist is not None and shortlist[0] == grow else None
-                costs = runner.flip_costs(mask, reference, grow=grow, max_age=max_age, only=only, bar=bar)
+                whole = granularity == "step" and abs(need) >= len(names)
+                # Lazy greedy (units): after a round in the same direction only the entries that ranked
+                # among the cheapest (3 rounds' worth) are measured again: an expensive entry rarely
+                # becomes cheap as the schedule fills, and measuring every entry is the whole cost.
+                only = None
+                if not whole and shortlist is not None and shortlist[0] == grow:
+                    only = shortlist[1]
+                measure = functools.partial(
+                    runner.flip_costs, mask, reference, grow=grow, max_age=max_age, whole_steps=whole, bar=bar
+                )
+                costs = measure(only=only)
                 if not costs and only is not None:
-                    costs = runner.flip_costs(mask, reference, grow=grow, max_age=max_age, bar=bar)
+                    costs = measure()
                 if not costs:
                     break  # nothing left that may flip (the age cap binds)
                 sign = 1 if grow else -1
-                ranked = sorted(costs, key=lambda e: sign * costs[e] / float(flops[e[1]]))
+                ranked = sorted(costs, key=lambda e: sign * costs[e] / _flops_of(mask, e, grow, flops))
                 taken, flipped = 0, set()
                 for t, k in ranked:
-                    if taken == min(chunk, abs(need)):
+                    if taken >= min(1 if whole else chunk, abs(need)):
                         break
                     if (t - 1, k) in flipped or (t + 1, k) in flipped:
-                        continue  # neighbours in one unit's chain interact: measure them apart
-                    trial = mask.clone()
-                    trial[t, k] = not bool(trial[t, k])
-                    if max_age is not None and CacheSchedule(trial).max_age() > max_age:
+                        continue  # neighbours in one chain interact: measure them apart
+                    trial = _flipped(mask, (t, k), grow)
+                    size = int((trial != mask).sum())
+                    if size > abs(need) or (max_age is not None and CacheSchedule(trial).max_age() > max_age):
                         continue
-                    mask, taken = trial, taken + 1
+                    mask, taken = trial, taken + (1 if whole else size)
                     flipped.add((t, k))
-                shortlist = (grow, [e for e in ranked if e not in flipped][: 3 * chunk])
+                shortlist = None if whole else (grow, [e for e in ranked if e not in flipped][: 3 * chunk])
                 error = F.mse_loss(runner.final(mask), reference).item()
                 history.append(
                     {
@@ -232,6 +250,7 @@ def search_schedule(
         "method": "search",
         "target_cur": targets[-1],
         "max_age": max_age,
+        "granularity": granularity,
         "rounds": rounds,
         "batch_size": batch_size,
         "guidance_scale": guidance_scale,
@@ -316,11 +335,13 @@ class _Runner:
         *,
         grow: bool,
         max_age: int | None,
+        whole_steps: bool = False,
         only: list[tuple[int, int]] | None = None,
         bar=None,
     ) -> dict[tuple[int, int], float]:
         """Final-sample MSE change of flipping each eligible entry (compute → reuse when ``grow``), or
-        each eligible entry of ``only``."""
+        each eligible entry of ``only``. With ``whole_steps`` a candidate is every flippable unit of
+        one step, keyed ``(t, -1)``."""
         wanted = None if only is None else set(only)
         setup = self.setup
         states: dict[int, tuple[torch.Tensor, list, Any]] = {}
@@ -333,18 +354,38 @@ class _Runner:
         base = F.mse_loss(self._run(mask, 0, self.x, on_step=keep).double(), reference).item()
         costs = {}
         for t in range(1, self.num_steps):
-            for k in range(mask.shape[1]):
-                if bool(mask[t, k]) != grow or (wanted is not None and (t, k) not in wanted):
+            keys = [(t, -1)] if whole_steps else [(t, k) for k in range(mask.shape[1])]
+            for key in keys:
+                if wanted is not None and key not in wanted:
                     continue
-                trial = mask.clone()
-                trial[t, k] = not grow
+                trial = _flipped(mask, key, grow)
+                if torch.equal(trial, mask):
+                    continue
                 if grow and max_age is not None and CacheSchedule(trial).max_age() > max_age:
                     continue
                 x, buffers, scheduler = states[t]
                 setup.scheduler = copy.deepcopy(scheduler)
                 setup.handle.restore(buffers)
                 final = self._run(trial, t, x).double()
-                costs[(t, k)] = F.mse_loss(final, reference).item() - base
+                costs[key] = F.mse_loss(final, reference).item() - base
                 if bar is not None:
                     bar.update(1)
         return costs
+
+
+def _flipped(mask: torch.Tensor, key: tuple[int, int], grow: bool) -> torch.Tensor:
+    """``mask`` with entry ``(t, k)``, or every unit of step t for ``k = -1``, set to reuse (``grow``)
+    or compute."""
+    t, k = key
+    trial = mask.clone()
+    if k < 0:
+        trial[t] = False if grow else True
+    else:
+        trial[t, k] = not grow
+    return trial
+
+
+def _flops_of(mask: torch.Tensor, key: tuple[int, int], grow: bool, flops: torch.Tensor) -> float:
+    """FLOPs a flip saves (or spends): its units' FLOPs."""
+    changed = (_flipped(mask, key, grow) != mask).any(dim=0)
+    return float(flops[changed].sum()) or 1.0
