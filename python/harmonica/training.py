@@ -90,7 +90,8 @@ class TrainingConfig:
     mode at :data:`DEFAULT_TARGET_CUR`.
     ``lambda_on="hard"`` measures λ on the router's hard schedule (what inference runs) instead of its
     soft blend; ``straight_through`` trains on the hard forward with the soft gradient; ``max_age``
-    caps the age of a reused cache entry, in training and in the router's schedule.
+    caps the age of a reused cache entry, in training and in the router's schedule; ``tie_steps``
+    shares one logit per step among its units.
     """
 
     num_steps: int
@@ -107,6 +108,7 @@ class TrainingConfig:
     lambda_on: LambdaOn = "soft"
     straight_through: bool = False
     max_age: int | None = None
+    tie_steps: bool = False
     write_threshold: float = 0.1
     threshold: float = 0.1
     seed: int = 0
@@ -632,6 +634,7 @@ def train_router(
     lambda_on: LambdaOn = "soft",
     straight_through: bool = False,
     max_age: int | None = None,
+    tie_steps: bool = False,
     write_threshold: float = 0.1,
     threshold: float = 0.1,
     seed: int = 0,
@@ -677,6 +680,8 @@ def train_router(
             trajectory inference runs) with the soft gradient through r.
         max_age: cap on the age of a reused cache entry in steps (None: no cap); over it a unit
             computes, in training and in the router's schedule.
+        tie_steps: one logit per step shared by its units (the row moves as its mean): the router
+            reuses whole steps, whose features stay consistent with each other.
         write_threshold: the student's blend is written to the cache where r exceeds it.
         threshold: τ of the saved router's schedule (used for the reported CUR and budget mode).
         seed: seeds the router's initial logits and every draw of noise, classes and data.
@@ -718,6 +723,7 @@ def train_router(
         lambda_on=lambda_on,
         straight_through=straight_through,
         max_age=max_age,
+        tie_steps=tie_steps,
         write_threshold=write_threshold,
         threshold=threshold,
         seed=seed,
@@ -777,6 +783,9 @@ def train_router(
     router = Router.for_model(
         transformer, config.num_steps, scheduler=scheduler, seed=config.seed, pinned_steps=pinned
     )
+    if config.tie_steps:
+        with torch.no_grad():
+            router.logits.copy_(router.logits.mean(dim=1, keepdim=True).expand_as(router.logits))
     router.to(device)
     optimizer = RowAdamW(router.logits, lr=config.lr)
     state = _State(beta=config.beta, lam=torch.ones(config.num_steps))
@@ -1038,6 +1047,9 @@ def _train_step(
     grad.add_(beta * (r * (1 - r)).detach())  # the gradient of β · Σ_k r[t, k]
     loss = fidelity.detach() + beta * r.detach().sum()
     optimizer.step_row(step, grad)
+    if config.tie_steps:  # one decision per step: the row's logits move together (their mean)
+        with torch.no_grad():
+            router.logits[step] = router.logits[step].mean()
     router.logits.grad = None
     router.clamp_()
     written = torch.tensor(handle.r_host) > handle.write_threshold
