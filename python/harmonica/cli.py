@@ -61,6 +61,7 @@ def _train(args: argparse.Namespace) -> None:
         lambda_on=args.lambda_on,
         straight_through=args.straight_through,
         max_age=args.max_age,
+        tie_steps=args.tie_steps,
         write_threshold=args.write_threshold,
         threshold=args.tau,
         seed=args.seed,
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--max-age", type=int, default=None, help="cap on the age of a reused cache entry, in steps"
     )
+    t.add_argument("--tie-steps", action="store_true", help="one logit per step: reuse whole steps")
     t.add_argument("--lambda-batch", type=int, default=None, help="noise samples per λ estimate")
     t.add_argument("--tau", type=float, default=0.1, help="inference threshold τ of the router")
     t.add_argument("--write-threshold", type=float, default=0.1, help="cache-write threshold on r")
