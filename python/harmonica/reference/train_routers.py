@@ -7,7 +7,9 @@ the same target cache usage ratio so they compare at the same compute:
 - ``harmonica-plus``: SDT + IEPO with λ measured on the hard schedule and a straight-through forward,
   so training sees the trajectory inference runs;
 - ``harmonica-plus-age2``: the same with reused entries at most 2 steps old;
-- ``harmonica-steps``: the same with one logit per step (whole steps reused together);
+- ``harmonica-steps``: the released-code λ (soft), straight-through, age cap 2 and one logit per step
+  (whole steps reused together; λ on a hard schedule that reuses nothing is ~0 and gives β no
+  scale);
 - ``harmonica-loo``: SDT + IEPO with the poster's leave-one-out λ;
 - ``sdt``: SDT with λ ≡ 1 (the paper's ablation without IEPO);
 - ``l2c``: Learning-to-Cache on the training digits, with its alternating refresh.
@@ -43,7 +45,6 @@ RUNS = {
     "harmonica-steps": dict(
         method="harmonica",
         lambda_variant="marginal",
-        lambda_on="hard",
         straight_through=True,
         max_age=2,
         tie_steps=True,
