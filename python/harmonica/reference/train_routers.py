@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-age", type=int, default=None, help="search: cap on a reused entry's age")
     parser.add_argument(
+        "--search-batch", type=int, default=8, help="search: noise samples errors are measured on"
+    )
+    parser.add_argument(
         "--start", default=None, help="search: a trained router (a RUNS name in --out) to polish"
     )
     args = parser.parse_args(argv)
@@ -131,9 +134,12 @@ def _search(args: argparse.Namespace) -> None:
         target_cur=args.search,
         start=start,
         max_age=args.max_age,
+        batch_size=args.search_batch,
         seed=args.seed,
     )
-    prefix = f"{args.start}-polished" if args.start else f"search-a{args.max_age or 'none'}"
+    prefix = (
+        f"{args.start}-polished" if args.start else f"search-a{args.max_age or 'none'}-b{args.search_batch}"
+    )
     for target, schedule in result.schedules.items():
         stem = f"{prefix}-T{args.steps}-{round(100 * target)}"
         settings = {
