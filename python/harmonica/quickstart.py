@@ -93,15 +93,22 @@ PEER_SWEEP: dict[str, tuple[str, ...]] = {
 
 
 def packaged_routers(num_steps: int) -> list[Path]:
-    """The routers shipped with the reference model for ``num_steps`` sampling steps."""
-    return sorted((ASSETS / "routers").glob(f"*-T{num_steps}.safetensors"))
+    """The routers shipped with the reference model for ``num_steps`` sampling steps: the trained ones
+    (``<name>-T<steps>``) and the schedules searched on 24 samples (``search-a2-b24-T<steps>-<pct>``)."""
+    folder = ASSETS / "routers"
+    trained = sorted(folder.glob(f"*-T{num_steps}.safetensors"))
+    return trained + sorted(folder.glob(f"search-a2-b24-T{num_steps}-*.safetensors"))
 
 
 TRAIN_ITERATIONS = 200
 """Iterations of the router the quickstart trains itself (~2 minutes on 2 CPU cores)."""
 
-TRAIN_SETTINGS = dict(method="harmonica", batch_size=16, lr=0.05, target_cur=0.35)
-"""The packaged routers' settings (``harmonica.reference.train_routers``); one λ estimate, at the start."""
+TRAIN_SETTINGS = dict(
+    method="harmonica", batch_size=16, target_cur=0.4, straight_through=True, max_age=2, tie_steps=True
+)
+"""The settings of the best packaged learned router (``harmonica-steps`` of
+``harmonica.reference.train_routers``: straight-through, age cap 2, one logit per step), with
+train_router's lr for the run's length; one λ estimate, at the start."""
 
 
 def _train_here(
