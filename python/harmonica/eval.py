@@ -32,6 +32,7 @@ __all__ = [
     "mean_with_interval",
     "mse",
     "psnr",
+    "standardized",
     "ssim",
 ]
 
@@ -262,22 +263,36 @@ def mean_with_interval(values: torch.Tensor, **kwargs) -> tuple[float, tuple[flo
     return values.mean().item(), bootstrap_interval(lambda i: values[i].mean(), len(values), **kwargs)
 
 
+def standardized(
+    features: torch.Tensor, reference_features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets in units of the reference set's per-dimension mean and spread (float64).
+
+    KID's kernel ``(x·y / D + 1)³`` assumes features of order one (Inception's pooled activations);
+    the reference classifier's pre-ReLU features are two orders larger, which makes the cubic kernel
+    ~10¹² and the MMD pure round-off. Standardising by the reference set keeps the kernel fixed for
+    every method compared against that set."""
+    b = reference_features.to(torch.float64)
+    mean, spread = b.mean(0), b.std(0).clamp_min(1e-12)
+    return (features.to(b.device, torch.float64) - mean) / spread, (b - mean) / spread
+
+
 def kid_with_interval(
     features: torch.Tensor, reference_features: torch.Tensor, *, resamples: int = 1000, seed: int = 0
 ) -> tuple[float, tuple[float, float]]:
-    """:func:`kid` of ``features`` against ``reference_features`` and its bootstrap interval over the
-    generated samples (the kernel matrices are computed once and indexed)."""
-    value = kid(features, reference_features).item()
-    a = features.to(torch.float64)
-    b = reference_features.to(a.device, torch.float64)
+    """:func:`kid` of ``features`` against ``reference_features``, both :func:`standardized` by the
+    reference set, and its bootstrap interval over the generated samples (the kernel matrices are
+    computed once and indexed)."""
+    a, b = standardized(features, reference_features)
+    value = kid(a, b).item()
     k_aa, k_bb, k_ab = _polynomial_kernel(a, a), _polynomial_kernel(b, b), _polynomial_kernel(a, b)
 
+    within_ref = (k_bb.sum() - k_bb.diagonal().sum()) / (k_bb.shape[0] * (k_bb.shape[0] - 1))
+
     def resampled(index: torch.Tensor) -> float:
-        # duplicates of one sample are distinct draws: their kernel entries stay off the diagonal
-        k = k_aa[index][:, index]
-        m = index.shape[0]
-        within = (k.sum() - k.diagonal().sum()) / (m * (m - 1))
-        within_ref = (k_bb.sum() - k_bb.diagonal().sum()) / (k_bb.shape[0] * (k_bb.shape[0] - 1))
+        # pairs of copies of one sample are left out, as the diagonal is: k(x, x) would bias it up
+        distinct = index[:, None] != index[None, :]
+        within = k_aa[index][:, index][distinct].mean()
         return float(within + within_ref - 2 * k_ab[index].mean())
 
     return value, bootstrap_interval(resampled, a.shape[0], resamples=resamples, seed=seed)
@@ -344,9 +359,10 @@ def classifier_fid(
 def classifier_kid(
     images_a: torch.Tensor, images_b: torch.Tensor, classifier: nn.Module | None = None
 ) -> torch.Tensor:
-    """:func:`kid` on :func:`classifier_features` of two image sets (float64 0-dim tensor)."""
+    """:func:`kid` on :func:`classifier_features` of two image sets, :func:`standardized` by the second
+    (the reference) set (float64 0-dim tensor)."""
     model = _classifier_or_default(classifier)
-    return kid(classifier_features(images_a, model), classifier_features(images_b, model))
+    return kid(*standardized(classifier_features(images_a, model), classifier_features(images_b, model)))
 
 
 @torch.no_grad()
