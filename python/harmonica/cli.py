@@ -59,9 +59,11 @@ def _train(args: argparse.Namespace) -> None:
         lambda_variant=args.lambda_variant,
         lambda_batch_size=args.lambda_batch,
         lambda_on=args.lambda_on,
-        straight_through=args.straight_through,
-        max_age=args.max_age,
-        tie_steps=args.tie_steps,
+        **(
+            dict(straight_through=False, max_age=None, tie_steps=False)
+            if args.published
+            else dict(straight_through=args.straight_through, max_age=args.max_age, tie_steps=args.tie_steps)
+        ),
         write_threshold=args.write_threshold,
         threshold=args.tau,
         seed=args.seed,
@@ -270,6 +272,19 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _max_age(text: str) -> int | str | None:
+    """``--max-age``: a step count >= 1, 'none' (no cap) or 'auto' (train_router's default)."""
+    if text.strip().lower() in ("none", "auto"):
+        return None if text.strip().lower() == "none" else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an age in steps >= 1, or 'none'")
+    return value
+
+
 def _threads(text: str) -> int:
     """``--threads``: 0 (torch's default) or a positive count."""
     try:
@@ -340,12 +355,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure λ on the soft router or hard schedule",
     )
     t.add_argument(
-        "--straight-through", action="store_true", help="train on the hard forward with the soft gradient"
+        "--straight-through",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train on the hard forward with the soft gradient (default: on; L2C off)",
     )
     t.add_argument(
-        "--max-age", type=int, default=None, help="cap on the age of a reused cache entry, in steps"
+        "--max-age",
+        type=_max_age,
+        default="auto",
+        help="cap on the age of a reused cache entry in steps, or 'none' (default: 2; L2C none)",
     )
-    t.add_argument("--tie-steps", action="store_true", help="one logit per step: reuse whole steps")
+    t.add_argument(
+        "--tie-steps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one logit per step: reuse whole steps (default: on; L2C off)",
+    )
+    t.add_argument(
+        "--published",
+        action="store_true",
+        help="the paper's method: no straight-through, no age cap, a logit per unit",
+    )
     t.add_argument("--lambda-batch", type=int, default=None, help="noise samples per λ estimate")
     t.add_argument("--tau", type=float, default=0.1, help="inference threshold τ of the router")
     t.add_argument("--write-threshold", type=float, default=0.1, help="cache-write threshold on r")

@@ -103,12 +103,9 @@ def packaged_routers(num_steps: int) -> list[Path]:
 TRAIN_ITERATIONS = 200
 """Iterations of the router the quickstart trains itself (~2 minutes on 2 CPU cores)."""
 
-TRAIN_SETTINGS = dict(
-    method="harmonica", batch_size=16, target_cur=0.4, straight_through=True, max_age=2, tie_steps=True
-)
-"""The settings of the best packaged learned router (``harmonica-steps`` of
-``harmonica.reference.train_routers``: straight-through, age cap 2, one logit per step), with
-train_router's lr for the run's length; one λ estimate, at the start."""
+TRAIN_SETTINGS = dict(method="harmonica", batch_size=16, target_cur=0.4)
+"""train_router's defaults (those of the best packaged learned router, ``harmonica-steps``:
+straight-through, age cap 2, one logit per step) at the packaged routers' budget; one λ estimate."""
 
 
 def _train_here(

@@ -106,9 +106,9 @@ class TrainingConfig:
     lambda_variant: LambdaVariant = "marginal"
     lambda_batch_size: int | None = None
     lambda_on: LambdaOn = "soft"
-    straight_through: bool = False
-    max_age: int | None = None
-    tie_steps: bool = False
+    straight_through: bool | None = None
+    max_age: int | None | Literal["auto"] = "auto"
+    tie_steps: bool | None = None
     write_threshold: float = 0.1
     threshold: float = 0.1
     seed: int = 0
@@ -124,11 +124,19 @@ class TrainingConfig:
             )
         if cfg.lambda_on not in ("soft", "hard"):
             raise ValueError(f"lambda_on must be 'soft' or 'hard', got {cfg.lambda_on!r}")
+        is_l2c = cfg.method == "l2c"
+        # Defaults by measurement (README "Learned routers"): for SDT, whole steps reused together,
+        # trained on the hard forward, entries at most 2 steps old; L2C keeps its own form.
+        if cfg.straight_through is None:
+            cfg.straight_through = not is_l2c
+        if cfg.tie_steps is None:
+            cfg.tie_steps = not is_l2c
+        if cfg.max_age == "auto":
+            cfg.max_age = None if is_l2c else 2
         if cfg.max_age is not None:
             from .schedule import _check_max_age
 
             _check_max_age(cfg.max_age)
-        is_l2c = cfg.method == "l2c"
         if cfg.lr is None:
             # The authors' lr (0.01; L2C 1e-3) over their ~1 000 updates per row, or as much as lets a
             # row cross half the logit range in the updates this run gives it, whichever is larger.
@@ -632,9 +640,9 @@ def train_router(
     lambda_variant: LambdaVariant = "marginal",
     lambda_batch_size: int | None = None,
     lambda_on: LambdaOn = "soft",
-    straight_through: bool = False,
-    max_age: int | None = None,
-    tie_steps: bool = False,
+    straight_through: bool | None = None,
+    max_age: int | None | Literal["auto"] = "auto",
+    tie_steps: bool | None = None,
     write_threshold: float = 0.1,
     threshold: float = 0.1,
     seed: int = 0,
@@ -677,11 +685,16 @@ def train_router(
         lambda_on: ``"soft"`` measures λ with the soft router (the paper), ``"hard"`` with its hard
             schedule at ``threshold`` (what inference runs). Same cost: ~T²/2 sampling forwards.
         straight_through: train on the hard forward (units computed iff r > ``threshold``, the
-            trajectory inference runs) with the soft gradient through r.
+            trajectory inference runs) with the soft gradient through r. Default: on for
+            ``"harmonica"``, off for L2C.
         max_age: cap on the age of a reused cache entry in steps (None: no cap); over it a unit
-            computes, in training and in the router's schedule.
+            computes, in training and in the router's schedule. Default ``"auto"``: 2 for
+            ``"harmonica"``, none for L2C.
         tie_steps: one logit per step shared by its units (the row moves as its mean): the router
-            reuses whole steps, whose features stay consistent with each other.
+            reuses whole steps, whose features stay consistent with each other. Default: on for
+            ``"harmonica"``, off for L2C. The paper's method is ``straight_through=False,
+            max_age=None, tie_steps=False``; these defaults measured 39.6 against its 32.9 dB at 40 %
+            usage on the reference model (README "Learned routers").
         write_threshold: the student's blend is written to the cache where r exceeds it.
         threshold: τ of the saved router's schedule (used for the reported CUR and budget mode).
         seed: seeds the router's initial logits and every draw of noise, classes and data.

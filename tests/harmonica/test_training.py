@@ -26,6 +26,8 @@ from harmonica.training import (
 from .tiny_models import CAPTION_CHANNELS, TEXT_TOKENS, ddim, tiny_dit, tiny_pixart
 
 STEPS = 5
+PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False)
+"""The paper's method (train_router's defaults add straight-through, an age cap and tied steps)."""
 
 
 def _setup(model, scheduler=None, guidance=1.5) -> _Setup:
@@ -198,7 +200,9 @@ def test_leave_one_out_lambda_matches_independent_runs(dit):
 def test_training_pulls_logits_by_the_budget_term():
     """β = 0: only fidelity, r rises (nothing cached); a large β: r falls (much cached)."""
     scheduler = ddim()
-    common = dict(num_steps=STEPS, iterations=4 * (STEPS - 1), batch_size=2, lr=1.0, progress=False)
+    common = dict(
+        num_steps=STEPS, iterations=4 * (STEPS - 1), batch_size=2, lr=1.0, progress=False, **PUBLISHED
+    )
     keep = train_router(tiny_dit(), scheduler, beta=0.0, lambda_variant="none", **common)
     cache = train_router(tiny_dit(), scheduler, beta=1.0, lambda_variant="none", **common)
     start = Router.for_model(tiny_dit(), STEPS).logits[1:]
@@ -221,6 +225,7 @@ def test_budget_mode_steers_beta_by_the_cache_usage_ratio():
         target_cur=target,
         lambda_every=7 * (STEPS - 1),
         progress=False,
+        **PUBLISHED,
     )
     history = result.history
     assert history[0]["cur"] < 0.2
@@ -374,6 +379,7 @@ def test_pixart_trains_with_a_prompt_pool():
         lambda_variant="none",
         prompt_embeds=torch.randn(3, TEXT_TOKENS, CAPTION_CHANNELS, generator=gen),
         progress=False,
+        **PUBLISHED,
     )
     assert result.router.unit_names == units(model)
     assert any(name.endswith("attn2") for name in result.router.unit_names)
@@ -493,7 +499,9 @@ def test_evidence_pipeline_on_a_reduced_setting(tmp_path):
 def _config(**overrides):
     from harmonica.training import TrainingConfig
 
-    return TrainingConfig(num_steps=STEPS, **{"batch_size": 2, "beta": 0.0, **overrides}).resolved()
+    return TrainingConfig(
+        num_steps=STEPS, **{"batch_size": 2, "beta": 0.0, **PUBLISHED, **overrides}
+    ).resolved()
 
 
 def test_an_iteration_at_step_t_moves_only_row_t_as_adamw_on_that_row_alone(dit):
@@ -621,8 +629,16 @@ def test_max_age_caps_the_age_of_reused_entries():
 
 def test_training_with_an_age_cap_gives_a_router_within_it():
     result = train_router(
-        tiny_dit(num_layers=1), ddim(), num_steps=6, iterations=10, batch_size=1, lr=0.5,
-        target_cur=0.5, max_age=1, lambda_variant="none", progress=False,
+        tiny_dit(num_layers=1),
+        ddim(),
+        num_steps=6,
+        iterations=10,
+        batch_size=1,
+        lr=0.5,
+        target_cur=0.5,
+        max_age=1,
+        lambda_variant="none",
+        progress=False,
     )
     schedule = result.router.to_schedule()
     assert schedule.max_age() <= 1 and result.router.max_age == 1

@@ -34,13 +34,22 @@ from ..search import schedule_router
 from ..training import train_router
 from . import ASSETS, load_model, load_scheduler
 
+_PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False)
 RUNS = {
-    "harmonica": dict(method="harmonica", lambda_variant="marginal"),
+    "harmonica": dict(method="harmonica", lambda_variant="marginal", **_PUBLISHED),
     "harmonica-plus": dict(
-        method="harmonica", lambda_variant="marginal", lambda_on="hard", straight_through=True
+        method="harmonica",
+        lambda_variant="marginal",
+        lambda_on="hard",
+        **{**_PUBLISHED, "straight_through": True},
     ),
     "harmonica-plus-age2": dict(
-        method="harmonica", lambda_variant="marginal", lambda_on="hard", straight_through=True, max_age=2
+        method="harmonica",
+        lambda_variant="marginal",
+        lambda_on="hard",
+        straight_through=True,
+        max_age=2,
+        tie_steps=False,
     ),
     "harmonica-steps": dict(
         method="harmonica",
@@ -49,8 +58,8 @@ RUNS = {
         max_age=2,
         tie_steps=True,
     ),
-    "harmonica-loo": dict(method="harmonica", lambda_variant="leave_one_out"),
-    "sdt": dict(method="harmonica", lambda_variant="none"),
+    "harmonica-loo": dict(method="harmonica", lambda_variant="leave_one_out", **_PUBLISHED),
+    "sdt": dict(method="harmonica", lambda_variant="none", **_PUBLISHED),
     "l2c": dict(method="l2c"),
 }
 
