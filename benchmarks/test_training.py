@@ -197,4 +197,5 @@ def test_default_router_training_on_the_reference_model(recorder, device):
             cur=result.router.training_settings["cur"],
         ),
     )
-    assert abs(result.router.training_settings["cur"] - 0.35) <= 0.05
+    # tied steps: the usage moves by whole steps (1 / T), so it lands within half a step of 35 %
+    assert abs(result.router.training_settings["cur"] - 0.35) <= 0.5 / steps + 1e-6
