@@ -2,7 +2,7 @@
 
 By default the search reuses whole steps (every unit of a step together, so the step's features stay
 consistent with each other; reusing single units one at a time by their isolated costs measured
-2–4 dB below whole-step reuse on the reference model), and single units only for a remainder
+3–4 dB below evenly spaced whole-step reuse on the reference model), and single units only for a remainder
 smaller than a step (``granularity="unit"`` searches units throughout).
 
 ``search_schedule(model, scheduler, num_steps=T, target_cur=0.4)`` builds a hard ``[T, U]`` schedule
