@@ -28,6 +28,7 @@ import copy
 import functools
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -241,6 +242,13 @@ def search_schedule(
                 if taken == 0:
                     break
             schedules[float(target)] = CacheSchedule(mask)
+            if int((~mask).sum()) != goal:
+                reached = schedules[float(target)].cache_usage_ratio
+                warnings.warn(
+                    f"search_schedule reached a cache usage of {reached:.1%} for the target {target:.1%}: "
+                    f"no entry may flip further (max_age={max_age}); raise max_age or lower the target",
+                    stacklevel=2,
+                )
     finally:
         if bar is not None:
             bar.close()
