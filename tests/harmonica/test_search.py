@@ -140,6 +140,12 @@ def test_cli_search_writes_a_schedule_router_and_refuses_bad_targets(tmp_path, c
 def test_a_target_the_age_cap_forbids_is_reached_as_far_as_possible_and_said():
     with pytest.warns(UserWarning, match=r"reached a cache usage of 40.0% for the target 70.0%.*max_age=1"):
         result = search_schedule(
-            tiny_dit(num_layers=1), ddim(), num_steps=5, target_cur=0.7, max_age=1, batch_size=1, progress=False
+            tiny_dit(num_layers=1),
+            ddim(),
+            num_steps=5,
+            target_cur=0.7,
+            max_age=1,
+            batch_size=1,
+            progress=False,
         )
     assert result.schedule.max_age() == 1
