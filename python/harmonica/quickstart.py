@@ -3,8 +3,8 @@
 Methods: the full schedule, FORA N=2 and N=3, and the routers packaged with the reference model for
 the chosen step count (``assets/routers/*-T<steps>.safetensors``: HarmoniCa in several forms, SDT-only,
 L2C, and the searched schedules, made by ``python -m harmonica.reference.train_routers``), a router
-trained by the quickstart itself (a
-short SDT + IEPO run, so that the report shows training end to end), plus any router files given.
+trained by the quickstart itself (a short SDT + IEPO run, so that the report shows training end to
+end), plus any router files given.
 With ``peers`` the report also holds :func:`harmonica.compare` on a reduced sweep of the
 training-free peers (diffusers' FirstBlockCache, TaylorSeer, MagCache, PAB; cache-dit's DBCache when
 installed) next to FORA and the same routers, in ``compare/``.
