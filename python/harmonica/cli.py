@@ -273,7 +273,7 @@ def _device(name: str | None) -> str:
 
 
 def _max_age(text: str) -> int | str | None:
-    """``--max-age``: a step count >= 1, 'none' (no cap) or 'auto' (train_router's default)."""
+    """``--max-age``: a step count >= 1, 'none' (no cap) or, for train, 'auto' (train_router's default)."""
     if text.strip().lower() in ("none", "auto"):
         return None if text.strip().lower() == "none" else "auto"
     try:
@@ -400,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-cur", type=float, required=True, help="cache usage ratio to reach, in (0, 1)")
     r.add_argument("--start", default=None, help="a trained router file to polish to the target")
     r.add_argument(
-        "--max-age", type=int, default=None, help="cap on the age of a reused cache entry, in steps"
+        "--max-age",
+        type=_max_age,
+        default=None,
+        help="cap on the age of a reused cache entry in steps, or 'none'",
     )
     r.add_argument("--rounds", type=int, default=4, help="cost measurements on the way to the target")
     r.add_argument("--batch", type=int, default=8, help="noise samples the errors are measured on")

@@ -19,11 +19,16 @@
 Memory. Only the student's forward keeps activations (one step of the backbone, parameters frozen);
 the teacher runs without autograd, no gradient crosses steps (cache and x_t are detached).
 
-Budget mode. ``target_cur`` adapts β after every trajectory, multiplicatively (at most ×2), until the
-router's hard schedule (threshold τ) reaches that cache usage ratio; this is how routers of different
-methods are compared at the same compute. Without a given β, the first trajectory trains fidelity
-alone and measures, at each step, λ_t · MSE(all units cached, teacher) / U: the mean per-unit cost
-of caching; β starts at its mean.
+Defaults. SDT trains straight-through (the hard forward of inference, the soft gradient), with reused
+entries at most 2 steps old and one logit per step (``tie_steps``), which measured best on the
+reference model; ``straight_through=False, max_age=None, tie_steps=False`` is the published method.
+
+Budget mode. ``target_cur`` steers β after every trajectory by bisection in log β (×2 steps, halved
+at every crossing of the target), then one constant shift of the trained logits sets the router's
+hard schedule (threshold τ) to the closest reachable cache usage ratio; this is how routers of
+different methods are compared at the same compute. Without a given β, the first trajectory trains
+fidelity alone and measures, at each step, λ_t · MSE(all units cached, teacher) / U: the mean
+per-unit cost of caching; β starts at its mean.
 
 Multi-process. Under ``torchrun`` (or any initialised ``torch.distributed`` group; gloo on CPU, nccl
 on CUDA) every rank draws the same global batch from the seed and keeps its shard; gradients of the
