@@ -1,4 +1,5 @@
-"""Cache schedules: which unit is computed at which denoising step (METHOD.md §1–2, §7)."""
+"""Cache schedules: which unit is computed, reused or forecast at which denoising step
+(METHOD.md §1–2, §7)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from torch import nn
 
 from .models import DEFAULT_TEXT_TOKENS, flop_profile, units
 
-__all__ = ["CacheSchedule"]
+__all__ = ["CacheSchedule", "FORECAST_RULES", "forecast_coefficients"]
+
+MAX_ORDER = 2
+FORECAST_RULES = ("taylor", "newton")
+DEFAULT_RULE = "taylor"
 
 
 class CacheSchedule:
@@ -21,12 +26,20 @@ class CacheSchedule:
     step that computed it) enters the residual with the current step's gate. Row 0 must compute
     every unit, because the cache is empty at the first step.
 
+    A reused entry may instead be *forecast* (``orders[t, k]`` = 1 or 2): the unit's output is
+    extrapolated from its last ``order + 1`` computed outputs ``c0`` (newest), ``c1``, ``c2`` as
+    ``c0 + a·(c0 − c1) + b·(c0 − 2c1 + c2)``, with ``(a, b) = coefficients[t, k]``. By default the
+    coefficients follow from the step distances (:func:`forecast_coefficients`); learned ones can
+    replace them (:meth:`with_coefficients`). An order-k entry needs k + 1 earlier computes of its
+    unit; the constructor refuses one that has fewer, and :meth:`fora` / :meth:`with_forecast` lower
+    such entries to the order their history allows (plain reuse right after the first compute).
+
     Nothing in a schedule depends on the input, so the whole run is known before it starts.
     """
 
-    __slots__ = ("_compute", "_rows")
+    __slots__ = ("_compute", "_rows", "_orders", "_order_rows", "_coefficients")
 
-    def __init__(self, compute: Any) -> None:
+    def __init__(self, compute: Any, orders: Any = None, coefficients: Any = None) -> None:
         mask = torch.as_tensor(compute).detach().to("cpu")
         if mask.dtype != torch.bool:
             if mask.is_floating_point() or mask.is_complex():
@@ -50,8 +63,18 @@ class CacheSchedule:
         self._compute = mask.clone()
         # Equal rows share one tuple object: per-step decisions are host constants, and a compiled
         # transformer sees one graph per distinct row.
-        interned: dict[tuple[bool, ...], tuple[bool, ...]] = {}
+        interned: dict[tuple, tuple] = {}
         self._rows = tuple(interned.setdefault(row, row) for row in map(tuple, mask.tolist()))
+        self._orders = _check_orders(orders, mask)
+        # (its own table: a row of 0s equals a row of Falses in Python)
+        interned_orders: dict[tuple, tuple] = {}
+        self._order_rows = tuple(
+            interned_orders.setdefault(row, row) for row in map(tuple, self._orders.tolist())
+        )
+        if coefficients is None:
+            self._coefficients = forecast_coefficients(mask, self._orders) if self.forecasts else None
+        else:
+            self._coefficients = _check_coefficients(coefficients, mask, self._orders)
 
     @classmethod
     def from_mask(cls, mask: Any) -> CacheSchedule:
@@ -68,13 +91,20 @@ class CacheSchedule:
         return cls(torch.ones(num_steps, num_units, dtype=torch.bool))
 
     @classmethod
-    def fora(cls, num_steps: int, num_units: int, interval: int) -> CacheSchedule:
-        """FORA (METHOD.md §7): all units computed on steps ``t % interval == 0``, reused otherwise."""
+    def fora(
+        cls, num_steps: int, num_units: int, interval: int, order: int = 0, *, rule: str = DEFAULT_RULE
+    ) -> CacheSchedule:
+        """FORA (METHOD.md §7): all units computed on steps ``t % interval == 0``, reused otherwise.
+
+        ``order`` 1 or 2 forecasts the skipped steps from the last computed outputs instead of reusing
+        them (TaylorSeer's static form with ``rule="taylor"``); entries with less history than the
+        order asks (the first ``order`` intervals) use the highest order their history allows.
+        """
         _check_size(num_steps, num_units)
-        if not isinstance(interval, int) or interval < 1:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
         steps = torch.arange(num_steps) % interval == 0
-        return cls(steps[:, None].expand(num_steps, num_units))
+        return cls(steps[:, None].expand(num_steps, num_units)).with_forecast(order, rule=rule)
 
     @classmethod
     def even_steps(cls, num_steps: int, num_units: int, usage: float) -> CacheSchedule:
@@ -90,6 +120,18 @@ class CacheSchedule:
             mask[[1 + int((i + 0.5) * spacing) for i in range(count)]] = False  # centred in its span
         return cls(mask)
 
+    def with_forecast(self, order: int, *, rule: str = DEFAULT_RULE) -> CacheSchedule:
+        """This schedule with every reused entry forecast at ``order`` (0 = plain reuse), lowered where
+        the unit has fewer than ``order + 1`` earlier computes; coefficients from ``rule``."""
+        order = _check_order(order)
+        orders = torch.where(self._compute, 0, available_orders(self._compute).clamp(0, order))
+        return CacheSchedule(self._compute, orders, forecast_coefficients(self._compute, orders, rule=rule))
+
+    def with_coefficients(self, coefficients: Any) -> CacheSchedule:
+        """This schedule with forecast coefficients ``[T, U, 2]`` (``a``, ``b`` per entry) replaced,
+        e.g. by ones fitted on teacher trajectories; entries that are not forecast must hold zeros."""
+        return CacheSchedule(self._compute, self._orders, coefficients)
+
     def with_max_age(self, max_age: int | None) -> CacheSchedule:
         """This schedule with every reuse of an entry older than ``max_age`` steps turned into a compute.
 
@@ -104,7 +146,12 @@ class CacheSchedule:
         for t in range(1, mask.shape[0]):
             mask[t] |= t - last > max_age
             last[mask[t]] = t
-        return CacheSchedule(mask)
+        orders = torch.where(mask, 0, self._orders)
+        return (
+            CacheSchedule(mask, orders, forecast_coefficients(mask, orders))
+            if self.forecasts
+            else CacheSchedule(mask)
+        )
 
     def max_age(self) -> int:
         """The oldest cache entry the schedule reuses, in steps (0 when nothing is reused)."""
@@ -138,6 +185,37 @@ class CacheSchedule:
         return self._rows
 
     @property
+    def orders(self) -> torch.Tensor:
+        """A copy of the ``[T, U]`` forecast orders (int8; 0 at computed and plainly reused entries)."""
+        return self._orders.clone()
+
+    @property
+    def order_rows(self) -> tuple[tuple[int, ...], ...]:
+        """The orders as Python ints, one tuple per step (equal rows are the same object)."""
+        return self._order_rows
+
+    @property
+    def forecasts(self) -> bool:
+        """Whether any entry is forecast (order ≥ 1)."""
+        return bool(self._orders.any())
+
+    @property
+    def coefficients(self) -> torch.Tensor:
+        """A copy of the ``[T, U, 2]`` forecast coefficients ``(a, b)`` (float64; zeros where no
+        entry is forecast)."""
+        if self._coefficients is None:
+            return torch.zeros(*self._compute.shape, 2, dtype=torch.float64)
+        return self._coefficients.clone()
+
+    @property
+    def history_sizes(self) -> tuple[int, ...]:
+        """Per unit: how many computed outputs the cache must hold (0 for a unit never reused, 1 for
+        plain reuse, order + 1 for forecasting)."""
+        reused = ~self._compute.all(dim=0)
+        sizes = torch.where(reused, self._orders.amax(dim=0).long() + 1, 0)
+        return tuple(sizes.tolist())
+
+    @property
     def reused_units(self) -> tuple[bool, ...]:
         """Per unit: whether any step reuses it (such units need a cache buffer)."""
         return tuple(not bool(col) for col in self._compute.all(dim=0).tolist())
@@ -166,16 +244,134 @@ class CacheSchedule:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CacheSchedule):
             return NotImplemented
-        return self._rows == other._rows
+        return (
+            self._rows == other._rows
+            and self._order_rows == other._order_rows
+            and torch.equal(self.coefficients, other.coefficients)
+        )
 
     def __hash__(self) -> int:
-        return hash(self._rows)
+        return hash((self._rows, self._order_rows))
 
     def __repr__(self) -> str:
+        forecast = f", max_order={int(self._orders.max())}" if self.forecasts else ""
         return (
             f"CacheSchedule(num_steps={self.num_steps}, num_units={self.num_units}, "
-            f"cache_usage_ratio={self.cache_usage_ratio:.3f})"
+            f"cache_usage_ratio={self.cache_usage_ratio:.3f}{forecast})"
         )
+
+
+def available_orders(compute: torch.Tensor) -> torch.Tensor:
+    """``[T, U]``: the highest forecast order each entry's history allows (computes of its unit
+    before step t, minus one; −1 where there is none)."""
+    before = compute.long().cumsum(dim=0) - compute.long()
+    return (before - 1).clamp(max=MAX_ORDER)
+
+
+def forecast_coefficients(
+    compute: torch.Tensor, orders: torch.Tensor, *, rule: str = DEFAULT_RULE
+) -> torch.Tensor:
+    """``[T, U, 2]`` coefficients ``(a, b)`` of ``c0 + a·(c0 − c1) + b·(c0 − 2c1 + c2)`` from the step
+    distances, in step index: ``d = t − s0`` to the newest compute ``s0``, ``h0 = s0 − s1``,
+    ``h1 = s1 − s2`` between the computes before it.
+
+    - ``"taylor"`` (TaylorSeer): a Taylor series around ``s0`` whose derivatives are backward
+      differences, each order divided by the latest distance ``h0``:
+      ``c0 + d·Δ1 + d²/2·Δ2``, ``Δ1 = (c0 − c1)/h0``, ``Δ2 = ((c0 − c1)/h0 − (c1 − c2)/h1)/h0``.
+    - ``"newton"``: the polynomial through the last ``order + 1`` computed points, evaluated at t.
+
+    Order 1 is the same under both rules (``a = d/h0``).
+    """
+    if rule not in FORECAST_RULES:
+        raise ValueError(f"rule must be one of {FORECAST_RULES}, got {rule!r}")
+    steps, num_units = compute.shape
+    table = torch.zeros(steps, num_units, 2, dtype=torch.float64)
+    for k in range(num_units):
+        computed: list[int] = []
+        for t in range(steps):
+            if bool(compute[t, k]):
+                computed.append(t)
+                continue
+            order = int(orders[t, k])
+            if order == 0:
+                continue
+            s0 = computed[-1]
+            d, h0 = t - s0, s0 - computed[-2]
+            if order == 1:
+                table[t, k, 0] = d / h0
+                continue
+            h1 = computed[-2] - computed[-3]
+            if rule == "taylor":
+                A, B = d / h0 + d * d / (2 * h0 * h0), -d * d / (2 * h0 * h1)
+            else:
+                A = d / h0 + d * (d + h0) / (h0 * (h0 + h1))
+                B = -d * (d + h0) / (h1 * (h0 + h1))
+            # c0 + A·(c0 − c1) + B·(c1 − c2), with c1 − c2 = (c0 − c1) − (c0 − 2c1 + c2)
+            table[t, k, 0], table[t, k, 1] = A + B, -B
+    return table
+
+
+def _check_order(order: Any) -> int:
+    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
+        raise ValueError(
+            f"order is the forecast order: 0 (plain reuse), 1 or 2 (Taylor forecasting), got {order!r}"
+        )
+    return order
+
+
+def _check_orders(orders: Any, compute: torch.Tensor) -> torch.Tensor:
+    if orders is None:
+        return torch.zeros(compute.shape, dtype=torch.int8)
+    table = torch.as_tensor(orders).detach().to("cpu")
+    if table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise TypeError(f"forecast orders are integers 0–{MAX_ORDER}, got dtype {table.dtype}")
+    if table.shape != compute.shape:
+        raise ValueError(
+            f"orders must match the schedule's shape {tuple(compute.shape)}, got {tuple(table.shape)}"
+        )
+    if bool(((table < 0) | (table > MAX_ORDER)).any()):
+        raise ValueError(
+            "forecast orders must be 0 (plain reuse), 1 or 2; got values "
+            f"{sorted(set(table.unique().tolist()))}"
+        )
+    table = table.to(torch.int8)
+    if bool((table[compute] != 0).any()):
+        t, k = (table.ne(0) & compute).nonzero()[0].tolist()
+        raise ValueError(
+            f"entry (step {t}, unit {k}) is computed but has forecast order {int(table[t, k])}; "
+            "orders apply to reused entries only (set them to 0 where the mask computes)"
+        )
+    short = (table > 0) & (table.long() > available_orders(compute))
+    if bool(short.any()):
+        t, k = short.nonzero()[0].tolist()
+        have = int((compute[:t, k]).sum())
+        raise ValueError(
+            f"entry (step {t}, unit {k}) asks for an order-{int(table[t, k])} forecast but its unit was "
+            f"computed only {have} time(s) before; an order-k forecast needs k + 1 earlier computes. Lower "
+            "that entry's order, or build the orders with CacheSchedule.with_forecast(order), which does"
+        )
+    return table
+
+
+def _check_coefficients(
+    coefficients: Any, compute: torch.Tensor, orders: torch.Tensor
+) -> torch.Tensor | None:
+    table = torch.as_tensor(coefficients).detach().to("cpu")
+    if not table.is_floating_point():
+        raise TypeError(f"forecast coefficients are floats, got dtype {table.dtype}")
+    if table.shape != (*compute.shape, 2):
+        raise ValueError(
+            f"forecast coefficients are [T, U, 2] = {(*compute.shape, 2)} (a, b per entry), "
+            f"got {tuple(table.shape)}"
+        )
+    table = table.to(torch.float64)
+    if not bool(torch.isfinite(table).all()):
+        raise ValueError("forecast coefficients must be finite")
+    if bool((table[orders == 0] != 0).any()):
+        raise ValueError("forecast coefficients must be zero at entries that are not forecast (order 0)")
+    if bool((table[orders == 1][:, 1] != 0).any()):
+        raise ValueError("an order-1 entry has no second difference: its coefficient b must be zero")
+    return table.clone() if bool(orders.any()) else None
 
 
 def _check_max_age(max_age: Any) -> None:
