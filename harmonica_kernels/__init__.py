@@ -2,8 +2,9 @@
 
 Ops (registered as ``torch.ops.harmonica.*`` by the C++ extension, ``torch.ops.harmonica.triton_*``
 by the Triton backend): :func:`cached_gated_residual`, :func:`gated_residual_update_`,
-:func:`routed_gated_residual`, :func:`gated_residual_norm_modulate`. See :mod:`.reference` for the
-maths and ``python -m harmonica_kernels.info`` for what is built here.
+:func:`routed_gated_residual`, :func:`gated_residual_norm_modulate`, and the forecast reads
+:func:`forecast_gated_residual`, :func:`forecast_residual_norm_modulate` (inference-only). See
+:mod:`.reference` for the maths and ``python -m harmonica_kernels.info`` for what is built here.
 """
 
 from ._backend import (
@@ -16,6 +17,8 @@ from ._backend import (
 )
 from .ops import (
     cached_gated_residual,
+    forecast_gated_residual,
+    forecast_residual_norm_modulate,
     gated_residual_norm_modulate,
     gated_residual_update_,
     routed_gated_residual,
@@ -28,6 +31,8 @@ _ensure_loaded()
 __all__ = [
     "available_backends",
     "cached_gated_residual",
+    "forecast_gated_residual",
+    "forecast_residual_norm_modulate",
     "gated_residual_norm_modulate",
     "gated_residual_update_",
     "get_backend",

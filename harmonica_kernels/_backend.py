@@ -44,6 +44,8 @@ _OP_NAMES = (
     "routed_gated_residual",
     "routed_gated_residual_backward",
     "gated_residual_norm_modulate",
+    "forecast_gated_residual",
+    "forecast_residual_norm_modulate",
 )
 
 
@@ -53,6 +55,9 @@ class _ExtensionOps(ModuleType):
     def __init__(self) -> None:
         super().__init__("harmonica_kernels._C_ops")
         for name in _OP_NAMES:
+            if not hasattr(torch.ops.harmonica, name):  # TEMPORARY: until the C++ forecast ops land
+                setattr(self, name, getattr(reference, name))
+                continue
             setattr(self, name, getattr(torch.ops.harmonica, name).default)
 
 
@@ -85,6 +90,7 @@ def _load_extension() -> None:
 
     _meta.register_fakes()
     _meta.register_routed_autograd()
+    _meta.register_inference_only()
     ops = _ExtensionOps()
     raw = _raw_entries(ops)
     if _has_kernel("CPU"):

@@ -51,19 +51,63 @@ def fake_gated_residual_norm_modulate(x, gate, y, shift, scale, eps, cache, reus
     return x_out, h
 
 
+def fake_forecast_gated_residual(x, gate, c0, c1, c2, coeffs):
+    _check_devices(x, gate, c0, c1, c2, coeffs)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def fake_forecast_residual_norm_modulate(x, gate, c0, c1, c2, coeffs, shift, scale, eps):
+    _check_devices(x, gate, c0, c1, c2, coeffs, shift, scale)
+    x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x_out, h
+
+
 FAKES: dict[str, Callable] = {
     "cached_gated_residual": fake_cached_gated_residual,
     "gated_residual_update_": fake_gated_residual_update_,
     "routed_gated_residual": fake_routed_gated_residual,
     "routed_gated_residual_backward": fake_routed_gated_residual_backward,
     "gated_residual_norm_modulate": fake_gated_residual_norm_modulate,
+    "forecast_gated_residual": fake_forecast_gated_residual,
+    "forecast_residual_norm_modulate": fake_forecast_residual_norm_modulate,
 }
+
+# Inference-only ops: no gradient formula (the forecast reads serve cached steps of a sampler).
+INFERENCE_ONLY = ("forecast_gated_residual", "forecast_residual_norm_modulate")
+
+
+def _defined(qualname: str) -> bool:
+    namespace, name = qualname.split("::")
+    return hasattr(getattr(torch.ops, namespace), name)
 
 
 def register_fakes(prefix: str = "") -> None:
     """Register the fake impls for ``harmonica::{prefix}{name}`` for every op name."""
     for name, fn in FAKES.items():
-        torch.library.register_fake(f"harmonica::{prefix}{name}", fn)
+        qualname = f"harmonica::{prefix}{name}"
+        if name in INFERENCE_ONLY and not _defined(qualname):
+            continue  # TEMPORARY: the forecast ops' schemas land backend by backend
+        torch.library.register_fake(qualname, fn)
+
+
+def register_inference_only(prefix: str = "") -> None:
+    """Give the inference-only ops an autograd formula that refuses clearly: a direct call of
+    ``torch.ops.harmonica.{prefix}forecast_*`` with inputs that require grad then fails at
+    backward with this message, not with the dispatcher's generic one. (The public functions
+    refuse such calls before running anything.)"""
+    for name in INFERENCE_ONLY:
+        qualname = f"harmonica::{prefix}{name}"
+        if not _defined(qualname):
+            continue  # TEMPORARY: the forecast ops' schemas land backend by backend
+
+        def backward(ctx, *grads, _name=name):
+            raise RuntimeError(
+                f"harmonica: {_name} is inference-only and has no gradient formula; call it under "
+                "torch.no_grad() or torch.inference_mode(), or pass detached tensors"
+            )
+
+        torch.library.register_autograd(qualname, backward)
 
 
 def register_routed_autograd(prefix: str = "") -> None:

@@ -6,6 +6,13 @@ maths): ``x``/``branch``/``y``/``cache`` are ``[B, N, D]``; ``gate``/``shift``/`
 the kernels without a copy as long as their last dim has unit stride); fp32/fp16/bf16 with fp32
 arithmetic; the cache may be stored in a different float dtype than the activations.
 
+Forecasting: :func:`forecast_gated_residual` and :func:`forecast_residual_norm_modulate` read a
+unit's history ``c0`` (newest) ``c1``, ``c2`` and the device-side coefficients ``coeffs = (a, b)``.
+They are inference-only (no gradient formula). There is no history-update op: on a compute step
+the engine writes the fresh output into its *oldest* history buffer with
+:func:`gated_residual_update_` and rotates its Python references ``(c0, c1, c2) <- (oldest, c0,
+c1)`` -- indices rotate, tensors never move or get copied.
+
 Dispatch. Each call is validated once, then runs one of two paths:
 
 - eager (the common case: not traced by ``torch.compile``, no gradient needed): the backend's
@@ -236,3 +243,162 @@ def gated_residual_norm_modulate(
     return _impl(x, x, gate, y, shift, scale).gated_residual_norm_modulate(
         x, gate, y, shift, scale, float(eps), cache, bool(reuse)
     )
+
+
+# ---- forecasting -----------------------------------------------------------------------------
+
+
+def _inference_only(name: str, *tensors: object) -> None:
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"harmonica: {name} is inference-only and has no gradient formula; call it under "
+            "torch.no_grad() or torch.inference_mode(), or pass detached tensors"
+        )
+
+
+def _history(
+    x: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor | None, c2: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The history buffers: x's shape and device, one float dtype for all three (x's or another),
+    none of them sharing memory with x."""
+    if c2 is not None and c1 is None:
+        raise ValueError("c2 given without c1: a second-order forecast needs c0, c1 and c2 (pass c1)")
+    checked = []
+    for name, c in (("c0", c0), ("c1", c1), ("c2", c2)):
+        if c is None:
+            checked.append(None)
+            continue
+        c = _like_x(c, x, name, same_dtype=False)
+        if c.dtype != c0.dtype:
+            raise TypeError(
+                f"{name} has dtype {c.dtype} but c0 has {c0.dtype}; store the history in one dtype"
+            )
+        if not _is_compiling():
+            start, t_start = x.data_ptr(), c.data_ptr()
+            end, t_end = start + x.numel() * x.element_size(), t_start + c.numel() * c.element_size()
+            if t_start < end and start < t_end:
+                raise ValueError(
+                    f"{name} shares memory with x; the history holds the unit's cached outputs, not the "
+                    "residual stream"
+                )
+        checked.append(c)
+    return checked[0], checked[1], checked[2]
+
+
+def _coeff_tensor(coeffs: object, x: torch.Tensor) -> torch.Tensor:
+    """``coeffs`` as the fp32 ``[2]`` device tensor the kernels read; a tuple/list is converted."""
+    if coeffs is None:
+        raise ValueError("coeffs (a, b) is required for a forecast of order 1 or 2 (c1 given)")
+    if isinstance(coeffs, (tuple, list)):
+        return _coeffs_from_sequence(coeffs, x)
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(
+            f"coeffs must be a float32 tensor of shape [2] or a pair of floats, got {type(coeffs).__name__}"
+        )
+    if coeffs.shape != (2,):
+        raise ValueError(f"coeffs must have shape [2] (a, b), got {tuple(coeffs.shape)}")
+    if coeffs.dtype != torch.float32:
+        raise TypeError(f"coeffs must be float32, got {coeffs.dtype}")
+    if coeffs.device != x.device:
+        raise ValueError(
+            f"coeffs is on {coeffs.device} but x is on {x.device}; keep the coefficients on x's device "
+            "(the kernel reads them there, without a host sync)"
+        )
+    return coeffs.contiguous()
+
+
+def _coeffs_from_sequence(coeffs: tuple | list, x: torch.Tensor) -> torch.Tensor:
+    if len(coeffs) != 2 or not all(isinstance(c, (int, float)) for c in coeffs):
+        raise ValueError(f"coeffs must be a pair of floats (a, b), got {coeffs!r}")
+    return torch.tensor([float(c) for c in coeffs], dtype=torch.float32, device=x.device)
+
+
+def forecast_gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None = None,
+    c2: torch.Tensor | None = None,
+    coeffs: torch.Tensor | tuple[float, float] | list[float] | None = None,
+) -> torch.Tensor:
+    """``out = x + gate * (c0 + a (c0 - c1) + b (c0 - 2 c1 + c2))`` in one pass over memory.
+
+    The residual of a unit forecast from its last computed outputs (TaylorSeer-style finite
+    differences in the step index). Inference-only: inputs that require grad (with grad enabled)
+    are refused.
+
+    Args:
+        x: ``[B, N, D]`` residual stream, fp32/fp16/bf16.
+        gate: ``[B, D]``/``[B, 1, D]`` in x's dtype (batch B or 1, strided views accepted), or None.
+        c0, c1, c2: ``[B, N, D]`` history, newest first, in one float dtype (may differ from x's,
+            e.g. bf16 history under fp32 activations). ``c1 = c2 = None``: plain reuse
+            (``x + gate * c0``, ``coeffs`` ignored); ``c2 = None``: first order (``b`` ignored);
+            all three: second order. ``c2`` without ``c1`` is an error.
+        coeffs: ``(a, b)`` as a float32 tensor of shape ``[2]`` on x's device, read by the kernel
+            from device memory, so a CUDA graph or compiled graph needs nothing recompiled or
+            re-captured when the coefficients change between steps. A Python pair of floats is
+            also accepted and converted here, which on a GPU costs a host-to-device copy per call
+            (and cannot be captured in a CUDA graph): keep a device tensor per step instead.
+    Returns:
+        A new contiguous ``[B, N, D]`` tensor in x's dtype; nothing is written in place.
+    """
+    _inference_only("forecast_gated_residual", x, gate, c0, c1, c2, coeffs)
+    if c1 is None:
+        if c2 is not None:
+            raise ValueError("c2 given without c1: a second-order forecast needs c0, c1 and c2 (pass c1)")
+        return cached_gated_residual(x, gate, c0)
+    checked = _self_checked(x)
+    if checked is not None:
+        try:
+            device_coeffs = _coeffs_from_sequence(coeffs, x) if isinstance(coeffs, (tuple, list)) else coeffs
+            return checked.forecast_gated_residual(x, gate, c0, c1, c2, device_coeffs)
+        except _OP_ERRORS:
+            pass  # validated below: a clear error, or a normalised input the op accepts
+    x = _activation(x)
+    c0, c1, c2 = _history(x, c0, c1, c2)
+    coeffs = _coeff_tensor(coeffs, x)
+    gate = _row(gate, x, "gate")
+    return _impl(x).forecast_gated_residual(x, gate, c0, c1, c2, coeffs)
+
+
+def forecast_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None,
+    c2: torch.Tensor | None,
+    coeffs: torch.Tensor | tuple[float, float] | list[float] | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forecast read fused with the block boundary, in one pass over memory.
+
+    ``x_out = x + gate * (c0 + a (c0 - c1) + b (c0 - 2 c1 + c2))`` as
+    :func:`forecast_gated_residual` (same orders, history and ``coeffs`` conventions), then
+    ``h = LayerNorm(x_out) * (1 + scale) + shift`` over D from the fp32 ``x_out`` (no affine
+    weights, biased variance), as :func:`gated_residual_norm_modulate` with ``reuse=True``.
+    ``shift``/``scale`` like gate, but required. Inference-only. Returns ``(x_out, h)``, both new
+    contiguous ``[B, N, D]`` tensors in x's dtype.
+    """
+    _inference_only("forecast_residual_norm_modulate", x, gate, c0, c1, c2, coeffs, shift, scale)
+    if c1 is None:
+        if c2 is not None:
+            raise ValueError("c2 given without c1: a second-order forecast needs c0, c1 and c2 (pass c1)")
+        return gated_residual_norm_modulate(x, gate, None, shift, scale, eps, cache=c0, reuse=True)
+    checked = _self_checked(x)
+    if checked is not None:
+        try:
+            device_coeffs = _coeffs_from_sequence(coeffs, x) if isinstance(coeffs, (tuple, list)) else coeffs
+            return checked.forecast_residual_norm_modulate(
+                x, gate, c0, c1, c2, device_coeffs, shift, scale, float(eps)
+            )
+        except _OP_ERRORS:
+            pass  # validated below: a clear error, or a normalised input the op accepts
+    x = _activation(x)
+    c0, c1, c2 = _history(x, c0, c1, c2)
+    coeffs = _coeff_tensor(coeffs, x)
+    gate = _row(gate, x, "gate")
+    shift = _row(shift, x, "shift", optional=False)
+    scale = _row(scale, x, "scale", optional=False)
+    return _impl(x).forecast_residual_norm_modulate(x, gate, c0, c1, c2, coeffs, shift, scale, float(eps))

@@ -7,6 +7,20 @@ dtype: the contract every fused backend follows.
 
 Shapes: ``x``, ``branch``, ``y``, ``cache`` are ``[B, N, D]``; ``gate``, ``shift``, ``scale`` are
 ``[B, D]`` or ``[B, 1, D]`` (batch 1 broadcasts); ``r`` holds one element.
+
+Forecasting (Taylor / finite differences in the step index). A unit's history is up to three
+``[B, N, D]`` buffers ``c0`` (newest computed output), ``c1``, ``c2`` (oldest), in any of the three
+float dtypes (bf16 history halves its memory), and ``coeffs``, an fp32 ``[2]`` tensor ``(a, b)``
+on x's device, read by the kernels from device memory (no host sync; a CUDA graph or a compiled
+graph serves every step, whatever the coefficients). The forecast read is
+
+    v = c0 + a * (c0 - c1) + b * (c0 - 2 * c1 + c2),   out = x + gate * v
+
+with order 0 (``c1 = c2 = None``: plain reuse, ``coeffs`` ignored), order 1 (``c2 = None``: ``b``
+ignored) or order 2. There is no history-update op: a compute step writes its fresh output into
+the *oldest* buffer with :func:`gated_residual_update_` (``out = x + gate * branch``,
+``cache[:] = branch`` in the same pass) and the caller rotates its Python references
+``(c0, c1, c2) <- (oldest, c0, c1)``: indices rotate, tensors never move.
 """
 
 from __future__ import annotations
@@ -103,6 +117,57 @@ def gated_residual_norm_modulate(
     x_out = _gated(x, gate, value)
     if cache is not None and not reuse:
         cache.copy_(y)
+    h = F.layer_norm(x_out, (x.shape[-1],), eps=eps)
+    h = torch.addcmul(_acc(as_row(shift)), h, 1 + _acc(as_row(scale)))
+    return x_out.to(x.dtype), h.to(x.dtype)
+
+
+def _forecast(
+    c0: torch.Tensor, c1: torch.Tensor | None, c2: torch.Tensor | None, coeffs: torch.Tensor | None
+) -> torch.Tensor:
+    """``c0 + a (c0 - c1) + b (c0 - 2 c1 + c2)`` in the accumulation dtype; order from which of
+    c1/c2 are given (order 0: c0 itself)."""
+    v0 = _acc(c0)
+    if c1 is None:
+        return v0
+    a = _acc(coeffs[0])
+    first = v0 - _acc(c1)  # c0 - c1
+    if c2 is None:
+        return v0 + a * first
+    b = _acc(coeffs[1])
+    second = first - (_acc(c1) - _acc(c2))  # c0 - 2 c1 + c2
+    return v0 + a * first + b * second
+
+
+def forecast_gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None = None,
+    c2: torch.Tensor | None = None,
+    coeffs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = x + gate * (c0 + a (c0 - c1) + b (c0 - 2 c1 + c2))`` with ``(a, b) = coeffs``:
+    the residual of a unit forecast from its history (orders 0-2, see the module docstring)."""
+    return _gated(x, gate, _forecast(c0, c1, c2, coeffs)).to(x.dtype)
+
+
+def forecast_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None,
+    c2: torch.Tensor | None,
+    coeffs: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forecast read fused with the block boundary: ``x_out`` as
+    :func:`forecast_gated_residual`, then ``h = LayerNorm(x_out) * (1 + scale) + shift`` from the
+    fp32 ``x_out`` (no affine, biased variance), as :func:`gated_residual_norm_modulate` with
+    ``reuse=True``. Returns ``(x_out, h)`` in x's dtype."""
+    x_out = _gated(x, gate, _forecast(c0, c1, c2, coeffs))
     h = F.layer_norm(x_out, (x.shape[-1],), eps=eps)
     h = torch.addcmul(_acc(as_row(shift)), h, 1 + _acc(as_row(scale)))
     return x_out.to(x.dtype), h.to(x.dtype)
