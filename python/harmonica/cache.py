@@ -5,7 +5,8 @@ a ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` for a :class:`Cached
 that shares the original's submodules (no weight copies) and runs the fused residual ops of
 :mod:`harmonica_kernels`. At step t, unit k is computed iff ``schedule.compute[t, k]``: a computed
 unit's output overwrites its cache buffer in place; a reused unit's module is not called and its
-cached output enters the residual with the current step's gate (METHOD.md §1).
+cached output enters the residual with the current step's gate (METHOD.md §1), or, for an entry
+the schedule forecasts, a Taylor extrapolation of its last computed outputs (one fused read).
 
 Step tracking. One transformer call is one denoising step (classifier-free guidance batched into
 that call, as diffusers pipelines do). The step counter is a Python int on the
@@ -58,6 +59,8 @@ from torch.nn import functional as F
 from harmonica_kernels import (
     available_backends,
     cached_gated_residual,
+    forecast_gated_residual,
+    forecast_residual_norm_modulate,
     gated_residual_norm_modulate,
     gated_residual_update_,
 )
@@ -110,7 +113,11 @@ class CacheHandle:
     Buffers: one contiguous ``[B, N, D]`` tensor per unit that the schedule ever reuses (units
     computed at every step run the plain residual and need none), allocated at step 0 from the
     call's batch B, tokens N and width D, in ``cache_dtype`` (default: the activations' dtype),
-    reused in place by every later step and freed by :meth:`reset` and ``disable_cache``.
+    reused in place by every later step and freed by :meth:`reset` and ``disable_cache``. A unit
+    the schedule forecasts at order k keeps its last k + 1 computed outputs: a compute writes the
+    oldest of its buffers in place and the Python references rotate (newest first), so no tensor
+    is ever copied; the forecast coefficients live on the device (``[T, U, 2]``), and each step
+    selects its row outside any compiled region.
     """
 
     def __init__(
@@ -122,7 +129,8 @@ class CacheHandle:
     ) -> None:
         self._schedule = schedule
         self._rows = schedule.rows
-        self._needs_buffer = schedule.reused_units
+        self._history_sizes = schedule.history_sizes
+        self._order_rows = schedule.order_rows
         self._cache_dtype = cache_dtype
         self._patch_size = int(transformer.config.patch_size)
         self._width = int(transformer.inner_dim)
@@ -139,7 +147,13 @@ class CacheHandle:
         # A subclass with its own step bookkeeping (router training) manages generations itself.
         self._inference_only = type(self)._begin_step is CacheHandle._begin_step
         self._row: tuple[bool, ...] | None = None
+        self._order_row: tuple[int, ...] = self._order_rows[0]
+        # _buffers[k]: unit k's newest computed output (what a reuse reads); _older[k]: the ones
+        # before it, newest first (forecasting units only).
         self._buffers: list[torch.Tensor | None] = [None] * schedule.num_units
+        self._older: list[list[torch.Tensor]] = [[] for _ in range(schedule.num_units)]
+        self._coefficients: torch.Tensor | None = None
+        self._step_coefficients: torch.Tensor | None = None
         self._layout: tuple[Any, ...] | None = None
         # What disable_cache undoes, kept as plain references (not closures) so that a deepcopy of
         # a cached model or pipeline gets a handle that undoes its own copy.
@@ -179,8 +193,10 @@ class CacheHandle:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes currently held by cache buffers (0 before step 0 and after a reset)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers if b is not None)
+        """Bytes currently held by cache buffers, forecast histories included (0 before step 0 and
+        after a reset)."""
+        held = [b for b in self._buffers if b is not None] + [b for older in self._older for b in older]
+        return sum(b.numel() * b.element_size() for b in held)
 
     @torch.compiler.disable
     def reset(self) -> None:
@@ -195,6 +211,8 @@ class CacheHandle:
         self._by_scheduler = False
         self._row = None
         self._buffers = [None] * self._schedule.num_units
+        self._older = [[] for _ in range(self._schedule.num_units)]
+        self._coefficients = self._step_coefficients = None
         self._layout = None
         self._embeddings.end_call()
 
@@ -212,17 +230,21 @@ class CacheHandle:
     def unit_residual(
         self, unit: int, x: torch.Tensor, gate: torch.Tensor | None, branch: Branch
     ) -> torch.Tensor:
-        """``x + gate * branch()`` if the unit is computed (writing its cache), else ``x + gate * cache``.
+        """``x + gate * branch()`` if the unit is computed (writing its cache), else ``x + gate * cache``
+        (or ``x + gate * forecast`` where the schedule forecasts the entry).
 
         ``x``: ``[B, N, D]``; ``gate``: ``[B, D]``/``[B, 1, D]`` or None (ungated).
         """
-        cache = self._buffers[unit]
         if self.computes(unit):
             y = branch()
+            cache = self._write_slot(unit)
             if cache is None:
                 return y + x if gate is None else _as_row(gate) * y + x
             return gated_residual_update_(x, gate, y, cache)
-        return cached_gated_residual(x, gate, self._cached(unit, cache))
+        cache = self._cached(unit, self._buffers[unit])
+        if self._order_row[unit]:
+            return forecast_gated_residual(x, gate, cache, *self._history(unit))
+        return cached_gated_residual(x, gate, cache)
 
     def unit_residual_norm_modulate(
         self,
@@ -238,12 +260,31 @@ class CacheHandle:
 
         Returns ``(x, h)``, both ``[B, N, D]``.
         """
-        cache = self._buffers[unit]
         if self.computes(unit):
-            return gated_residual_norm_modulate(x, gate, branch(), shift, scale, eps, cache=cache)
-        return gated_residual_norm_modulate(
-            x, gate, None, shift, scale, eps, cache=self._cached(unit, cache), reuse=True
-        )
+            y = branch()
+            return gated_residual_norm_modulate(x, gate, y, shift, scale, eps, cache=self._write_slot(unit))
+        cache = self._cached(unit, self._buffers[unit])
+        if self._order_row[unit]:
+            c1, c2, coefficients = self._history(unit)
+            return forecast_residual_norm_modulate(x, gate, cache, c1, c2, coefficients, shift, scale, eps)
+        return gated_residual_norm_modulate(x, gate, None, shift, scale, eps, cache=cache, reuse=True)
+
+    def _write_slot(self, unit: int) -> torch.Tensor | None:
+        """The buffer a compute of ``unit`` writes: its oldest history entry, which becomes the newest
+        (references rotate; with one buffer this is the buffer itself)."""
+        older = self._older[unit]
+        if not older:
+            return self._buffers[unit]
+        slot = older.pop()
+        older.insert(0, self._buffers[unit])
+        self._buffers[unit] = slot
+        return slot
+
+    def _history(self, unit: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(c1, c2, coefficients)`` for the current step's forecast of ``unit`` (c2 None at order 1)."""
+        older = self._older[unit]
+        c2 = older[1] if self._order_row[unit] == 2 else None
+        return older[0], c2, self._step_coefficients[unit]
 
     def _cached(self, unit: int, cache: torch.Tensor | None) -> torch.Tensor:
         if cache is None:
@@ -278,6 +319,9 @@ class CacheHandle:
                 "handle.reset() before changing batch size, resolution or dtype"
             )
         self._row = self._rows[self._step]
+        self._order_row = self._order_rows[self._step]
+        if self._coefficients is not None:
+            self._step_coefficients = self._coefficients[self._step]
 
     @torch.compiler.disable
     def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -324,10 +368,14 @@ class CacheHandle:
     def _allocate(self, layout: tuple[Any, ...]) -> None:
         batch, tokens, width, dtype, device = layout
         buffer_dtype = self._cache_dtype or dtype
-        self._buffers = [
-            torch.empty(batch, tokens, width, dtype=buffer_dtype, device=device) if needed else None
-            for needed in self._needs_buffer
-        ]
+
+        def new() -> torch.Tensor:
+            return torch.empty(batch, tokens, width, dtype=buffer_dtype, device=device)
+
+        self._buffers = [new() if size else None for size in self._history_sizes]
+        self._older = [[new() for _ in range(size - 1)] for size in self._history_sizes]
+        if self._schedule.forecasts:
+            self._coefficients = self._schedule.coefficients.to(device=device, dtype=torch.float32)
         self._layout = layout
 
     def _check_num_steps(self, num_calls: int) -> None:

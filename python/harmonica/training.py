@@ -218,7 +218,7 @@ class _RoutedHandle(CacheHandle):
     def __init__(self, transformer: nn.Module, num_steps: int, write_threshold: float) -> None:
         num_units = len(units(transformer))
         super().__init__(transformer, CacheSchedule.full(num_steps, num_units))
-        self._needs_buffer = (True,) * num_units
+        self._history_sizes = (1,) * num_units
         self._all_units = (True,) * num_units
         self.write_threshold = write_threshold
         self.mode = "fill"

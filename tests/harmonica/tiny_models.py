@@ -151,13 +151,31 @@ class ReferenceCache:
     Each unit module (``attn1``, ``attn2``, ``ff`` of every block) still runs, but on a reuse step
     its output is replaced by the cached output of the last step that computed it; diffusers' own
     block code then applies the current step's gate and residual. Independent of harmonica.cache.
+
+    Forecasting (``orders`` given): a forecast entry's output is extrapolated from the unit's
+    stored outputs: with ``coefficients`` as ``c0 + a(c0 − c1) + b(c0 − 2c1 + c2)``; with
+    ``rule="taylor"`` by TaylorSeer's recursion (each order's backward difference divided by the
+    latest distance, a Taylor series around the newest compute); with ``rule="newton"`` by Lagrange
+    interpolation through the last order + 1 computed points.
     """
 
-    def __init__(self, model, compute: torch.Tensor, cache_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        compute: torch.Tensor,
+        cache_dtype: torch.dtype | None = None,
+        orders: torch.Tensor | None = None,
+        rule: str = "taylor",
+        coefficients: torch.Tensor | None = None,
+    ) -> None:
         self.compute = compute.tolist()
+        self.orders = orders.tolist() if orders is not None else None
+        self.rule = rule
+        self.coefficients = coefficients
         self.cache_dtype = cache_dtype
         self.step = -1
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[int, torch.Tensor] = {}
+        self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.hooks = [model.register_forward_pre_hook(self._next_step)]
         self.names = []
         for i, block in enumerate(model.transformer_blocks):
@@ -174,6 +192,7 @@ class ReferenceCache:
     def reset(self) -> None:
         self.step = -1
         self.cache.clear()
+        self.history.clear()
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -185,5 +204,35 @@ class ReferenceCache:
     def _unit(self, k: int, module, args, output: torch.Tensor) -> torch.Tensor:
         if self.compute[self.step][k]:
             self.cache[k] = output.detach().to(self.cache_dtype or output.dtype, copy=True)
+            self.history.setdefault(k, []).insert(0, (self.step, self.cache[k]))
             return output
-        return self.cache[k].to(output.dtype)
+        order = self.orders[self.step][k] if self.orders is not None else 0
+        if order == 0:
+            return self.cache[k].to(output.dtype)
+        return self._forecast(k, order).to(output.dtype)
+
+    def _forecast(self, k: int, order: int) -> torch.Tensor:
+        points = [(s, c.double()) for s, c in self.history[k][: order + 1]]
+        t = self.step
+        if self.coefficients is not None:
+            a, b = self.coefficients[t, k].tolist()
+            c0, c1 = points[0][1], points[1][1]
+            c2 = points[2][1] if order == 2 else c1  # b is 0 at order 1
+            return c0 + a * (c0 - c1) + b * (c0 - 2 * c1 + c2)
+        if self.rule == "taylor":
+            (s0, c0), (s1, c1) = points[0], points[1]
+            d1 = (c0 - c1) / (s0 - s1)
+            out = c0 + (t - s0) * d1
+            if order == 2:
+                s2, c2 = points[2]
+                d2 = (d1 - (c1 - c2) / (s1 - s2)) / (s0 - s1)
+                out = out + (t - s0) ** 2 / 2 * d2
+            return out
+        out = torch.zeros_like(points[0][1])
+        for i, (si, ci) in enumerate(points):
+            weight = 1.0
+            for j, (sj, _) in enumerate(points):
+                if j != i:
+                    weight *= (t - sj) / (si - sj)
+            out = out + weight * ci
+        return out

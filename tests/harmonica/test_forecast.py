@@ -1,0 +1,220 @@
+"""Forecast entries: CacheSchedule orders and coefficients, and the engine against an oracle that
+extrapolates the recorded unit outputs itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harmonica import CacheSchedule, enable_cache, units
+from harmonica.schedule import forecast_coefficients
+
+from .test_engine import FP32, make_cond, make_model, noise
+from .tiny_models import ReferenceCache, ddim, sample, tiny_dit
+
+FORECAST_STEPS = 9
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule
+
+
+def test_fora_orders_rise_as_history_fills():
+    schedule = CacheSchedule.fora(10, 2, 3, order=2)
+    # computes at 0, 3, 6, 9: after one compute only plain reuse, after two first order, then second
+    assert [row[0] for row in schedule.order_rows] == [0, 0, 0, 0, 1, 1, 0, 2, 2, 0]
+    assert schedule.history_sizes == (3, 3)
+    assert schedule.forecasts
+    assert CacheSchedule.fora(10, 2, 3, order=0) == CacheSchedule.fora(10, 2, 3)
+    assert not CacheSchedule.fora(10, 2, 3).forecasts
+    assert CacheSchedule.fora(10, 2, 3).history_sizes == (1, 1)
+    assert CacheSchedule.full(10, 2).history_sizes == (0, 0)
+
+
+@pytest.mark.parametrize("interval", [2, 3, 4])
+def test_equal_spacing_gives_the_taylorseer_coefficients(interval):
+    schedule = CacheSchedule.fora(4 * interval, 1, interval, order=2)
+    table = schedule.coefficients
+    for t in range(3 * interval + 1, 4 * interval):  # history full: second order
+        k = t % interval
+        a, b = table[t, 0].tolist()
+        assert a == pytest.approx(k / interval)
+        assert b == pytest.approx(k * k / (2 * interval * interval))
+
+
+def test_newton_rule_interpolates_a_quadratic_exactly():
+    compute = torch.tensor([True, False, True, True, False, False, True, False, False, False])[:, None]
+    orders = torch.tensor([0, 0, 0, 0, 1, 1, 0, 2, 2, 2], dtype=torch.int8)[:, None]
+    table = forecast_coefficients(compute, orders, rule="newton")
+
+    def f(t: float) -> float:
+        return 0.3 * t * t - 2 * t + 1
+
+    # Newton through the last computes at (6, 3, 2) reproduces f; order 1 through (3, 2) a line.
+    for t in (7, 8, 9):
+        a, b = table[t, 0].tolist()
+        c0, c1, c2 = f(6), f(3), f(2)
+        assert c0 + a * (c0 - c1) + b * (c0 - 2 * c1 + c2) == pytest.approx(f(t))
+    a, b = table[5, 0].tolist()
+    assert b == 0 and f(3) + a * (f(3) - f(2)) == pytest.approx(f(3) + 2 * (f(3) - f(2)))
+
+
+def test_max_age_keeps_orders_where_the_entry_stays_reused():
+    schedule = CacheSchedule.fora(12, 2, 4, order=1).with_max_age(2)
+    assert schedule.max_age() == 2
+    assert schedule.forecasts
+    orders = schedule.orders
+    assert bool((orders[schedule.compute] == 0).all())
+
+
+@pytest.mark.parametrize(
+    ("orders", "message"),
+    [
+        (torch.full((4, 2), 3), "0 \\(plain reuse\\), 1 or 2"),
+        (torch.ones(4, 2, dtype=torch.long), "is computed but has forecast order"),
+        (torch.tensor([[0, 0], [2, 2], [0, 0], [0, 0]]), "needs k \\+ 1 earlier computes"),
+        (torch.zeros(4, 3, dtype=torch.long), "must match the schedule's shape"),
+        (torch.zeros(4, 2), "integers"),
+    ],
+)
+def test_bad_orders_are_refused(orders, message):
+    compute = torch.tensor([[True, True], [False, False], [True, True], [False, False]])
+    if "is computed" in message:
+        orders = torch.zeros(4, 2, dtype=torch.long)
+        orders[0, 0] = 1
+    with pytest.raises((ValueError, TypeError), match=message):
+        CacheSchedule(compute, orders)
+
+
+def test_bad_order_and_coefficients_are_refused():
+    with pytest.raises(ValueError, match="forecast order: 0"):
+        CacheSchedule.fora(8, 2, 2, order=3)
+    schedule = CacheSchedule.fora(8, 2, 2, order=1)
+    with pytest.raises(ValueError, match=r"\[T, U, 2\]"):
+        schedule.with_coefficients(torch.zeros(8, 2))
+    nonzero = torch.ones(8, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not forecast"):
+        schedule.with_coefficients(nonzero)
+    with pytest.raises(ValueError, match="finite"):
+        schedule.with_coefficients(torch.full((8, 2, 2), float("nan")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine against the oracle
+
+
+def _oracle_sample(model, schedule, cond, mask, rule, cache_dtype=None, batch=2):
+    oracle = ReferenceCache(
+        model,
+        schedule.compute,
+        cache_dtype=cache_dtype,
+        orders=schedule.orders,
+        rule=rule,
+        coefficients=None if rule in ("taylor", "newton") else schedule.coefficients,
+    )
+    try:
+        return sample(model, ddim(), noise(batch), cond, schedule.num_steps, text_mask=mask)
+    finally:
+        oracle.remove()
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+@pytest.mark.parametrize(
+    ("interval", "order", "rule"), [(2, 1, "taylor"), (3, 2, "taylor"), (3, 2, "newton")]
+)
+def test_fora_forecast_matches_the_oracle(kind, interval, order, rule):
+    model = make_model(kind)
+    num_units = len(units(model))
+    schedule = CacheSchedule.fora(FORECAST_STEPS, num_units, interval, order=order, rule=rule)
+    cond, mask = make_cond(kind, 2)
+    with torch.no_grad():
+        expected = _oracle_sample(model, schedule, cond, mask, rule)
+        plain = _oracle_sample(
+            model, CacheSchedule.fora(FORECAST_STEPS, num_units, interval), cond, mask, rule
+        )
+        handle = enable_cache(model, schedule)
+        got = sample(model, ddim(), noise(2), cond, FORECAST_STEPS, text_mask=mask)
+    torch.testing.assert_close(got, expected, **FP32)
+    assert not torch.allclose(got, plain, atol=1e-4), "forecasting must differ from plain reuse"
+    assert handle.step == FORECAST_STEPS
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+@pytest.mark.parametrize("rule", ["taylor", "newton", "given"])
+def test_random_mask_matches_the_oracle(kind, rule):
+    """Unevenly spaced computes: the rules differ here, and given (learned) coefficients apply."""
+    model = make_model(kind)
+    num_units = len(units(model))
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(FORECAST_STEPS, num_units, generator=g) > 0.5
+    mask[0] = True
+    schedule = CacheSchedule.from_mask(mask).with_forecast(2, rule="newton" if rule == "newton" else "taylor")
+    if rule == "given":
+        coefficients = torch.rand(FORECAST_STEPS, num_units, 2, generator=g, dtype=torch.float64) - 0.5
+        coefficients[schedule.orders == 0] = 0
+        coefficients[..., 1][schedule.orders == 1] = 0
+        learned = schedule.with_coefficients(coefficients)
+        assert learned != schedule
+        schedule = learned
+    assert int(schedule.orders.max()) == 2
+    cond, mask_ = make_cond(kind, 2)
+    with torch.no_grad():
+        expected = _oracle_sample(model, schedule, cond, mask_, rule=rule)
+        enable_cache(model, schedule)
+        got = sample(model, ddim(), noise(2), cond, FORECAST_STEPS, text_mask=mask_)
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_bf16_history_under_fp32_model(kind):
+    model = make_model(kind)
+    num_units = len(units(model))
+    schedule = CacheSchedule.fora(FORECAST_STEPS, num_units, 3, order=2)
+    cond, mask = make_cond(kind, 2)
+    with torch.no_grad():
+        expected = _oracle_sample(model, schedule, cond, mask, "taylor", cache_dtype=torch.bfloat16)
+        handle = enable_cache(model, schedule, cache_dtype=torch.bfloat16)
+        got = sample(model, ddim(), noise(2), cond, FORECAST_STEPS, text_mask=mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # three bf16 [B·2 (CFG), N, D] buffers per unit
+    tokens, width = 16, 32
+    assert handle.cache_bytes == num_units * 3 * 4 * tokens * width * 2
+
+
+def test_history_is_reallocated_when_the_batch_changes_between_generations():
+    model = tiny_dit()
+    schedule = CacheSchedule.fora(FORECAST_STEPS, len(units(model)), 3, order=2)
+    conds = {batch: make_cond("dit", batch)[0] for batch in (2, 3)}
+    with torch.no_grad():
+        expected = {
+            batch: _oracle_sample(model, schedule, cond, None, "taylor", batch=batch)
+            for batch, cond in conds.items()
+        }
+        enable_cache(model, schedule)
+        for batch in (2, 3, 2):
+            got = sample(model, ddim(), noise(batch), conds[batch], FORECAST_STEPS)
+            torch.testing.assert_close(got, expected[batch], **FP32)
+
+
+def test_compiled_forecast_steps_match_eager_with_one_graph_per_distinct_row():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = tiny_dit()
+    num_units = len(units(model))
+    schedule = CacheSchedule.fora(FORECAST_STEPS, num_units, 3, order=2)
+    cond, _ = make_cond("dit", 2)
+    handle = enable_cache(model, schedule)
+    with torch.no_grad():
+        eager = sample(model, ddim(), noise(2), cond, FORECAST_STEPS)
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        handle.reset()
+        got = sample(compiled, ddim(), noise(2), cond, FORECAST_STEPS)
+    distinct = len({(r, o) for r, o in zip(schedule.rows, schedule.order_rows, strict=True)})
+    # compute-all, reuse-all, first-order and second-order rows: the coefficients are device data
+    assert distinct == 4
+    assert counter.frame_count == distinct
+    torch.testing.assert_close(got, eager, **FP32)
+    torch._dynamo.reset()
