@@ -4,6 +4,8 @@ Inference: ``enable_cache(pipe, CacheSchedule.fora(T, len(units(pipe.transformer
 trained :class:`Router`) makes sampling skip the scheduled units; ``disable_cache(pipe)`` undoes it.
 Training: ``train_router(pipe, num_steps=T).router`` learns a router (SDT + IEPO, or L2C);
 ``search_schedule(pipe, num_steps=T, target_cur=0.4).schedule`` searches one on final-image errors.
+Forecasting: ``CacheSchedule.fora(T, U, 2, order=2)`` extrapolates skipped units instead of reusing
+them; ``fit_forecast(pipe, schedule=...)`` fits the extrapolation coefficients on the model's own run.
 
 The names below are imported on first use (PEP 562), so ``harmonica --help`` does not pay for
 torch and diffusers.
@@ -24,6 +26,8 @@ _EXPORTS = {
     "TrainingResult": ".training",
     "disable_cache": ".cache",
     "enable_cache": ".cache",
+    "ForecastFit": ".forecast",
+    "fit_forecast": ".forecast",
     "search_schedule": ".search",
     "train_router": ".training",
     "units": ".models",
@@ -32,11 +36,13 @@ _EXPORTS = {
 __all__ = [
     "CacheHandle",
     "CacheSchedule",
+    "ForecastFit",
     "Router",
     "SearchResult",
     "TrainingResult",
     "disable_cache",
     "enable_cache",
+    "fit_forecast",
     "search_schedule",
     "train_router",
     "units",
@@ -44,6 +50,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .cache import CacheHandle, disable_cache, enable_cache
+    from .forecast import ForecastFit, fit_forecast
     from .models import units
     from .router import Router
     from .schedule import CacheSchedule

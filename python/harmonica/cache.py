@@ -241,6 +241,9 @@ class CacheHandle:
             if cache is None:
                 return y + x if gate is None else _as_row(gate) * y + x
             return gated_residual_update_(x, gate, y, cache)
+        return self._reuse(unit, x, gate)
+
+    def _reuse(self, unit: int, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         cache = self._cached(unit, self._buffers[unit])
         if self._order_row[unit]:
             return forecast_gated_residual(x, gate, cache, *self._history(unit))
@@ -263,6 +266,17 @@ class CacheHandle:
         if self.computes(unit):
             y = branch()
             return gated_residual_norm_modulate(x, gate, y, shift, scale, eps, cache=self._write_slot(unit))
+        return self._reuse_norm_modulate(unit, x, gate, shift, scale, eps)
+
+    def _reuse_norm_modulate(
+        self,
+        unit: int,
+        x: torch.Tensor,
+        gate: torch.Tensor | None,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self._cached(unit, self._buffers[unit])
         if self._order_row[unit]:
             c1, c2, coefficients = self._history(unit)

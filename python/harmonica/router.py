@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ class Router(nn.Module):
     Besides the logits a router carries what it was made for: the model's :func:`fingerprint`
     (class and shapes, unit names), the sampler (:func:`sampler_info`) and free-form training
     settings; :meth:`save` stores them as safetensors metadata and :meth:`load` checks them.
+
+    A router may also carry a forecasting schedule (:attr:`forecast`: its compute table, forecast
+    orders and fitted coefficients): :meth:`to_schedule` then forecasts every reused entry, with the
+    stored orders and coefficients where the thresholded table is the stored one.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class Router(nn.Module):
         self.model_fingerprint = model_fingerprint
         self.sampler = sampler
         self.training_settings = dict(training or {})
+        self.forecast: CacheSchedule | None = None
 
     @classmethod
     def for_model(
@@ -151,7 +157,20 @@ class Router(nn.Module):
             raise ValueError(f"threshold is a probability in [0, 1), got {threshold}")
         compute = self.probabilities().detach().cpu() > threshold
         compute[self.pinned_steps] = True
-        return CacheSchedule(compute).with_max_age(max_age if max_age is not None else self.max_age)
+        schedule = CacheSchedule(compute).with_max_age(max_age if max_age is not None else self.max_age)
+        forecast = self.forecast
+        if forecast is None:
+            return schedule
+        if torch.equal(schedule.compute, forecast.compute):
+            return forecast
+        order = int(forecast.orders.max())
+        warnings.warn(
+            f"the router thresholded at {threshold} computes other entries than the schedule its "
+            f"forecast coefficients were fitted for; forecasting at order {order} with step-distance "
+            "coefficients (refit with harmonica.fit_forecast for this threshold)",
+            stacklevel=2,
+        )
+        return schedule.with_forecast(order)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`RouterMismatchError` unless this router was made for ``model``'s shape."""
@@ -204,6 +223,7 @@ class Router(nn.Module):
             "sampler": self.sampler,
             "training": self.training_settings,
             "pinned_steps": self.pinned_steps,
+            "forecast": self.forecast is not None,
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -223,7 +243,14 @@ class Router(nn.Module):
                 "diverged (lower lr, or check guidance_scale and the model's outputs for inf/NaN)"
             )
         check_output_file(path, "router file")
-        data = save({"logits": logits}, metadata={_METADATA_KEY: json.dumps(self.metadata())})
+        tensors = {"logits": logits}
+        if self.forecast is not None:
+            tensors.update(
+                forecast_compute=self.forecast.compute.to(torch.uint8),
+                forecast_orders=self.forecast.orders,
+                forecast_coefficients=self.forecast.coefficients,
+            )
+        data = save(tensors, metadata={_METADATA_KEY: json.dumps(self.metadata())})
         atomic_write(path, lambda file: file.write(data))
 
     @classmethod
@@ -242,6 +269,10 @@ class Router(nn.Module):
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get(_METADATA_KEY)
                 logits = f.get_tensor("logits") if "logits" in f.keys() else None
+                forecast_parts = [
+                    f.get_tensor(name) if name in f.keys() else None
+                    for name in ("forecast_compute", "forecast_orders", "forecast_coefficients")
+                ]
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(
                 f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupted"
@@ -277,6 +308,18 @@ class Router(nn.Module):
         )
         with torch.no_grad():
             router.logits.copy_(logits)
+        if meta.get("forecast"):
+            if any(part is None for part in forecast_parts):
+                raise ValueError(
+                    f"{path}: the metadata announces a forecast schedule but its tensors are missing"
+                )
+            compute, orders, coefficients = forecast_parts
+            try:
+                router.forecast = CacheSchedule(compute.bool(), orders, coefficients)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: the stored forecast schedule is invalid ({err})") from err
+            if router.forecast.num_steps != router.num_steps or router.forecast.num_units != router.num_units:
+                raise ValueError(f"{path}: the forecast schedule's shape does not match the logits")
         if model is not None:
             router.check_model(model)
         return router

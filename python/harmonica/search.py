@@ -36,10 +36,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from .cache import CacheStateError, attach_handle, disable_cache
+from .cache import CacheStateError, attach_handle, disable_cache, enable_cache
 from .models import flop_profile, supported_class, transformer_of, units
 from .router import FIRST_STEP_LOGIT, Router
-from .schedule import CacheSchedule, _check_max_age
+from .schedule import CacheSchedule, _check_max_age, _check_order
 from .training import (
     _advance,
     _conditioning_for,
@@ -83,6 +83,7 @@ def search_schedule(
     threshold: float = 0.1,
     max_age: int | None = None,
     granularity: Literal["step", "unit"] = "step",
+    forecast_order: int = 0,
     rounds: int = 4,
     batch_size: int = 8,
     guidance_scale: float = 1.5,
@@ -108,6 +109,11 @@ def search_schedule(
         granularity: ``"step"`` flips whole steps (every unit of a step reused together, the
             features of one step stay consistent), one step per round, then single units for a
             remainder smaller than a step; ``"unit"`` flips single units, ``rounds`` batches.
+        forecast_order: 1 or 2: every reused entry is forecast at that order (as its history allows,
+            :meth:`CacheSchedule.with_forecast`, step-distance coefficients) while the costs are
+            measured, so the search places the computes where forecasting needs them; each cost is
+            then one whole sampling run (T forwards) with the engine. The result's schedule forecasts
+            (fit its coefficients with :func:`harmonica.fit_forecast`). 0: plain reuse.
         rounds: unit granularity: cost measurements on the way to the last target (more:
             interactions seen sooner, proportionally more forwards).
         batch_size: noise samples (one class or prompt each, drawn from ``seed``) the errors are
@@ -137,6 +143,7 @@ def search_schedule(
         _check_max_age(max_age)
     if granularity not in ("step", "unit"):
         raise ValueError(f"granularity must be 'step' or 'unit', got {granularity!r}")
+    _check_order(forecast_order)
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2 (step 0 only fills the cache), got {num_steps!r}")
     for name, value in (("rounds", rounds), ("batch_size", batch_size)):
@@ -176,8 +183,15 @@ def search_schedule(
     flops = torch.tensor(flop_profile(transformer).units, dtype=torch.float64)
     total = num_steps * len(names)
     began = time.perf_counter()
-    attach_handle(transformer, handle)
-    runner = _Runner(setup, num_steps, seed, batch_size)
+    if forecast_order:
+        runner: _Runner | _EngineRunner = _EngineRunner(setup, num_steps, seed, batch_size, forecast_order)
+    else:
+        attach_handle(transformer, handle)
+        runner = _Runner(setup, num_steps, seed, batch_size)
+
+    def as_schedule(mask: torch.Tensor) -> CacheSchedule:
+        return CacheSchedule(mask).with_forecast(forecast_order)
+
     history: list[dict[str, float]] = []
     schedules: dict[float, CacheSchedule] = {}
     bar = None
@@ -231,7 +245,7 @@ def search_schedule(
                 error = F.mse_loss(runner.final(mask), reference).item()
                 history.append(
                     {
-                        "cur": CacheSchedule(mask).cache_usage_ratio,
+                        "cur": as_schedule(mask).cache_usage_ratio,
                         "mse": error,
                         "forwards": float(runner.forwards),
                         "seconds": time.perf_counter() - began,
@@ -241,7 +255,7 @@ def search_schedule(
                     bar.set_postfix(cur=f"{history[-1]['cur']:.1%}", mse=f"{error:.3g}")
                 if taken == 0:
                     break
-            schedules[float(target)] = CacheSchedule(mask)
+            schedules[float(target)] = as_schedule(mask)
             if int((~mask).sum()) != goal:
                 reached = schedules[float(target)].cache_usage_ratio
                 warnings.warn(
@@ -252,13 +266,15 @@ def search_schedule(
     finally:
         if bar is not None:
             bar.close()
-        disable_cache(transformer)
+        if transformer.__dict__.get("_harmonica_cache") is not None:
+            disable_cache(transformer)
     schedule = schedules[float(targets[-1])]
     settings = {
         "method": "search",
         "target_cur": targets[-1],
         "max_age": max_age,
         "granularity": granularity,
+        "forecast_order": forecast_order,
         "rounds": rounds,
         "batch_size": batch_size,
         "guidance_scale": guidance_scale,
@@ -279,10 +295,13 @@ def search_schedule(
 
 
 def schedule_router(transformer: Any, schedule: CacheSchedule, scheduler: Any, settings: dict) -> Router:
-    """A :class:`Router` whose hard schedule (at any threshold) is ``schedule``: logits ±5."""
+    """A :class:`Router` whose hard schedule (at any threshold) is ``schedule``: logits ±5, and
+    ``schedule`` itself as the router's forecast when it forecasts."""
     router = Router.for_model(transformer, schedule.num_steps, scheduler=scheduler, training=settings)
     with torch.no_grad():
         router.logits.copy_(torch.where(schedule.compute, FIRST_STEP_LOGIT, -FIRST_STEP_LOGIT))
+    if schedule.forecasts:
+        router.forecast = schedule
     return router
 
 
@@ -376,6 +395,64 @@ class _Runner:
                 setup.handle.restore(buffers)
                 final = self._run(trial, t, x).double()
                 costs[key] = F.mse_loss(final, reference).item() - base
+                if bar is not None:
+                    bar.update(1)
+        return costs
+
+
+class _EngineRunner:
+    """Whole sampling runs of a fixed batch through the inference engine (forecast schedules: the
+    training handle cannot forecast), one run per measured entry. Same batch as :class:`_Runner`."""
+
+    def __init__(self, setup: _Setup, num_steps: int, seed: int, batch_size: int, order: int) -> None:
+        self.setup = setup
+        self.num_steps = num_steps
+        self.order = order
+        self.x, self.cond = _draw(setup, _generator(seed, 4, 0), batch_size)
+        self.forwards = 0
+
+    @torch.no_grad()
+    def final(self, mask: torch.Tensor) -> torch.Tensor:
+        setup = self.setup
+        setup.scheduler.set_timesteps(self.num_steps, device=setup.device)
+        timesteps = setup.scheduler.timesteps
+        handle = enable_cache(setup.model, CacheSchedule(mask).with_forecast(self.order))
+        try:
+            handle.reset()
+            x = self.x
+            for i in range(self.num_steps):
+                pred = setup.conditioning.call(setup.model, x, timesteps[i], self.cond, setup.cfg)
+                x = _advance(setup, pred, timesteps[i], x)
+            self.forwards += self.num_steps
+        finally:
+            disable_cache(setup.model)
+        return x.double()
+
+    def flip_costs(
+        self,
+        mask: torch.Tensor,
+        reference: torch.Tensor,
+        *,
+        grow: bool,
+        max_age: int | None,
+        whole_steps: bool = False,
+        only: list[tuple[int, int]] | None = None,
+        bar=None,
+    ) -> dict[tuple[int, int], float]:
+        """As :meth:`_Runner.flip_costs`, each candidate a whole run."""
+        wanted = None if only is None else set(only)
+        base = F.mse_loss(self.final(mask), reference).item()
+        costs = {}
+        for t in range(1, self.num_steps):
+            for key in [(t, -1)] if whole_steps else [(t, k) for k in range(mask.shape[1])]:
+                if wanted is not None and key not in wanted:
+                    continue
+                trial = _flipped(mask, key, grow)
+                if torch.equal(trial, mask):
+                    continue
+                if grow and max_age is not None and CacheSchedule(trial).max_age() > max_age:
+                    continue
+                costs[key] = F.mse_loss(self.final(trial), reference).item() - base
                 if bar is not None:
                     bar.update(1)
         return costs

@@ -218,3 +218,95 @@ def test_compiled_forecast_steps_match_eager_with_one_graph_per_distinct_row():
     assert counter.frame_count == distinct
     torch.testing.assert_close(got, eager, **FP32)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitted coefficients, forecast search, routers that carry a forecast
+
+
+def test_fit_forecast_solves_each_entrys_least_squares_on_the_cached_run():
+    from harmonica import fit_forecast
+    from harmonica.training import _ClassConditioning, _draw, _generator, _Group, _Setup
+
+    model = tiny_dit()
+    schedule = CacheSchedule.fora(FORECAST_STEPS, len(units(model)), 3, order=2)
+    fit = fit_forecast(model, ddim(), schedule, batch_size=3, progress=False)
+    setup = _Setup(
+        model, None, ddim(), _ClassConditioning(model, None), True, 1.5, torch.device("cpu"), _Group()
+    )
+    setup.scheduler.set_timesteps(FORECAST_STEPS)
+    x, labels = _draw(setup, _generator(0, 5, 0), 3)
+    expected = schedule.coefficients
+    oracle = ReferenceCache(
+        model, schedule.compute, orders=schedule.orders, coefficients=expected, fit_ridge=1e-3
+    )
+    try:
+        sample(model, ddim(), x, labels, FORECAST_STEPS)
+    finally:
+        oracle.remove()
+    assert fit.schedule.compute.equal(schedule.compute) and fit.schedule.orders.equal(schedule.orders)
+    torch.testing.assert_close(fit.schedule.coefficients, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(fit.schedule.coefficients, schedule.coefficients)
+    finite = fit.residual[torch.isfinite(fit.residual)]
+    assert finite.numel() == int((schedule.orders > 0).sum()) and bool((finite <= 1 + 1e-6).all())
+
+
+def test_fit_forecast_bad_input():
+    from harmonica import fit_forecast
+
+    model = tiny_dit()
+    num_units = len(units(model))
+    with pytest.raises(ValueError, match="forecasts no entry"):
+        fit_forecast(model, ddim(), CacheSchedule.fora(FORECAST_STEPS, num_units, 2), progress=False)
+    with pytest.raises(ValueError, match="units"):
+        fit_forecast(
+            model, ddim(), CacheSchedule.fora(FORECAST_STEPS, num_units + 1, 2, order=1), progress=False
+        )
+    with pytest.raises(ValueError, match="batch_size"):
+        fit_forecast(model, ddim(), CacheSchedule.fora(FORECAST_STEPS, num_units, 2, order=1), batch_size=0)
+
+
+def test_forecast_search_reaches_the_target_and_its_router_round_trips(tmp_path):
+    from harmonica import Router, search_schedule
+
+    model = tiny_dit(num_layers=2)
+    result = search_schedule(
+        model, ddim(), num_steps=6, target_cur=0.5, forecast_order=2, batch_size=2, progress=False
+    )
+    schedule = result.schedule
+    assert schedule.cache_usage_ratio == pytest.approx(0.5)
+    assert schedule.forecasts
+    path = tmp_path / "r.safetensors"
+    result.router.save(path)
+    loaded = Router.load(path, model=model)
+    assert loaded.to_schedule() == schedule
+    with pytest.warns(UserWarning, match="step-distance"):
+        other = loaded.to_schedule(threshold=0.999)  # every entry computed but row 0's pin
+    assert not other.forecasts
+
+
+def test_router_with_a_broken_forecast_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from harmonica import Router
+    from harmonica.search import schedule_router
+
+    model = tiny_dit()
+    schedule = CacheSchedule.fora(FORECAST_STEPS, len(units(model)), 3, order=2)
+    router = schedule_router(model, schedule, ddim(), {})
+    path = tmp_path / "r.safetensors"
+    router.save(path)
+    assert Router.load(path).to_schedule() == schedule
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors["forecast_orders"][1, 0] = 2  # step 1 has one compute of history: order 2 impossible
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match="stored forecast schedule is invalid"):
+        Router.load(tmp_path / "bad.safetensors")
+    del tensors["forecast_coefficients"]
+    save_file(tensors, tmp_path / "missing.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match="tensors are missing"):
+        Router.load(tmp_path / "missing.safetensors")

@@ -156,7 +156,9 @@ class ReferenceCache:
     stored outputs: with ``coefficients`` as ``c0 + a(c0 − c1) + b(c0 − 2c1 + c2)``; with
     ``rule="taylor"`` by TaylorSeer's recursion (each order's backward difference divided by the
     latest distance, a Taylor series around the newest compute); with ``rule="newton"`` by Lagrange
-    interpolation through the last order + 1 computed points.
+    interpolation through the last order + 1 computed points. With ``fit_ridge``, each forecast
+    entry's coefficients are first solved by ridge least squares against the module's true output on
+    this (cached) run, in place in ``coefficients``.
     """
 
     def __init__(
@@ -167,11 +169,13 @@ class ReferenceCache:
         orders: torch.Tensor | None = None,
         rule: str = "taylor",
         coefficients: torch.Tensor | None = None,
+        fit_ridge: float | None = None,
     ) -> None:
         self.compute = compute.tolist()
         self.orders = orders.tolist() if orders is not None else None
         self.rule = rule
         self.coefficients = coefficients
+        self.fit_ridge = fit_ridge
         self.cache_dtype = cache_dtype
         self.step = -1
         self.cache: dict[int, torch.Tensor] = {}
@@ -209,7 +213,22 @@ class ReferenceCache:
         order = self.orders[self.step][k] if self.orders is not None else 0
         if order == 0:
             return self.cache[k].to(output.dtype)
+        if self.fit_ridge is not None:
+            self._fit(k, order, output.detach().double())
         return self._forecast(k, order).to(output.dtype)
+
+    def _fit(self, k: int, order: int, output: torch.Tensor) -> None:
+        """Least squares for this entry's (a, b) against the module's true output, ridge towards the
+        coefficients already in the table (the rule's), written into the table."""
+        c = [c.double() for _, c in self.history[k][: order + 1]]
+        features = [c[0] - c[1]] if order == 1 else [c[0] - c[1], c[0] - 2 * c[1] + c[2]]
+        X = torch.stack([f.flatten() for f in features], dim=1)
+        y = (output - c[0]).flatten()
+        gram = X.T @ X
+        mu = self.fit_ridge * gram.diagonal().mean()
+        prior = self.coefficients[self.step, k, :order]
+        solved = torch.linalg.solve(gram + mu * torch.eye(order, dtype=gram.dtype), X.T @ y + mu * prior)
+        self.coefficients[self.step, k, :order] = solved
 
     def _forecast(self, k: int, order: int) -> torch.Tensor:
         points = [(s, c.double()) for s, c in self.history[k][: order + 1]]

@@ -1,0 +1,212 @@
+"""Forecast coefficients fitted on the model's own trajectories (least squares, seconds).
+
+A forecast entry extrapolates a unit's output from its last computed outputs ``c0`` (newest),
+``c1``, ``c2`` as ``c0 + a·(c0 − c1) + b·(c0 − 2c1 + c2)``. The step-distance rules of
+:func:`harmonica.schedule.forecast_coefficients` assume the outputs follow a low-order polynomial in
+the step index; :func:`fit_forecast` instead chooses ``(a, b)`` per (step, unit) to minimise the
+squared error of the forecast against the unit's true output, measured while sampling with the
+schedule itself:
+
+    (a, b) = argmin Σ ‖y_t − c0 − a·d1 − b·d2‖² + μ·‖(a, b) − (a₀, b₀)‖²,  d1 = c0 − c1, d2 = c0 − 2c1 + c2
+
+over a batch of samples, where ``y_t`` is the unit's output at step t (computed for the fit only),
+the history is the one the cached run itself holds, and ``(a₀, b₀)`` are the rule's coefficients (a
+small ridge μ, relative to the Gram matrix's trace, keeps a nearly collinear history from producing
+large coefficients). The fit runs step by step on the cached trajectory (each forecast uses its
+fitted coefficients before the next unit runs), so later entries are fitted on the inputs they will
+see at inference. Cost: one sampling run of the batch with every unit computed (the branches of
+forecast entries run for the fit and are then discarded), plus a 2×2 solve per forecast entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from .cache import CacheHandle, CacheStateError, attach_handle, disable_cache
+from .models import supported_class, transformer_of, units
+from .schedule import CacheSchedule
+
+__all__ = ["ForecastFit", "fit_forecast"]
+
+DEFAULT_RIDGE = 1e-3
+
+
+class ForecastFit:
+    """What :func:`fit_forecast` returns: ``schedule`` (the input schedule with the fitted
+    coefficients), ``rule_schedule`` (the input), the fit's relative residuals per forecast entry
+    (``residual[t, k]`` = fitted error / rule error, NaN where nothing is forecast) and ``seconds``."""
+
+    def __init__(
+        self, schedule: CacheSchedule, rule_schedule: CacheSchedule, residual: torch.Tensor, seconds: float
+    ) -> None:
+        self.schedule = schedule
+        self.rule_schedule = rule_schedule
+        self.residual = residual
+        self.seconds = seconds
+
+    def __repr__(self) -> str:
+        finite = self.residual[torch.isfinite(self.residual)]
+        mean = f"{finite.mean().item():.3f}" if finite.numel() else "n/a"
+        return (
+            f"ForecastFit({self.schedule!r}, mean error ratio fitted/rule={mean}, seconds={self.seconds:.1f})"
+        )
+
+
+class _FittingHandle(CacheHandle):
+    """Inference handle that, at each forecast entry, also runs the branch, fits ``(a, b)`` to it on
+    the current batch, writes them into the step's device coefficients, then forecasts as usual."""
+
+    def __init__(self, transformer: Any, schedule: CacheSchedule, ridge: float) -> None:
+        super().__init__(transformer, schedule)
+        self.ridge = ridge
+        self.errors = torch.full(
+            (schedule.num_steps, schedule.num_units, 2), float("nan"), dtype=torch.float64
+        )
+
+    def _fit(self, unit: int, branch: Any) -> None:
+        y = branch().double()
+        c0 = self._buffers[unit].double()
+        c1, c2, coefficients = self._history(unit)
+        d1 = c0 - c1.double()
+        features = [d1] if c2 is None else [d1, d1 - (c1.double() - c2.double())]
+        target = (y - c0).flatten()
+        X = torch.stack([f.flatten() for f in features], dim=1)
+        gram = X.T @ X
+        prior = coefficients[: len(features)].double()
+        mu = self.ridge * gram.diagonal().mean().clamp_min(1e-30)
+        eye = torch.eye(len(features), dtype=gram.dtype, device=gram.device)
+        solution = torch.linalg.solve(gram + mu * eye, X.T @ target + mu * prior)
+        rule_error = (target - X @ prior).square().sum()
+        fit_error = (target - X @ solution).square().sum()
+        self.errors[self._step, unit] = torch.stack([fit_error, rule_error]).cpu()
+        coefficients[: len(features)] = solution.to(coefficients.dtype)
+
+    def computes(self, unit: int) -> bool:
+        # Every branch may run (the blocks prepare its input); the schedule's row decides below.
+        super().computes(unit)
+        return True
+
+    def unit_residual(self, unit, x, gate, branch):  # type: ignore[override]
+        if self._row[unit]:
+            return super().unit_residual(unit, x, gate, branch)
+        if self._order_row[unit]:
+            self._fit(unit, branch)
+        return self._reuse(unit, x, gate)
+
+    def unit_residual_norm_modulate(self, unit, x, gate, branch, shift, scale, eps):  # type: ignore[override]
+        if self._row[unit]:
+            return super().unit_residual_norm_modulate(unit, x, gate, branch, shift, scale, eps)
+        if self._order_row[unit]:
+            self._fit(unit, branch)
+        return self._reuse_norm_modulate(unit, x, gate, shift, scale, eps)
+
+
+def fit_forecast(
+    pipe_or_transformer: Any,
+    scheduler: Any = None,
+    schedule: CacheSchedule | None = None,
+    *,
+    batch_size: int = 16,
+    guidance_scale: float = 1.5,
+    seed: int = 0,
+    ridge: float = DEFAULT_RIDGE,
+    class_labels: torch.Tensor | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    prompt_attention_mask: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_attention_mask: torch.Tensor | None = None,
+    progress: bool = True,
+) -> ForecastFit:
+    """Fit the forecast coefficients of ``schedule`` by least squares on one batch of its own run.
+
+    Args:
+        pipe_or_transformer: a supported transformer (or a pipeline holding one), not cached.
+        scheduler: the sampler (default: the pipeline's); copied, never modified.
+        schedule: a schedule with forecast entries (e.g. ``CacheSchedule.fora(T, U, 2, order=2)``).
+        batch_size: samples the fit sees (one class or prompt each, drawn from ``seed``); CFG doubles
+            the transformer batch. 2 parameters per entry against B·N·D values: a small batch is
+            plenty.
+        guidance_scale: CFG scale as at inference.
+        ridge: μ relative to the mean diagonal of each entry's Gram matrix, pulling towards the
+            step-distance rule's coefficients.
+        class_labels, prompt_embeds, …: the conditions to draw from, as for :func:`train_router`.
+        progress: a tqdm bar over the steps.
+
+    Returns:
+        A :class:`ForecastFit`; ``.schedule`` enables like any schedule.
+
+    Raises:
+        ValueError: no schedule, a schedule without forecast entries or of another model's shape,
+            ``batch_size`` < 1, ``ridge`` < 0.
+    """
+    from .training import _advance, _conditioning_for, _draw, _generator, _Group, _Setup
+
+    transformer = transformer_of(pipe_or_transformer)
+    supported_class(transformer)
+    if not isinstance(schedule, CacheSchedule):
+        raise ValueError(f"pass the CacheSchedule whose forecasts to fit, got {type(schedule).__name__}")
+    if not schedule.forecasts:
+        raise ValueError(
+            "the schedule forecasts no entry: nothing to fit. Make one with CacheSchedule.fora(T, U, N, "
+            "order=1 or 2) or schedule.with_forecast(order)"
+        )
+    num_units = len(units(transformer))
+    if schedule.num_units != num_units:
+        raise ValueError(f"the schedule has {schedule.num_units} units but the model has {num_units}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    if scheduler is None:
+        scheduler = getattr(pipe_or_transformer, "scheduler", None)
+        if scheduler is None:
+            raise ValueError("pass the scheduler: fit_forecast(transformer, scheduler, schedule)")
+    if transformer.__dict__.get("_harmonica_cache") is not None:
+        raise CacheStateError("disable_cache() before fitting forecasts on this transformer")
+
+    began = time.perf_counter()
+    handle = _FittingHandle(transformer, schedule, ridge)
+    setup = _Setup(
+        model=transformer,
+        handle=handle,  # type: ignore[arg-type]
+        scheduler=copy.deepcopy(scheduler),
+        conditioning=_conditioning_for(
+            transformer,
+            class_labels,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+        ),
+        cfg=guidance_scale > 1,
+        guidance_scale=guidance_scale,
+        device=next(transformer.parameters()).device,
+        group=_Group(),
+    )
+    x, cond = _draw(setup, _generator(seed, 5, 0), batch_size)
+    setup.scheduler.set_timesteps(schedule.num_steps, device=setup.device)
+    timesteps = setup.scheduler.timesteps
+    attach_handle(transformer, handle)
+    steps = range(schedule.num_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="fit forecasts", unit="step")
+    try:
+        with torch.no_grad():
+            handle.reset()
+            for i in steps:
+                pred = setup.conditioning.call(transformer, x, timesteps[i], cond, setup.cfg)
+                x = _advance(setup, pred, timesteps[i], x)
+            fitted = handle._coefficients.double().cpu()
+    finally:
+        disable_cache(transformer)
+    orders = schedule.orders
+    fitted[orders == 0] = 0
+    fitted[..., 1][orders == 1] = 0
+    residual = (handle.errors[..., 0] / handle.errors[..., 1]).float()
+    return ForecastFit(schedule.with_coefficients(fitted), schedule, residual, time.perf_counter() - began)
