@@ -382,6 +382,12 @@ class CacheHandle:
     def _allocate(self, layout: tuple[Any, ...]) -> None:
         batch, tokens, width, dtype, device = layout
         buffer_dtype = self._cache_dtype or dtype
+        if buffer_dtype == torch.float16 and dtype != torch.float16:
+            raise TypeError(
+                f"cache_dtype float16 cannot hold {dtype} activations (its range ends at 65504, where "
+                f"{dtype} goes to 3e38: large unit outputs would become inf); store the cache in "
+                "torch.bfloat16 to halve its memory, or in the activations' dtype"
+            )
 
         def new() -> torch.Tensor:
             return torch.empty(batch, tokens, width, dtype=buffer_dtype, device=device)
@@ -1004,8 +1010,9 @@ def enable_cache(
         schedule_or_router: a :class:`CacheSchedule` ``[T, U]`` with U = ``len(harmonica.units(model))``,
             or a :class:`Router` (checked against the model's fingerprint, then thresholded).
         threshold: a router's inference threshold τ: unit computed iff ``sigmoid(logit) > τ``.
-        cache_dtype: dtype of the cache buffers (e.g. ``torch.bfloat16`` under an fp32 model to halve
-            the cache memory); None stores the cache in the activations' dtype.
+        cache_dtype: dtype of the cache buffers and forecast histories (e.g. ``torch.bfloat16`` under
+            an fp32 model to halve their memory); None stores them in the activations' dtype. float16
+            only under float16 activations (its range cannot hold fp32/bf16 ones: refused at step 0).
 
     Returns:
         The :class:`CacheHandle`, also at ``transformer._harmonica_cache`` until :func:`disable_cache`.

@@ -118,6 +118,7 @@ def _search(args: argparse.Namespace) -> None:
         target_cur=args.target_cur,
         start=start,
         max_age=args.max_age,
+        forecast_order=args.forecast_order,
         rounds=args.rounds,
         batch_size=args.batch,
         guidance_scale=args.guidance,
@@ -211,6 +212,7 @@ def _sample(args: argparse.Namespace) -> None:
             router=args.router,
             **({} if args.threshold is None else {"threshold": args.threshold}),
             fora=args.fora,
+            order=args.order,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             class_labels=None if args.labels is None else _class_ids(args.labels),
@@ -405,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cap on the age of a reused cache entry in steps, or 'none'",
     )
+    r.add_argument(
+        "--forecast-order",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="forecast reused entries at this order while searching, then fit the coefficients (0: reuse)",
+    )
     r.add_argument("--rounds", type=int, default=4, help="cost measurements on the way to the target")
     r.add_argument("--batch", type=int, default=8, help="noise samples the errors are measured on")
     r.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
@@ -466,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fora", type=int, default=None, metavar="N", help="FORA: compute every N-th step (N >= 2)"
     )
     cache.add_argument("--uncached", action="store_true", help="no caching (the default)")
+    s.add_argument(
+        "--order", type=int, choices=(0, 1, 2), default=0, help="with --fora: forecast skipped steps (1, 2)"
+    )
     s.add_argument("--threshold", type=float, default=None, help="router threshold τ (default 0.1)")
     s.add_argument("--steps", type=int, default=20, help="sampling steps (a router's must match)")
     s.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")

@@ -58,6 +58,7 @@ from .peers import (
     EvenSteps,
     FirstBlockCache,
     Fora,
+    Forecast,
     MagCache,
     Method,
     PyramidAttentionBroadcast,
@@ -115,6 +116,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     family          value                                   meaning
     ==============  ======================================  ===========================================
     ``fora``        ``N`` (int ≥ 1)                         compute every unit on steps ``t % N == 0``
+    ``forecast``    ``N`` or ``N:order`` (order 1–2)        FORA N with Taylor forecasting (default order 2)
     ``steps``       usage (float in [0, 1))                 every unit reused on evenly spaced steps
     ``fbcache``     ``τ`` (float > 0)                       FirstBlockCache threshold
     ``taylorseer``  ``N`` or ``N:order``, or ``default``    cache interval (and Taylor order); ``default``
@@ -132,6 +134,13 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     if family == "fora":
         n = _number(family, text, int, 1, "pass the FORA interval N, e.g. 3")
         return Fora(f"FORA N={n}", interval=n)
+    if family == "forecast":
+        hint = "pass the interval N (e.g. 2) or N:order (e.g. 3:1); order 1 or 2, default 2"
+        n = _number(family, head, int, 1, hint)
+        order = _number(family, tail, int, 1, hint) if tail else 2
+        if order > 2:
+            raise ValueError(f"forecast: order {order} is not 1 or 2; {hint}")
+        return Forecast(f"forecast N={n} order {order}", interval=n, order=order)
     if family == "steps":
         usage = _number(family, text, float, 0.0, "pass a cache usage ratio in [0, 1), e.g. 0.35")
         if usage >= 1:
@@ -161,7 +170,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
         tau = _number(family, head, float, 1e-12, hint)
         fn = _number(family, tail, int, 1, hint) if tail else 1
         return DBCache(f"DBCache F{fn}B0 τ={tau:g}", threshold=tau, fn_compute_blocks=fn)
-    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps"}))
+    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps", "forecast"}))
     raise ValueError(f"unknown method family {family!r}; choose from {known} (routers: pass routers=...)")
 
 
@@ -691,6 +700,7 @@ def _matched_speedup(rows: list[MethodRow]) -> list[str]:
 
 _FAMILY_STYLE = {
     "FORA": ("tab:blue", "o"),
+    "forecast": ("tab:cyan", "X"),
     "router": ("tab:red", "*"),
     "FirstBlockCache": ("tab:orange", "s"),
     "TaylorSeer": ("tab:green", "^"),

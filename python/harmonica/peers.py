@@ -66,6 +66,7 @@ __all__ = [
     "DBCache",
     "FirstBlockCache",
     "Fora",
+    "Forecast",
     "MagCache",
     "Method",
     "PyramidAttentionBroadcast",
@@ -165,6 +166,22 @@ class Fora(Method):
 
     def attach(self, transformer: nn.Module, run: RunInfo) -> Attachment:
         return _HarmonicaAttachment(transformer, self.schedule(transformer, run.num_inference_steps), 0.1)
+
+
+@dataclass
+class Forecast(Fora):
+    """FORA with Taylor forecasting on harmonica's engine (:meth:`CacheSchedule.fora` with ``order``):
+    the skipped steps extrapolate each unit from its last computed outputs, in the fused forecast ops."""
+
+    order: int = 2
+    family = "forecast"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"interval": self.interval, "order": self.order}
+
+    def schedule(self, transformer: nn.Module, num_steps: int) -> CacheSchedule:
+        return CacheSchedule.fora(num_steps, len(units(transformer)), self.interval, order=self.order)
 
 
 @dataclass
@@ -624,6 +641,7 @@ class DBCache(Method):
 
 FAMILIES: dict[str, type[Method]] = {
     "fora": Fora,
+    "forecast": Forecast,
     "router": RouterMethod,
     "fbcache": FirstBlockCache,
     "taylorseer": TaylorSeer,

@@ -374,9 +374,7 @@ def run_quickstart(
                 )
             )
         psnr_mean, psnr_interval = mean_with_interval(psnr(images, reference, reduction="none"))
-        kid_value, kid_interval = kid_with_interval(
-            classifier_features(images, classifier), test_features
-        )
+        kid_value, kid_interval = kid_with_interval(classifier_features(images, classifier), test_features)
         results.append(
             MethodResult(
                 method=name,

@@ -216,6 +216,7 @@ def sample_images(
     router: str | os.PathLike[str] | Router | None = None,
     threshold: float = 0.1,
     fora: int | None = None,
+    order: int = 0,
     num_inference_steps: int = 20,
     guidance_scale: float = 1.5,
     class_labels: Any = None,
@@ -240,6 +241,7 @@ def sample_images(
             ``threshold`` τ. Mutually exclusive with ``fora``.
         fora: FORA interval N >= 2 (every unit computed on steps ``t % N == 0``, reused otherwise).
             Neither ``router`` nor ``fora``: no caching.
+        order: with ``fora``: 0 reuses the skipped steps, 1 or 2 forecasts them (Taylor).
         num_inference_steps, guidance_scale: sampler steps and classifier-free guidance scale (>= 1).
         class_labels: DiT class ids. Default: one per class 0..9 for the reference model, otherwise
             ``num_images`` (default 8) random classes drawn from ``seed``.
@@ -285,6 +287,8 @@ def sample_images(
             f"the FORA interval must be an int >= 2, got {fora!r} "
             "(N=1 computes every step: that is no caching, --uncached)"
         )
+    if order and fora is None:
+        raise ValueError("--order applies to FORA: pass --fora N with it (a router file carries its own)")
     if not 0 <= threshold < 1:
         raise ValueError(f"the router threshold τ is a probability in [0, 1), got {threshold}")
     if compare_uncached and router is None and fora is None:
@@ -366,8 +370,8 @@ def sample_images(
         label = Path(router).stem if not isinstance(router, Router) else "router"
         method = f"router {label} τ={threshold:g}"
     elif fora is not None:
-        schedule = CacheSchedule.fora(steps, num_units, fora)
-        method = f"FORA N={fora}"
+        schedule = CacheSchedule.fora(steps, num_units, fora, order=order)
+        method = f"FORA N={fora}" + (f" forecast order {order}" if order else "")
     else:
         schedule, method = None, "uncached"
 

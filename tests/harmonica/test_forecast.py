@@ -182,6 +182,16 @@ def test_bf16_history_under_fp32_model(kind):
     assert handle.cache_bytes == num_units * 3 * 4 * tokens * width * 2
 
 
+def test_a_history_dtype_narrower_than_the_activations_is_refused():
+    model = tiny_dit()
+    enable_cache(
+        model, CacheSchedule.fora(FORECAST_STEPS, len(units(model)), 3, order=2), cache_dtype=torch.float16
+    )
+    cond, _ = make_cond("dit", 2)
+    with torch.no_grad(), pytest.raises(TypeError, match="float16 cannot hold torch.float32"):
+        sample(model, ddim(), noise(2), cond, FORECAST_STEPS)
+
+
 def test_history_is_reallocated_when_the_batch_changes_between_generations():
     model = tiny_dit()
     schedule = CacheSchedule.fora(FORECAST_STEPS, len(units(model)), 3, order=2)
