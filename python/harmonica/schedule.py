@@ -15,6 +15,9 @@ __all__ = ["CacheSchedule", "FORECAST_RULES", "forecast_coefficients"]
 MAX_ORDER = 2
 FORECAST_RULES = ("taylor", "newton")
 DEFAULT_RULE = "taylor"
+DEFAULT_WARMUP = 3
+"""Fully computed first steps of a forecasting :meth:`CacheSchedule.fora` (diffusers' TaylorSeer
+default): the outputs change fastest there, and the history fills at unit spacing."""
 
 
 class CacheSchedule:
@@ -92,18 +95,33 @@ class CacheSchedule:
 
     @classmethod
     def fora(
-        cls, num_steps: int, num_units: int, interval: int, order: int = 0, *, rule: str = DEFAULT_RULE
+        cls,
+        num_steps: int,
+        num_units: int,
+        interval: int,
+        order: int = 0,
+        *,
+        warmup: int | None = None,
+        rule: str = DEFAULT_RULE,
     ) -> CacheSchedule:
         """FORA (METHOD.md §7): all units computed on steps ``t % interval == 0``, reused otherwise.
 
         ``order`` 1 or 2 forecasts the skipped steps from the last computed outputs instead of reusing
-        them (TaylorSeer's static form with ``rule="taylor"``); entries with less history than the
-        order asks (the first ``order`` intervals) use the highest order their history allows.
+        them, in TaylorSeer's static form: the first ``warmup`` steps (default 3 when forecasting, 0
+        for plain reuse) are computed, then every ``interval``-th step from step ``warmup + 1`` (step
+        ``warmup`` itself is already forecast from the warm-up steps). Entries with less history than
+        the order asks use the highest order their history allows.
         """
         _check_size(num_steps, num_units)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
-        steps = torch.arange(num_steps) % interval == 0
+        order = _check_order(order)
+        if warmup is None:
+            warmup = DEFAULT_WARMUP if order else 0
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup is a number of fully computed first steps, an int >= 0, got {warmup!r}")
+        t = torch.arange(num_steps)
+        steps = t % interval == 0 if warmup == 0 else (t < warmup) | ((t - warmup - 1) % interval == 0)
         return cls(steps[:, None].expand(num_steps, num_units)).with_forecast(order, rule=rule)
 
     @classmethod

@@ -19,8 +19,19 @@ FORECAST_STEPS = 9
 # The schedule
 
 
+def test_forecasting_fora_takes_taylorseers_static_form():
+    # diffusers' TaylorSeer (cache_interval N, disable_cache_before_step 3) computes steps 0-2, then the
+    # steps where (t - 3 - 1) % N == 0: step 3 is already forecast from the warm-up
+    computed = [t for t in range(20) if CacheSchedule.fora(20, 1, 3, order=1).compute[t, 0]]
+    assert computed == [0, 1, 2, 4, 7, 10, 13, 16, 19]
+    assert CacheSchedule.fora(20, 1, 3, order=2, warmup=0) == CacheSchedule.fora(20, 1, 3).with_forecast(2)
+    assert CacheSchedule.fora(20, 1, 3, order=0, warmup=3).compute[:3].all()
+    with pytest.raises(ValueError, match="warmup"):
+        CacheSchedule.fora(20, 1, 3, order=1, warmup=-1)
+
+
 def test_fora_orders_rise_as_history_fills():
-    schedule = CacheSchedule.fora(10, 2, 3, order=2)
+    schedule = CacheSchedule.fora(10, 2, 3, order=2, warmup=0)
     # computes at 0, 3, 6, 9: after one compute only plain reuse, after two first order, then second
     assert [row[0] for row in schedule.order_rows] == [0, 0, 0, 0, 1, 1, 0, 2, 2, 0]
     assert schedule.history_sizes == (3, 3)
@@ -33,7 +44,7 @@ def test_fora_orders_rise_as_history_fills():
 
 @pytest.mark.parametrize("interval", [2, 3, 4])
 def test_equal_spacing_gives_the_taylorseer_coefficients(interval):
-    schedule = CacheSchedule.fora(4 * interval, 1, interval, order=2)
+    schedule = CacheSchedule.fora(4 * interval, 1, interval, order=2, warmup=0)
     table = schedule.coefficients
     for t in range(3 * interval + 1, 4 * interval):  # history full: second order
         k = t % interval
@@ -60,7 +71,7 @@ def test_newton_rule_interpolates_a_quadratic_exactly():
 
 
 def test_max_age_keeps_orders_where_the_entry_stays_reused():
-    schedule = CacheSchedule.fora(12, 2, 4, order=1).with_max_age(2)
+    schedule = CacheSchedule.fora(12, 2, 4, order=1, warmup=0).with_max_age(2)
     assert schedule.max_age() == 2
     assert schedule.forecasts
     orders = schedule.orders
@@ -129,9 +140,7 @@ def test_fora_forecast_matches_the_oracle(kind, interval, order, rule):
     cond, mask = make_cond(kind, 2)
     with torch.no_grad():
         expected = _oracle_sample(model, schedule, cond, mask, rule)
-        plain = _oracle_sample(
-            model, CacheSchedule.fora(FORECAST_STEPS, num_units, interval), cond, mask, rule
-        )
+        plain = _oracle_sample(model, CacheSchedule(schedule.compute), cond, mask, rule)
         handle = enable_cache(model, schedule)
         got = sample(model, ddim(), noise(2), cond, FORECAST_STEPS, text_mask=mask)
     torch.testing.assert_close(got, expected, **FP32)
@@ -213,7 +222,7 @@ def test_compiled_forecast_steps_match_eager_with_one_graph_per_distinct_row():
     torch._dynamo.reset()
     model = tiny_dit()
     num_units = len(units(model))
-    schedule = CacheSchedule.fora(FORECAST_STEPS, num_units, 3, order=2)
+    schedule = CacheSchedule.fora(FORECAST_STEPS, num_units, 3, order=2, warmup=0)
     cond, _ = make_cond("dit", 2)
     handle = enable_cache(model, schedule)
     with torch.no_grad():
