@@ -143,7 +143,7 @@ def fit_forecast(
         ValueError: no schedule, a schedule without forecast entries or of another model's shape,
             ``batch_size`` < 1, ``ridge`` < 0.
     """
-    from .training import _advance, _conditioning_for, _draw, _generator, _Group, _Setup
+    from .training import _conditioning_for, _Group, _Setup
 
     transformer = transformer_of(pipe_or_transformer)
     supported_class(transformer)
@@ -168,11 +168,9 @@ def fit_forecast(
     if transformer.__dict__.get("_harmonica_cache") is not None:
         raise CacheStateError("disable_cache() before fitting forecasts on this transformer")
 
-    began = time.perf_counter()
-    handle = _FittingHandle(transformer, schedule, ridge)
     setup = _Setup(
         model=transformer,
-        handle=handle,  # type: ignore[arg-type]
+        handle=None,  # type: ignore[arg-type]
         scheduler=copy.deepcopy(scheduler),
         conditioning=_conditioning_for(
             transformer,
@@ -187,6 +185,18 @@ def fit_forecast(
         device=next(transformer.parameters()).device,
         group=_Group(),
     )
+    return fit_on(setup, schedule, batch_size=batch_size, seed=seed, ridge=ridge, progress=progress)
+
+
+def fit_on(
+    setup: Any, schedule: CacheSchedule, *, batch_size: int, seed: int, ridge: float, progress: bool
+) -> ForecastFit:
+    """:func:`fit_forecast` on a prepared sampling set-up (model, scheduler, conditions, CFG)."""
+    from .training import _advance, _draw, _generator
+
+    began = time.perf_counter()
+    transformer = setup.model
+    handle = _FittingHandle(transformer, schedule, ridge)
     x, cond = _draw(setup, _generator(seed, 5, 0), batch_size)
     setup.scheduler.set_timesteps(schedule.num_steps, device=setup.device)
     timesteps = setup.scheduler.timesteps

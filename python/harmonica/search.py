@@ -84,6 +84,7 @@ def search_schedule(
     max_age: int | None = None,
     granularity: Literal["step", "unit"] = "step",
     forecast_order: int = 0,
+    fit_coefficients: bool = True,
     rounds: int = 4,
     batch_size: int = 8,
     guidance_scale: float = 1.5,
@@ -113,7 +114,11 @@ def search_schedule(
             :meth:`CacheSchedule.with_forecast`, step-distance coefficients) while the costs are
             measured, so the search places the computes where forecasting needs them; each cost is
             then one whole sampling run (T forwards) with the engine. The result's schedule forecasts
-            (fit its coefficients with :func:`harmonica.fit_forecast`). 0: plain reuse.
+            0: plain reuse.
+        fit_coefficients: with forecasting, fit each target's coefficients by least squares
+            (:func:`harmonica.fit_forecast`, one run with every unit computed) and keep them where
+            they lower the final-sample error on the search's batch (one more run), else keep the
+            step-distance rule's.
         rounds: unit granularity: cost measurements on the way to the last target (more:
             interactions seen sooner, proportionally more forwards).
         batch_size: noise samples (one class or prompt each, drawn from ``seed``) the errors are
@@ -268,6 +273,11 @@ def search_schedule(
             bar.close()
         if transformer.__dict__.get("_harmonica_cache") is not None:
             disable_cache(transformer)
+    if forecast_order and fit_coefficients:
+        schedules = {
+            target: _fitted_if_better(runner, schedule, reference, batch_size, seed)
+            for target, schedule in schedules.items()
+        }
     schedule = schedules[float(targets[-1])]
     settings = {
         "method": "search",
@@ -275,6 +285,7 @@ def search_schedule(
         "max_age": max_age,
         "granularity": granularity,
         "forecast_order": forecast_order,
+        "fit_coefficients": bool(forecast_order and fit_coefficients),
         "rounds": rounds,
         "batch_size": batch_size,
         "guidance_scale": guidance_scale,
@@ -400,6 +411,21 @@ class _Runner:
         return costs
 
 
+def _fitted_if_better(
+    runner: _EngineRunner, schedule: CacheSchedule, reference: torch.Tensor, batch_size: int, seed: int
+) -> CacheSchedule:
+    """``schedule`` with least-squares coefficients if they lower the final-sample error of the
+    search's batch, else ``schedule`` unchanged."""
+    from .forecast import DEFAULT_RIDGE, fit_on
+
+    fitted = fit_on(
+        runner.setup, schedule, batch_size=batch_size, seed=seed, ridge=DEFAULT_RIDGE, progress=False
+    ).schedule
+    rule_error = F.mse_loss(runner.final(schedule), reference).item()
+    fitted_error = F.mse_loss(runner.final(fitted), reference).item()
+    return fitted if fitted_error < rule_error else schedule
+
+
 class _EngineRunner:
     """Whole sampling runs of a fixed batch through the inference engine (forecast schedules: the
     training handle cannot forecast), one run per measured entry. Same batch as :class:`_Runner`."""
@@ -412,11 +438,14 @@ class _EngineRunner:
         self.forwards = 0
 
     @torch.no_grad()
-    def final(self, mask: torch.Tensor) -> torch.Tensor:
+    def final(self, mask: torch.Tensor | CacheSchedule) -> torch.Tensor:
+        """The final sample of the batch under ``mask`` forecast at the search's order (or under a
+        given schedule)."""
         setup = self.setup
         setup.scheduler.set_timesteps(self.num_steps, device=setup.device)
         timesteps = setup.scheduler.timesteps
-        handle = enable_cache(setup.model, CacheSchedule(mask).with_forecast(self.order))
+        schedule = mask if isinstance(mask, CacheSchedule) else CacheSchedule(mask).with_forecast(self.order)
+        handle = enable_cache(setup.model, schedule)
         try:
             handle.reset()
             x = self.x
