@@ -80,18 +80,28 @@ def _load_row(ptr, b, stride_b, d, d_mask):
 
 
 @triton.jit
-def _forecast(c0_ptr, c1_ptr, c2_ptr, coeffs_ptr, offsets, mask, ORDER: tl.constexpr):
+def _load_coeffs(coeffs_ptr, ORDER: tl.constexpr):
+    """The forecast coefficients (a, b), read from device memory once per program (no host sync: a
+    CUDA graph replays with whatever the buffer holds); b is 0 below ORDER 2 and not read."""
+    a = 0.0
+    b = 0.0
+    if ORDER >= 1:
+        a = tl.load(coeffs_ptr, eviction_policy="evict_last")
+    if ORDER == 2:
+        b = tl.load(coeffs_ptr + 1, eviction_policy="evict_last")
+    return a, b
+
+
+@triton.jit
+def _forecast(c0_ptr, c1_ptr, c2_ptr, a, b, offsets, mask, ORDER: tl.constexpr):
     """The Taylor forecast c0 + a (c0 - c1) [+ b ((c0 - c1) - (c1 - c2)) at ORDER 2] in fp32, from the
-    history c0, c1, c2 and the coefficients (a, b) read from device memory (no host sync: a CUDA
-    graph replays with whatever coefficients the buffer holds)."""
+    history c0, c1, c2."""
     c0 = tl.load(c0_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     c1 = tl.load(c1_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(coeffs_ptr, eviction_policy="evict_last")
     first = c0 - c1
     value = c0 + a * first
     if ORDER == 2:
         c2 = tl.load(c2_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(coeffs_ptr + 1, eviction_policy="evict_last")
         value = value + b * (first - (c1 - c2))
     return value
 
@@ -135,11 +145,12 @@ def _gated_residual_kernel(
 ):
     """out = x + gate * value; with WRITE_CACHE also cache = value (same pass). ORDER 1 or 2: value
     is the forecast from the history value (c0), c1[, c2] with the coefficients at coeffs_ptr."""
+    coef_a, coef_b = _load_coeffs(coeffs_ptr, ORDER)
     b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
     if ORDER == 0:
         value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
     else:
-        value = _forecast(value_ptr, c1_ptr, c2_ptr, coeffs_ptr, offsets, mask, ORDER)
+        value = _forecast(value_ptr, c1_ptr, c2_ptr, coef_a, coef_b, offsets, mask, ORDER)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
@@ -254,11 +265,12 @@ def _gated_residual_norm_modulate_kernel(
     """x_out = x + gate * value (cache = value with WRITE_CACHE); h = LayerNorm(x_out) * (1 + scale)
     + shift over D, biased variance, from the fp32 x_out. BLOCK_D covers the whole row. ORDER 1 or
     2: value is the forecast from the history value (c0), c1[, c2] (see _forecast)."""
+    coef_a, coef_b = _load_coeffs(coeffs_ptr, ORDER)
     b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
     if ORDER == 0:
         value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
     else:
-        value = _forecast(value_ptr, c1_ptr, c2_ptr, coeffs_ptr, offsets, mask, ORDER)
+        value = _forecast(value_ptr, c1_ptr, c2_ptr, coef_a, coef_b, offsets, mask, ORDER)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
@@ -316,6 +328,7 @@ def _gated_residual_norm_modulate_chunked_kernel(
     the value (re-read while still in L1/L2: no extra DRAM traffic at these tile sizes; reading the
     stored x_out back would round it to x's dtype first) and writes h. ORDER 1 or 2: the value is the
     forecast from the history value (c0), c1[, c2] (see _forecast), recomputed in pass 2 likewise."""
+    coef_a, coef_b = _load_coeffs(coeffs_ptr, ORDER)
     pid = tl.program_id(0)
     b = pid // n_tiles
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -331,7 +344,7 @@ def _gated_residual_norm_modulate_chunked_kernel(
         if ORDER == 0:
             value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
         else:
-            value = _forecast(value_ptr, c1_ptr, c2_ptr, coeffs_ptr, offsets, mask, ORDER)
+            value = _forecast(value_ptr, c1_ptr, c2_ptr, coef_a, coef_b, offsets, mask, ORDER)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
@@ -357,7 +370,7 @@ def _gated_residual_norm_modulate_chunked_kernel(
         if ORDER == 0:
             value = tl.load(value_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         else:
-            value = _forecast(value_ptr, c1_ptr, c2_ptr, coeffs_ptr, offsets, mask, ORDER)
+            value = _forecast(value_ptr, c1_ptr, c2_ptr, coef_a, coef_b, offsets, mask, ORDER)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
