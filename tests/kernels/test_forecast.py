@@ -293,3 +293,24 @@ def test_direct_op_calls_fail_cleanly(backend, device):
         norm_op(x, gate, c0, c1[:, :3].contiguous(), c2, coeffs, shift, scale, 1e-6)
     with pytest.raises(errors, match="store the history in one dtype"):
         op(x, gate, c0, c1.half(), c2, coeffs)
+
+
+def test_eager_calls_skip_the_registered_op(backend, device):
+    """Eager calls reach the backend directly: the Triton launcher without the triton_* custom_op
+    (nothing registered shows up in the profile), the C++ op through its own dispatcher entry."""
+    if backend not in PREFIX:
+        pytest.skip("the torch backend is the reference itself, not a registered op")
+    x, gate, history, shift, scale, coeffs = make_forecast_inputs(
+        (2, 5, 24), torch.float32, torch.float32, "chunk", device
+    )
+    with torch.profiler.profile() as prof:
+        hk.forecast_gated_residual(x, gate, *history, coeffs)
+        hk.forecast_residual_norm_modulate(x, gate, *history, coeffs, shift, scale)
+    names = {e.name for e in prof.events() if e.name.startswith("harmonica::")}
+    if backend == "triton":
+        assert not names, names
+    else:
+        assert names <= {
+            "harmonica::forecast_gated_residual",
+            "harmonica::forecast_residual_norm_modulate",
+        }, names
