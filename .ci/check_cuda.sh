@@ -130,7 +130,8 @@ so = glob.glob(os.path.join(sys.argv[1], "harmonica_kernels", "_C*.so"))
 assert len(so) == 1, so
 torch.ops.load_library(so[0])  # raises on a C++ signature mismatch between backends
 ops = ["cached_gated_residual", "gated_residual_update_", "routed_gated_residual",
-       "routed_gated_residual_backward", "gated_residual_norm_modulate"]
+       "routed_gated_residual_backward", "gated_residual_norm_modulate", "forecast_gated_residual",
+       "forecast_residual_norm_modulate"]
 missing = [(op, key) for op in ops for key in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"harmonica::{op}", key)]
 assert not missing, f"ops without a kernel: {missing}"

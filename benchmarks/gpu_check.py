@@ -8,8 +8,9 @@ on a CPU-only machine). ``benchmarks/gpu_check.sh`` runs it as one stage of the 
 Checks, against harmonica_kernels/reference.py (the oracle), every op over
 x dtype x cache dtype (3 x 3), shapes with D = 1152 / 4096 (16-byte path), 37 (scalar path) and 8,
 gates None / [B, D] / [B, 1, D] / chunk() views / batch-broadcast / misaligned (scalar fallback),
-misaligned x; the argument errors; no host synchronisation (sync debug mode "error"); CUDA-graph
-capture with r changed between replays. Then times each fused op at a large shape against the
+misaligned x; the forecast reads at orders 0-2 with the history in each cache dtype; the argument
+errors; no host synchronisation (sync debug mode "error"); CUDA-graph capture with r and the
+forecast coefficients changed between replays. Then times each fused op at a large shape against the
 device-to-device copy bandwidth and the unfused torch sequence (targets: >= 85 % of copy
 bandwidth, >= 1.8x unfused). Exit status 1 on any correctness failure.
 """
@@ -158,9 +159,24 @@ def check_correctness(ref) -> None:
                 close(f"norm.h {variant} {tag}", got[1], want[1], max(tol, 1e-4) * 2)
                 if cc is not None:
                     close(f"norm.cache {variant} {tag}", c_k, c_r, 0, exact=True)
+
+            # Forecast reads: history (cache, c1, c2) in the cache dtype, coefficients on the device.
+            c1, c2 = (torch.randn(B, N, D, device="cuda", dtype=C) for _ in range(2))
+            coeffs = torch.tensor([0.7, -0.3], device="cuda")
+            for order, (h1, h2) in enumerate(((None, None), (c1, None), (c1, c2))):
+                close(
+                    f"forecast order {order} {tag}",
+                    ops.forecast_gated_residual(x, g, cache, h1, h2, coeffs),
+                    ref.forecast_gated_residual(x, g, cache, h1, h2, coeffs),
+                    tol,
+                )
+                got = ops.forecast_residual_norm_modulate(x, g, cache, h1, h2, coeffs, shift, scale, 1e-6)
+                want = ref.forecast_residual_norm_modulate(x, g, cache, h1, h2, coeffs, shift, scale, 1e-6)
+                close(f"forecast_norm.x_out order {order} {tag}", got[0], want[0], tol)
+                close(f"forecast_norm.h order {order} {tag}", got[1], want[1], max(tol, 1e-4) * 2)
             n += 1
     torch.cuda.synchronize()
-    print(f"correctness: {n} configurations x 5 ops")
+    print(f"correctness: {n} configurations x 7 ops")
 
 
 def check_errors() -> None:
@@ -168,6 +184,7 @@ def check_errors() -> None:
     x = torch.randn(2, 4, 64, device="cuda")
     s = torch.randn(2, 64, device="cuda")
     cache = torch.randn_like(x)
+    coeffs = torch.tensor([0.5, 0.25], device="cuda")
     cases = {
         "reuse without cache": lambda: ops.gated_residual_norm_modulate(x, s, None, s, s, 1e-6, None, True),
         "reuse with y": lambda: ops.gated_residual_norm_modulate(x, s, x, s, s, 1e-6, cache, True),
@@ -177,6 +194,14 @@ def check_errors() -> None:
         "gate wrong D": lambda: ops.cached_gated_residual(x, torch.randn(2, 63, device="cuda"), cache),
         "r two elements": lambda: ops.routed_gated_residual(x, s, x, cache, torch.rand(2, device="cuda")),
         "int x": lambda: ops.cached_gated_residual(x.int(), None, cache),
+        "forecast c2 without c1": lambda: ops.forecast_gated_residual(x, s, cache, None, cache, coeffs),
+        "forecast coeffs on cpu": lambda: ops.forecast_gated_residual(x, s, cache, cache, None, coeffs.cpu()),
+        "forecast coeffs fp64": lambda: ops.forecast_gated_residual(
+            x, s, cache, cache, None, coeffs.double()
+        ),
+        "forecast c0 aliases x": lambda: ops.forecast_residual_norm_modulate(
+            x, s, x, cache, None, coeffs, s, s, 1e-6
+        ),
     }
     for name, fn in cases.items():
         try:
@@ -197,6 +222,9 @@ def check_no_sync_and_graphs() -> None:
     ada = torch.randn(B, 6 * D, device="cuda", dtype=torch.bfloat16).chunk(6, dim=1)
     r = torch.full((), 0.3, device="cuda")
     grad = torch.randn_like(x)
+    c1, c2 = torch.randn_like(x), torch.randn_like(x)
+    coeffs = torch.tensor([0.5, 0.25], device="cuda")
+    forecasts = {}
 
     def run_all():
         ops.cached_gated_residual(x, ada[2], cache)
@@ -204,6 +232,10 @@ def check_no_sync_and_graphs() -> None:
         o = ops.routed_gated_residual(x, ada[2], branch, cache, r)
         ops.routed_gated_residual_backward(grad, ada[2], branch, cache, r)
         ops.gated_residual_norm_modulate(x, ada[2], y, ada[3], ada[4], 1e-6, cache_norm, False)
+        forecasts["gated"] = ops.forecast_gated_residual(x, ada[2], cache, c1, c2, coeffs)
+        forecasts["norm"] = ops.forecast_residual_norm_modulate(
+            x, ada[2], cache, c1, None, coeffs, ada[3], ada[4], 1e-6
+        )
         return o
 
     run_all()  # warm-up: occupancy queries, lazy module loading
@@ -232,6 +264,18 @@ def check_no_sync_and_graphs() -> None:
         want = ops.routed_gated_residual(x, ada[2], branch, cache, r)
         if not torch.equal(out, want):
             failures.append(f"graph replay with r={rv} differs from eager")
+    for a, b in ((0.0, 0.0), (1.0, -0.5), (2.0, 1.0)):  # the coefficients live on the device
+        coeffs.copy_(torch.tensor([a, b]))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_gated = ops.forecast_gated_residual(x, ada[2], cache, c1, c2, coeffs)
+        want_norm = ops.forecast_residual_norm_modulate(
+            x, ada[2], cache, c1, None, coeffs, ada[3], ada[4], 1e-6
+        )
+        if not torch.equal(forecasts["gated"], want_gated) or not all(
+            torch.equal(got, want) for got, want in zip(forecasts["norm"], want_norm, strict=True)
+        ):
+            failures.append(f"graph replay with coeffs=({a}, {b}) differs from eager")
     print("cuda graph capture/replay: done")
 
 
@@ -258,6 +302,11 @@ def bench_shape(B: int, N: int, D: int, S: torch.dtype, copy_bw: float) -> None:
     g3 = gate.unsqueeze(1)
     r = torch.full((), 0.3, device="cuda")
     rr = r.to(S)
+    c1, c2 = torch.randn_like(x), torch.randn_like(x)
+    coeffs = torch.tensor([0.5, 0.25], device="cuda")
+
+    def unfused_forecast2():
+        return x + g3 * (cache + 0.5 * (cache - c1) + 0.25 * (cache - 2 * c1 + c2))
 
     def unfused_norm():
         xo = x + g3 * y
@@ -305,6 +354,27 @@ def bench_shape(B: int, N: int, D: int, S: torch.dtype, copy_bw: float) -> None:
             4 * e,
             lambda: ops.gated_residual_norm_modulate(x, gate, None, shift, scale, 1e-6, cache, True),
             None,
+        ),
+        (
+            "forecast(order 1)",
+            4 * e,
+            lambda: ops.forecast_gated_residual(x, gate, cache, c1, None, coeffs),
+            lambda: x + g3 * (cache + 0.5 * (cache - c1)),
+        ),
+        (
+            "forecast(order 2)",
+            5 * e,
+            lambda: ops.forecast_gated_residual(x, gate, cache, c1, c2, coeffs),
+            unfused_forecast2,
+        ),
+        (
+            "forecast_norm(order 2)",
+            6 * e,
+            lambda: ops.forecast_residual_norm_modulate(x, gate, cache, c1, c2, coeffs, shift, scale, 1e-6),
+            lambda: (
+                F.layer_norm(unfused_forecast2(), (D,), eps=1e-6) * (1 + scale.unsqueeze(1))
+                + shift.unsqueeze(1)
+            ),
         ),
     ]
     for name, nbytes, fused, unfused in cases:

@@ -78,6 +78,14 @@ def op_cases(device: str) -> dict[str, tuple[Callable[[], Any], str, Callable[[]
         out = unfused_update()
         return out, modulate(out)
 
+    # Forecast reads: history (cache, c1, c2), coefficients on the device for the fused op and as
+    # Python floats for the unfused sequence (no tensor to read there).
+    c1, c2 = (torch.randn(*SHAPE, generator=gen).to(device) for _ in range(2))
+    coeffs = torch.tensor([0.5, 0.25], device=device)
+
+    def unfused_forecast2():
+        return x + g * (cache + 0.5 * (cache - c1) + 0.25 * (cache - 2 * c1 + c2))
+
     return {
         "cached_gated_residual": (
             lambda: hk.cached_gated_residual(x, gate, cache),
@@ -100,6 +108,21 @@ def op_cases(device: str) -> dict[str, tuple[Callable[[], Any], str, Callable[[]
             ),
             "unfused",
             lambda: modulate(x + g * cache),
+        ),
+        "forecast_gated_residual[order1]": (
+            lambda: hk.forecast_gated_residual(x, gate, cache, c1, None, coeffs),
+            "unfused",
+            lambda: x + g * (cache + 0.5 * (cache - c1)),
+        ),
+        "forecast_gated_residual[order2]": (
+            lambda: hk.forecast_gated_residual(x, gate, cache, c1, c2, coeffs),
+            "unfused",
+            unfused_forecast2,
+        ),
+        "forecast_residual_norm_modulate[order2]": (
+            lambda: hk.forecast_residual_norm_modulate(x, gate, cache, c1, c2, coeffs, shift, scale, EPS),
+            "unfused",
+            lambda: modulate(unfused_forecast2()),
         ),
     }
 

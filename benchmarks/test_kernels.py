@@ -49,10 +49,17 @@ def inputs(shape, dtype, device):
     emb = torch.randn(B, 6 * D, device=device, dtype=dtype, generator=gen)
     shift, scale, gate = emb.chunk(6, dim=1)[:3]  # strided views, as diffusers passes them
     r = torch.tensor(0.3, device=device)
-    return x, y, cache, gate, shift, scale, r
+    # The older history of a forecast read (c0 is `cache`), in the activations' dtype.
+    c1, c2 = (torch.randn(B, N, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    coeffs = torch.tensor(FORECAST_COEFFS, device=device)
+    return x, y, cache, gate, shift, scale, r, c1, c2, coeffs
 
 
-def cases(x, y, cache, gate, shift, scale, r):
+# (a, b) of the forecast rows; the unfused baselines get them as Python floats (their cheapest form).
+FORECAST_COEFFS = (0.5, 0.25)
+
+
+def cases(x, y, cache, gate, shift, scale, r, c1, c2, coeffs):
     """op -> (fused call, {baseline name: unfused torch call}, tensors read, tensors written)."""
     g = gate.unsqueeze(1)
     grad = y
@@ -72,6 +79,14 @@ def cases(x, y, cache, gate, shift, scale, r):
 
     def fused_backward():
         return backend_module(x.device).routed_gated_residual_backward(grad, gate, y, cache, r)
+
+    a, b = FORECAST_COEFFS
+
+    def forecast_order1():  # TaylorSeer's first-order read as diffusers-style torch code
+        return cache + a * (cache - c1)
+
+    def forecast_order2():
+        return cache + a * (cache - c1) + b * (cache - 2 * c1 + c2)
 
     return {
         "cached_gated_residual": (
@@ -112,6 +127,30 @@ def cases(x, y, cache, gate, shift, scale, r):
             [x, cache],
             [x, x],
         ),
+        "forecast_gated_residual[order1]": (
+            lambda: hk.forecast_gated_residual(x, gate, cache, c1, None, coeffs),
+            {"unfused": lambda: x + g * forecast_order1()},
+            [x, cache, c1],
+            [x],
+        ),
+        "forecast_gated_residual[order2]": (
+            lambda: hk.forecast_gated_residual(x, gate, cache, c1, c2, coeffs),
+            {"unfused": lambda: x + g * forecast_order2()},
+            [x, cache, c1, c2],
+            [x],
+        ),
+        "forecast_residual_norm_modulate[order1]": (
+            lambda: hk.forecast_residual_norm_modulate(x, gate, cache, c1, None, coeffs, shift, scale, EPS),
+            {"unfused": lambda: modulate(x + g * forecast_order1())},
+            [x, cache, c1],
+            [x, x],
+        ),
+        "forecast_residual_norm_modulate[order2]": (
+            lambda: hk.forecast_residual_norm_modulate(x, gate, cache, c1, c2, coeffs, shift, scale, EPS),
+            {"unfused": lambda: modulate(x + g * forecast_order2())},
+            [x, cache, c1, c2],
+            [x, x],
+        ),
     }
 
 
@@ -122,6 +161,10 @@ OPS = [
     "routed_gated_residual_backward",
     "gated_residual_norm_modulate[update]",
     "gated_residual_norm_modulate[reuse]",
+    "forecast_gated_residual[order1]",
+    "forecast_gated_residual[order2]",
+    "forecast_residual_norm_modulate[order1]",
+    "forecast_residual_norm_modulate[order2]",
 ]
 # The read path is also held against torch's best single op for it. On CUDA the fused ops run under
 # each GPU backend ("fused" is the default one, the cuda extension when built).

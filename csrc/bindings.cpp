@@ -26,4 +26,14 @@ TORCH_LIBRARY(harmonica, m) {
   m.def(
       "gated_residual_norm_modulate(Tensor x, Tensor? gate, Tensor? y, Tensor shift, Tensor scale, "
       "float eps, Tensor(a!)? cache, bool reuse) -> (Tensor, Tensor)");
+  // Forecast read: out = x + gate * (c0 + a (c0 - c1) + b (c0 - 2 c1 + c2)), (a, b) = coeffs, an fp32
+  // [2] tensor on x's device read by the kernel (no host sync). c1 = c2 = None: plain reuse
+  // (coeffs ignored); c2 = None: first order. c0/c1/c2 share one float dtype, x's or another.
+  m.def(
+      "forecast_gated_residual(Tensor x, Tensor? gate, Tensor c0, Tensor? c1, Tensor? c2, Tensor? coeffs) "
+      "-> Tensor");
+  // x_out = the forecast read above; h = LayerNorm(x_out) * (1 + scale) + shift
+  m.def(
+      "forecast_residual_norm_modulate(Tensor x, Tensor? gate, Tensor c0, Tensor? c1, Tensor? c2, "
+      "Tensor? coeffs, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor)");
 }

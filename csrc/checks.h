@@ -4,7 +4,9 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <optional>
 #include <string>
+#include <utility>
 
 namespace harmonica {
 
@@ -77,6 +79,34 @@ inline void check_no_overlap(const at::Tensor& written, const at::Tensor& read, 
                              const char* rname) {
   TORCH_CHECK(at::get_overlap_status(written, read) == at::MemOverlapStatus::No, "harmonica: ", wname,
               " shares memory with ", rname, "; pass a separate buffer (e.g. ", rname, ".clone())");
+}
+
+// The history of a forecast read: c0 (and c1, c2 when given) of x's shape and device, contiguous,
+// one float dtype for all three, none sharing memory with x; c2 only with c1; coeffs (when c1 is
+// given) an fp32 [2] contiguous tensor on x's device.
+inline void check_forecast(const at::Tensor& x, const at::Tensor& c0, const std::optional<at::Tensor>& c1,
+                           const std::optional<at::Tensor>& c2, const std::optional<at::Tensor>& coeffs) {
+  TORCH_CHECK(c1.has_value() || !c2.has_value(),
+              "harmonica: c2 given without c1: a second-order forecast needs c0, c1 and c2");
+  const std::pair<const char*, const at::Tensor*> history[] = {
+      {"c0", &c0}, {"c1", c1 ? &*c1 : nullptr}, {"c2", c2 ? &*c2 : nullptr}};
+  for (const auto& [name, c] : history) {
+    if (c == nullptr) continue;
+    check_like_x(*c, x, name, /*same_dtype=*/false);
+    TORCH_CHECK(c->scalar_type() == c0.scalar_type(), "harmonica: ", name, " has dtype ", c->scalar_type(),
+                " but c0 has ", c0.scalar_type(), "; store the history in one dtype");
+    TORCH_CHECK(at::get_overlap_status(*c, x) == at::MemOverlapStatus::No, "harmonica: ", name,
+                " shares memory with x; the history holds the unit's cached outputs");
+  }
+  if (!c1.has_value()) return;
+  TORCH_CHECK(coeffs.has_value(), "harmonica: coeffs (a, b) is required for a forecast of order 1 or 2");
+  TORCH_CHECK(coeffs->dim() == 1 && coeffs->size(0) == 2, "harmonica: coeffs must have shape [2] (a, b), got ",
+              shape_of(*coeffs));
+  TORCH_CHECK(coeffs->scalar_type() == at::kFloat, "harmonica: coeffs must be float32, got ",
+              coeffs->scalar_type());
+  TORCH_CHECK(coeffs->device() == x.device(), "harmonica: coeffs is on ", coeffs->device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(coeffs->is_contiguous(), "harmonica: coeffs must be contiguous");
 }
 
 }  // namespace harmonica

@@ -55,9 +55,6 @@ class _ExtensionOps(ModuleType):
     def __init__(self) -> None:
         super().__init__("harmonica_kernels._C_ops")
         for name in _OP_NAMES:
-            if not hasattr(torch.ops.harmonica, name):  # TEMPORARY: until the C++ forecast ops land
-                setattr(self, name, getattr(reference, name))
-                continue
             setattr(self, name, getattr(torch.ops.harmonica, name).default)
 
 

@@ -77,18 +77,10 @@ FAKES: dict[str, Callable] = {
 INFERENCE_ONLY = ("forecast_gated_residual", "forecast_residual_norm_modulate")
 
 
-def _defined(qualname: str) -> bool:
-    namespace, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, namespace), name)
-
-
 def register_fakes(prefix: str = "") -> None:
     """Register the fake impls for ``harmonica::{prefix}{name}`` for every op name."""
     for name, fn in FAKES.items():
-        qualname = f"harmonica::{prefix}{name}"
-        if name in INFERENCE_ONLY and not _defined(qualname):
-            continue  # TEMPORARY: the forecast ops' schemas land backend by backend
-        torch.library.register_fake(qualname, fn)
+        torch.library.register_fake(f"harmonica::{prefix}{name}", fn)
 
 
 def register_inference_only(prefix: str = "") -> None:
@@ -97,9 +89,6 @@ def register_inference_only(prefix: str = "") -> None:
     backward with this message, not with the dispatcher's generic one. (The public functions
     refuse such calls before running anything.)"""
     for name in INFERENCE_ONLY:
-        qualname = f"harmonica::{prefix}{name}"
-        if not _defined(qualname):
-            continue  # TEMPORARY: the forecast ops' schemas land backend by backend
 
         def backward(ctx, *grads, _name=name):
             raise RuntimeError(
@@ -107,7 +96,7 @@ def register_inference_only(prefix: str = "") -> None:
                 "torch.no_grad() or torch.inference_mode(), or pass detached tensors"
             )
 
-        torch.library.register_autograd(qualname, backward)
+        torch.library.register_autograd(f"harmonica::{prefix}{name}", backward)
 
 
 def register_routed_autograd(prefix: str = "") -> None:

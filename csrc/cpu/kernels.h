@@ -141,6 +141,39 @@ struct Lerp {
   }
 };
 
+// Taylor forecast from the history, as the reference: c0 + a (c0 - c1) [+ b ((c0 - c1) - (c1 - c2))].
+template <int kOrder>
+struct Taylor {
+  float a, b;
+  HARMONICA_INLINE f32x8 operator()(const f32x8& c0, const f32x8& c1, const f32x8& c2) const {
+    const f32x8 first = c0 - c1;
+    const f32x8 v = c0 + a * first;
+    if constexpr (kOrder == 1) {
+      return v;
+    } else {
+      return v + b * (first - (c1 - c2));
+    }
+  }
+};
+
+// h = LayerNorm(row) * (1 + scale) + shift for the fp32 row x_f whose lanes sum to `sum`; two-pass
+// moments (biased variance), as F.layer_norm.
+template <class T>
+HARMONICA_INLINE void modulate_row(const float* x_f, const f32x8& sum, const T* shift, const T* scale, T* h,
+                                   int64_t D, float eps) {
+  const float mean = horizontal_sum(sum) / static_cast<float>(D);
+  f32x8 squares = {};
+  for_chunks(D, [&](int64_t d, int64_t n) HARMONICA_INLINE_LAMBDA {
+    const f32x8 centered = load(x_f + d, n) - mean;
+    squares += first_lanes(centered * centered, n);
+  });
+  const float rstd = 1.f / std::sqrt(horizontal_sum(squares) / static_cast<float>(D) + eps);
+  for_chunks(D, [&](int64_t d, int64_t n) HARMONICA_INLINE_LAMBDA {
+    const f32x8 normed = (load(x_f + d, n) - mean) * rstd;
+    store(h + d, normed * (1.f + load(scale + d, n)) + load(shift + d, n), n);
+  });
+}
+
 // ---- entry points -------------------------------------------------------------------------------
 
 // The row pointers are locals, not reads of `a` in the loop: a store through memcpy may alias
@@ -254,18 +287,47 @@ struct Kernels {
         store(x_out + d, s, n);
         sum += first_lanes(s, n);
       });
-      // Two-pass moments (biased variance), as F.layer_norm.
-      const float mean = horizontal_sum(sum) / static_cast<float>(D);
-      f32x8 squares = {};
-      for_chunks(D, [&](int64_t d, int64_t n) HARMONICA_INLINE_LAMBDA {
-        const f32x8 centered = load(x_f + d, n) - mean;
-        squares += first_lanes(centered * centered, n);
+      modulate_row(x_f, sum, shift, scale, h, D, eps);
+    }
+  }
+
+  // out = x + gate * forecast(c0, c1[, c2])
+  template <int kOrder, class T, class C>
+  static void forecast_gated_residual(const ForecastArgs<T, C>& a, int64_t begin, int64_t end) {
+    const Taylor<kOrder> forecast{a.a, a.b};
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t o = row * a.D;
+      const T *x = a.x + o, *gate = a.gate.row(row / a.N);
+      const C *c0 = a.c0 + o, *c1 = a.c1 + o, *c2 = kOrder == 2 ? a.c2 + o : nullptr;
+      T* out = a.out + o;
+      for_chunks(a.D, [&](int64_t d, int64_t n) HARMONICA_INLINE_LAMBDA {
+        const f32x8 v = forecast(load(c0 + d, n), load(c1 + d, n), kOrder == 2 ? load(c2 + d, n) : f32x8{});
+        store(out + d, load(x + d, n) + load(gate + d, n) * v, n);
       });
-      const float rstd = 1.f / std::sqrt(horizontal_sum(squares) / static_cast<float>(D) + eps);
+    }
+  }
+
+  // x_out = x + gate * forecast(c0, c1[, c2]); h = LayerNorm(x_out) * (1 + scale) + shift.
+  template <int kOrder, class T, class C>
+  static void forecast_residual_norm_modulate(const ForecastNormArgs<T, C>& a, int64_t begin, int64_t end) {
+    const Taylor<kOrder> forecast{a.a, a.b};
+    const int64_t D = a.D;
+    std::vector<float> row_buffer(D);
+    float* x_f = row_buffer.data();
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t o = row * D, sample = row / a.N;
+      const T *x = a.x + o, *gate = a.gate.row(sample), *shift = a.shift.row(sample), *scale = a.scale.row(sample);
+      const C *c0 = a.c0 + o, *c1 = a.c1 + o, *c2 = kOrder == 2 ? a.c2 + o : nullptr;
+      T *x_out = a.x_out + o, *h = a.h + o;
+      f32x8 sum = {};
       for_chunks(D, [&](int64_t d, int64_t n) HARMONICA_INLINE_LAMBDA {
-        const f32x8 normed = (load(x_f + d, n) - mean) * rstd;
-        store(h + d, normed * (1.f + load(scale + d, n)) + load(shift + d, n), n);
+        const f32x8 v = forecast(load(c0 + d, n), load(c1 + d, n), kOrder == 2 ? load(c2 + d, n) : f32x8{});
+        const f32x8 s = load(x + d, n) + load(gate + d, n) * v;
+        store(x_f + d, s, n);
+        store(x_out + d, s, n);
+        sum += first_lanes(s, n);
       });
+      modulate_row(x_f, sum, shift, scale, h, D, a.eps);
     }
   }
 };

@@ -130,6 +130,29 @@ struct NormModulateArgs {
   int64_t N, D;
 };
 
+// Forecast reads (order 1 or 2; c2 unused at order 1): (a, b) the coefficients read from coeffs.
+template <class T, class C>
+struct ForecastArgs {
+  const T* x;
+  RowVector<T> gate;
+  const C *c0, *c1, *c2;
+  T* out;
+  float a, b;
+  int64_t N, D;
+};
+
+template <class T, class C>
+struct ForecastNormArgs {
+  const T* x;
+  RowVector<T> gate;
+  const C *c0, *c1, *c2;
+  RowVector<T> shift, scale;
+  T* x_out;
+  T* h;
+  float a, b, eps;
+  int64_t N, D;
+};
+
 // ---- the two kernel sets ------------------------------------------------------------------------
 // Both copies live in this file's anonymous namespace, so the linker never merges an AVX2
 // instantiation with a baseline one; every header is included above, before the target pragma, so
@@ -450,6 +473,101 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate(
   return {x_out, h};
 }
 
+// fn(order constant, c2 pointer) for a forecast read of order 1 or 2 (c1 given), after the checks;
+// (a, b) from coeffs (a CPU tensor here: read directly).
+template <class C, class Fn>
+void with_forecast_order(const std::optional<at::Tensor>& c2, const Fn& fn) {
+  if (c2.has_value()) {
+    fn(std::integral_constant<int, 2>{}, c2->const_data_ptr<C>());
+  } else {
+    fn(std::integral_constant<int, 1>{}, static_cast<const C*>(nullptr));
+  }
+}
+
+at::Tensor forecast_gated_residual(const at::Tensor& x, const std::optional<at::Tensor>& gate_opt,
+                                   const at::Tensor& c0, const std::optional<at::Tensor>& c1,
+                                   const std::optional<at::Tensor>& c2, const std::optional<at::Tensor>& coeffs) {
+  check_x(x);
+  check_forecast(x, c0, c1, c2, coeffs);
+  if (!c1.has_value()) return cached_gated_residual(x, gate_opt, c0);  // order 0: plain reuse
+  const Gate gate(gate_opt, x);
+  const float* ab = coeffs->const_data_ptr<float>();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t N = x.size(1), D = x.size(2);
+  dispatch_float(x.scalar_type(), "x", [&](auto x_type) {
+    using T = decltype(x_type);
+    dispatch_float(c0.scalar_type(), "c0", [&](auto history_type) {
+      using C = decltype(history_type);
+      with_forecast_order<C>(c2, [&](auto order, const C* c2_p) {
+        constexpr int kOrder = decltype(order)::value;
+        const ForecastArgs<T, C> args{.x = x.const_data_ptr<T>(),
+                                      .gate = gate.rows<T>(),
+                                      .c0 = c0.const_data_ptr<C>(),
+                                      .c1 = c1->const_data_ptr<C>(),
+                                      .c2 = c2_p,
+                                      .out = out.mutable_data_ptr<T>(),
+                                      .a = ab[0],
+                                      .b = ab[1],
+                                      .N = N,
+                                      .D = D};
+        with_kernels([&](auto kernels) {
+          at::parallel_for(0, x.size(0) * N, rows_per_task(D), [&](int64_t begin, int64_t end) {
+            kernels.template forecast_gated_residual<kOrder>(args, begin, end);
+          });
+        });
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> forecast_residual_norm_modulate(
+    const at::Tensor& x, const std::optional<at::Tensor>& gate_opt, const at::Tensor& c0,
+    const std::optional<at::Tensor>& c1, const std::optional<at::Tensor>& c2, const std::optional<at::Tensor>& coeffs,
+    const at::Tensor& shift, const at::Tensor& scale, double eps) {
+  check_x(x);
+  check_forecast(x, c0, c1, c2, coeffs);
+  if (!c1.has_value()) {  // order 0: plain reuse
+    return gated_residual_norm_modulate(x, gate_opt, std::nullopt, shift, scale, eps, c0, /*reuse=*/true);
+  }
+  const Gate gate(gate_opt, x);
+  const int64_t shift_stride = row_vector_batch_stride(shift, x, "shift");
+  const int64_t scale_stride = row_vector_batch_stride(scale, x, "scale");
+  const float* ab = coeffs->const_data_ptr<float>();
+  at::Tensor x_out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor h = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t N = x.size(1), D = x.size(2);
+  dispatch_float(x.scalar_type(), "x", [&](auto x_type) {
+    using T = decltype(x_type);
+    dispatch_float(c0.scalar_type(), "c0", [&](auto history_type) {
+      using C = decltype(history_type);
+      with_forecast_order<C>(c2, [&](auto order, const C* c2_p) {
+        constexpr int kOrder = decltype(order)::value;
+        const ForecastNormArgs<T, C> args{.x = x.const_data_ptr<T>(),
+                                          .gate = gate.rows<T>(),
+                                          .c0 = c0.const_data_ptr<C>(),
+                                          .c1 = c1->const_data_ptr<C>(),
+                                          .c2 = c2_p,
+                                          .shift = {shift.const_data_ptr<T>(), shift_stride},
+                                          .scale = {scale.const_data_ptr<T>(), scale_stride},
+                                          .x_out = x_out.mutable_data_ptr<T>(),
+                                          .h = h.mutable_data_ptr<T>(),
+                                          .a = ab[0],
+                                          .b = ab[1],
+                                          .eps = static_cast<float>(eps),
+                                          .N = N,
+                                          .D = D};
+        with_kernels([&](auto kernels) {
+          at::parallel_for(0, x.size(0) * N, rows_per_task(D), [&](int64_t begin, int64_t end) {
+            kernels.template forecast_residual_norm_modulate<kOrder>(args, begin, end);
+          });
+        });
+      });
+    });
+  });
+  return {x_out, h};
+}
+
 }  // namespace
 }  // namespace harmonica
 
@@ -459,4 +577,6 @@ TORCH_LIBRARY_IMPL(harmonica, CPU, m) {
   m.impl("routed_gated_residual", &harmonica::routed_gated_residual);
   m.impl("routed_gated_residual_backward", &harmonica::routed_gated_residual_backward);
   m.impl("gated_residual_norm_modulate", &harmonica::gated_residual_norm_modulate);
+  m.impl("forecast_gated_residual", &harmonica::forecast_gated_residual);
+  m.impl("forecast_residual_norm_modulate", &harmonica::forecast_residual_norm_modulate);
 }

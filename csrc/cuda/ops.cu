@@ -20,6 +20,10 @@
 //    sums in registers, reduces them over the 8 rows through shared memory and writes one fp32
 //    partial row; a second small kernel sums the partials in a fixed order and rounds to the
 //    gate's dtype (deterministic, no atomics, no memset, no host sync).
+//  * forecast_gated_residual / forecast_residual_norm_modulate: the same two kernels, with the value
+//    computed from the history c0 (the `cache` argument), c1, c2 and the coefficients (a, b) read
+//    from device memory once per thread (no host sync, graph-capturable): kForecast1/2 modes of the
+//    elementwise kernel, ORDER 1/2 of the norm kernel.
 //  * gated_residual_norm_modulate: one block per row (grid-stride over rows, one wave of
 //    resident blocks), the row held in registers as fp32 (each thread up to 4 vectors, or 8
 //    elements on the scalar path), two block reductions (mean, then the centred variance), so
@@ -209,24 +213,51 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return warp_sum(lane < warps ? red[lane] : 0.f);
 }
 
+// Taylor forecast of order ORDER (1 or 2) into val (which holds c0 on entry), as the reference:
+// c0 + a (c0 - c1) [+ b ((c0 - c1) - (c1 - c2))].
+template <int ORDER, int V, class C>
+__device__ __forceinline__ void add_forecast(const C* __restrict__ c1, const C* __restrict__ c2, int64_t e, float a,
+                                             float b, float (&val)[V]) {
+  float c1v[V], c2v[V];
+  load_vec<V>(c1 + e, c1v);
+  if constexpr (ORDER == 2) load_vec<V>(c2 + e, c2v);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float first = val[k] - c1v[k];
+    float v = fmaf(a, first, val[k]);
+    if constexpr (ORDER == 2) v = fmaf(b, first - (c1v[k] - c2v[k]), v);
+    val[k] = v;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise residual kernels.
 
-enum class Mode { kCached, kUpdate, kRouted };
+enum class Mode { kCached, kUpdate, kRouted, kForecast1, kForecast2 };
+
+template <Mode M>
+constexpr int forecast_order() {
+  return M == Mode::kForecast1 ? 1 : M == Mode::kForecast2 ? 2 : 0;
+}
 
 constexpr int kEwThreads = 256;
 constexpr int kEwIlp = 2;
 
 // out = x + gate * value, value = cache (kCached) | branch, cache[:] = branch (kUpdate) |
-// lerp(cache, branch, r) (kRouted). Indices count vectors of V elements; d_vec = D / V.
+// lerp(cache, branch, r) (kRouted) | the forecast from c0 = cache, c1[, c2] (kForecast1/2, coefficients
+// at `coeffs`). Indices count vectors of V elements; d_vec = D / V.
 template <Mode M, class S, class C, int V>
 __global__ void __launch_bounds__(kEwThreads)
     gated_residual_kernel(const S* __restrict__ x, const S* __restrict__ gate, int64_t gate_stride,
                           const S* __restrict__ branch, const C* __restrict__ cache_in, C* __restrict__ cache_out,
-                          const void* __restrict__ r, int r_kind, S* __restrict__ out, int64_t n_vec,
-                          int64_t d_vec, int64_t tokens) {
-  float rv = 0.f;
+                          const void* __restrict__ r, int r_kind, const C* __restrict__ c1, const C* __restrict__ c2,
+                          const float* __restrict__ coeffs, S* __restrict__ out, int64_t n_vec, int64_t d_vec,
+                          int64_t tokens) {
+  constexpr int kOrder = forecast_order<M>();
+  float rv = 0.f, ca = 0.f, cb = 0.f;
   if constexpr (M == Mode::kRouted) rv = load_r(r, r_kind);
+  if constexpr (kOrder > 0) ca = coeffs[0];
+  if constexpr (kOrder == 2) cb = coeffs[1];
   const int64_t step = static_cast<int64_t>(gridDim.x) * kEwThreads * kEwIlp;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kEwThreads * kEwIlp + threadIdx.x; base < n_vec;
        base += step) {
@@ -239,6 +270,9 @@ __global__ void __launch_bounds__(kEwThreads)
         load_vec<V>(x + e, xv[u]);
         if constexpr (M == Mode::kCached) {
           load_vec<V>(cache_in + e, val[u]);
+        } else if constexpr (kOrder > 0) {
+          load_vec<V>(cache_in + e, val[u]);
+          add_forecast<kOrder, V>(c1, c2, e, ca, cb, val[u]);
         } else if constexpr (M == Mode::kUpdate) {
           load_vec<V>(branch + e, val[u]);
         } else {
@@ -420,15 +454,21 @@ constexpr int norm_max_threads() {
   return V == 1 ? 1024 : 512;
 }
 
-template <class S, class C, int V, int ITEMS>
+// ORDER 1/2: the value is the forecast from c0 = cache_in, c1[, c2] (y is null, nothing written but
+// x_out and h).
+template <class S, class C, int V, int ITEMS, int ORDER>
 __global__ void __launch_bounds__(norm_max_threads<V>(), 1)
     norm_modulate_kernel(const S* __restrict__ x, const S* __restrict__ gate, int64_t gate_stride,
                          const S* __restrict__ y, const C* __restrict__ cache_in, C* __restrict__ cache_out,
+                         const C* __restrict__ c1, const C* __restrict__ c2, const float* __restrict__ coeffs,
                          const S* __restrict__ shift, int64_t shift_stride, const S* __restrict__ scale,
                          int64_t scale_stride, S* __restrict__ x_out, S* __restrict__ h, int64_t rows,
                          int64_t tokens, int64_t d_vec, float eps) {
   __shared__ float red[32];
   const float inv_d = 1.f / static_cast<float>(d_vec * V);
+  float ca = 0.f, cb = 0.f;
+  if constexpr (ORDER > 0) ca = coeffs[0];
+  if constexpr (ORDER == 2) cb = coeffs[1];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = div_nonneg(row, tokens);
     const int64_t row_off = row * d_vec * V;
@@ -440,7 +480,10 @@ __global__ void __launch_bounds__(norm_max_threads<V>(), 1)
       if (c < d_vec) {
         const int64_t e = row_off + c * V;
         load_vec<V>(x + e, v[it]);
-        if (y != nullptr) {
+        if constexpr (ORDER > 0) {
+          load_vec<V>(cache_in + e, val[it]);
+          add_forecast<ORDER, V>(c1, c2, e, ca, cb, val[it]);
+        } else if (y != nullptr) {
           load_vec<V>(y + e, val[it]);
         } else {
           load_vec<V>(cache_in + e, val[it]);
@@ -463,7 +506,7 @@ __global__ void __launch_bounds__(norm_max_threads<V>(), 1)
       if (c < d_vec) {
         const int64_t e = row_off + c * V;
         store_vec<V>(x_out + e, v[it]);
-        if (cache_out != nullptr) store_vec<V>(cache_out + e, val[it]);
+        if (ORDER == 0 && cache_out != nullptr) store_vec<V>(cache_out + e, val[it]);
 #pragma unroll
         for (int k = 0; k < V; ++k) sum += v[it][k];
       }
@@ -594,11 +637,27 @@ constexpr int vec_width() {
   return static_cast<int>(16 / sizeof(S));
 }
 
+// The history and coefficients of a forecast read (c1, c2 null below order 1, 2), after checks.
+struct History {
+  const at::Tensor* c1 = nullptr;
+  const at::Tensor* c2 = nullptr;
+  const at::Tensor* coeffs = nullptr;
+  const void* c1_ptr() const { return c1 != nullptr ? c1->data_ptr() : nullptr; }
+  const void* c2_ptr() const { return c2 != nullptr ? c2->data_ptr() : nullptr; }
+  const float* coeffs_ptr() const { return coeffs != nullptr ? coeffs->data_ptr<float>() : nullptr; }
+};
+
+History history_of(const std::optional<at::Tensor>& c1, const std::optional<at::Tensor>& c2,
+                   const std::optional<at::Tensor>& coeffs) {
+  return {c1 ? &*c1 : nullptr, c2 ? &*c2 : nullptr, coeffs ? &*coeffs : nullptr};
+}
+
 // ---- elementwise ops --------------------------------------------------------------------------
 
 template <Mode M>
 at::Tensor launch_gated_residual(const at::Tensor& x, const std::optional<at::Tensor>& gate,
-                                 const at::Tensor* branch, const at::Tensor& cache, const at::Tensor* r) {
+                                 const at::Tensor* branch, const at::Tensor& cache, const at::Tensor* r,
+                                 const History& history = {}) {
   const RowVec g = row_vec(gate, x, "gate");  // validates the gate before anything is allocated
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -620,9 +679,12 @@ at::Tensor launch_gated_residual(const at::Tensor& x, const std::optional<at::Te
       const C* c_in = M == Mode::kUpdate ? nullptr : static_cast<const C*>(cache.data_ptr());
       C* c_out = M == Mode::kUpdate ? static_cast<C*>(cache.data_ptr()) : nullptr;
       S* o_p = static_cast<S*>(out.data_ptr());
+      const C* c1_p = static_cast<const C*>(history.c1_ptr());
+      const C* c2_p = static_cast<const C*>(history.c2_ptr());
       const bool vec_ok = (g.ptr != nullptr ? d % kV == 0 : numel % kV == 0) && row_vec_ok(g, sizeof(S), kV) &&
                           vec_aligned(x_p, sizeof(S), kV) && vec_aligned(b_p, sizeof(S), kV) &&
-                          vec_aligned(o_p, sizeof(S), kV) && vec_aligned(cache.data_ptr(), sizeof(C), kV);
+                          vec_aligned(o_p, sizeof(S), kV) && vec_aligned(cache.data_ptr(), sizeof(C), kV) &&
+                          vec_aligned(c1_p, sizeof(C), kV) && vec_aligned(c2_p, sizeof(C), kV);
       auto launch = [&](auto v_const) {
         constexpr int V = decltype(v_const)::value;
         const int64_t n_vec = numel / V;
@@ -633,8 +695,8 @@ at::Tensor launch_gated_residual(const at::Tensor& x, const std::optional<at::Te
         const int blocks = static_cast<int>(std::min((n_vec + per_block - 1) / per_block, wave));
         // d / V only matters with a gate, where d % V == 0 on the vector path.
         kernel<<<blocks, kEwThreads, 0, stream>>>(
-            x_p, static_cast<const S*>(g.ptr), g.stride, b_p, c_in, c_out, r_ptr, r_kind, o_p, n_vec,
-            std::max<int64_t>(d / V, 1), tokens);
+            x_p, static_cast<const S*>(g.ptr), g.stride, b_p, c_in, c_out, r_ptr, r_kind, c1_p, c2_p,
+            history.coeffs_ptr(), o_p, n_vec, std::max<int64_t>(d / V, 1), tokens);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (vec_ok) {
@@ -674,6 +736,18 @@ at::Tensor routed_gated_residual_cuda(const at::Tensor& x, const std::optional<a
   check_like_x(cache, x, "cache", /*same_dtype=*/false);
   check_r(r, x);
   return launch_gated_residual<Mode::kRouted>(x, gate, &branch, cache, &r);
+}
+
+at::Tensor forecast_gated_residual_cuda(const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                                        const at::Tensor& c0, const std::optional<at::Tensor>& c1,
+                                        const std::optional<at::Tensor>& c2, const std::optional<at::Tensor>& coeffs) {
+  check_cuda(x, "x");
+  check_x(x);
+  check_forecast(x, c0, c1, c2, coeffs);
+  const History history = history_of(c1, c2, coeffs);
+  if (!c1.has_value()) return launch_gated_residual<Mode::kCached>(x, gate, nullptr, c0, nullptr);
+  if (!c2.has_value()) return launch_gated_residual<Mode::kForecast1>(x, gate, nullptr, c0, nullptr, history);
+  return launch_gated_residual<Mode::kForecast2>(x, gate, nullptr, c0, nullptr, history);
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -763,26 +837,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_gated_residual_backward_cu
 
 // ---- norm + modulate --------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& y,
-    const at::Tensor& shift, const at::Tensor& scale, double eps, const std::optional<at::Tensor>& cache,
-    bool reuse) {
-  check_cuda(x, "x");
-  check_x(x);
-  if (reuse) {
-    TORCH_CHECK(cache.has_value(), "harmonica: gated_residual_norm_modulate with reuse=True needs a cache");
-    TORCH_CHECK(!y.has_value(),
-                "harmonica: gated_residual_norm_modulate with reuse=True reads the cache; pass y=None");
-  } else {
-    TORCH_CHECK(y.has_value(), "harmonica: gated_residual_norm_modulate with reuse=False needs y");
-  }
-  if (y.has_value()) check_like_x(*y, x, "y", /*same_dtype=*/true);
-  if (cache.has_value()) check_like_x(*cache, x, "cache", /*same_dtype=*/false);
+// ORDER 0: x_out from y (cache written when given) or, with reuse, from the cache; ORDER 1/2: from the
+// forecast of c0 = cache and the history.
+template <int ORDER>
+std::tuple<at::Tensor, at::Tensor> launch_norm_modulate(const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                                                        const std::optional<at::Tensor>& y, const at::Tensor& shift,
+                                                        const at::Tensor& scale, double eps,
+                                                        const std::optional<at::Tensor>& cache, bool reuse,
+                                                        const History& history) {
   const bool write_cache = cache.has_value() && !reuse;
-  if (write_cache) {
-    check_no_overlap(*cache, x, "cache", "x");
-    check_no_overlap(*cache, *y, "cache", "y");
-  }
   const RowVec g = row_vec(gate, x, "gate");
   const RowVec sh = row_vec(shift, x, "shift");
   const RowVec sc = row_vec(scale, x, "scale");
@@ -807,11 +870,14 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate_cuda(
       C* c_out = write_cache ? static_cast<C*>(cache->data_ptr()) : nullptr;
       S* xo_p = static_cast<S*>(x_out.data_ptr());
       S* h_p = static_cast<S*>(h.data_ptr());
+      const C* c1_p = static_cast<const C*>(history.c1_ptr());
+      const C* c2_p = static_cast<const C*>(history.c2_ptr());
       const bool vec_ok = d % kV == 0 && row_vec_ok(g, sizeof(S), kV) && row_vec_ok(sh, sizeof(S), kV) &&
                           row_vec_ok(sc, sizeof(S), kV) && vec_aligned(x_p, sizeof(S), kV) &&
                           vec_aligned(y_p, sizeof(S), kV) && vec_aligned(xo_p, sizeof(S), kV) &&
                           vec_aligned(h_p, sizeof(S), kV) &&
-                          vec_aligned(cache.has_value() ? cache->data_ptr() : nullptr, sizeof(C), kV);
+                          vec_aligned(cache.has_value() ? cache->data_ptr() : nullptr, sizeof(C), kV) &&
+                          vec_aligned(c1_p, sizeof(C), kV) && vec_aligned(c2_p, sizeof(C), kV);
       auto launch = [&](auto v_const, auto items_const) {
         constexpr int V = decltype(v_const)::value;
         constexpr int ITEMS = decltype(items_const)::value;
@@ -822,13 +888,14 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate_cuda(
                     std::to_string(d));
         const int64_t per_thread = (d_vec + ITEMS - 1) / ITEMS;
         const int threads = static_cast<int>(std::clamp<int64_t>((per_thread + 31) / 32 * 32, 32, kMaxThreads));
-        constexpr auto kernel = norm_modulate_kernel<S, C, V, ITEMS>;
+        constexpr auto kernel = norm_modulate_kernel<S, C, V, ITEMS, ORDER>;
         // Grid-stride over rows with one full wave of resident blocks.
         const int64_t wave = static_cast<int64_t>(sms) * blocks_per_sm<kernel>(threads);
         const int blocks = static_cast<int>(std::min(rows, wave));
         kernel<<<blocks, threads, 0, stream>>>(
-            x_p, static_cast<const S*>(g.ptr), g.stride, y_p, c_in, c_out, static_cast<const S*>(sh.ptr), sh.stride,
-            static_cast<const S*>(sc.ptr), sc.stride, xo_p, h_p, rows, tokens, d_vec, static_cast<float>(eps));
+            x_p, static_cast<const S*>(g.ptr), g.stride, y_p, c_in, c_out, c1_p, c2_p, history.coeffs_ptr(),
+            static_cast<const S*>(sh.ptr), sh.stride, static_cast<const S*>(sc.ptr), sc.stride, xo_p, h_p, rows,
+            tokens, d_vec, static_cast<float>(eps));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (vec_ok) {
@@ -839,6 +906,43 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate_cuda(
     });
   });
   return {x_out, h};
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& y,
+    const at::Tensor& shift, const at::Tensor& scale, double eps, const std::optional<at::Tensor>& cache,
+    bool reuse) {
+  check_cuda(x, "x");
+  check_x(x);
+  if (reuse) {
+    TORCH_CHECK(cache.has_value(), "harmonica: gated_residual_norm_modulate with reuse=True needs a cache");
+    TORCH_CHECK(!y.has_value(),
+                "harmonica: gated_residual_norm_modulate with reuse=True reads the cache; pass y=None");
+  } else {
+    TORCH_CHECK(y.has_value(), "harmonica: gated_residual_norm_modulate with reuse=False needs y");
+  }
+  if (y.has_value()) check_like_x(*y, x, "y", /*same_dtype=*/true);
+  if (cache.has_value()) check_like_x(*cache, x, "cache", /*same_dtype=*/false);
+  const bool write_cache = cache.has_value() && !reuse;
+  if (write_cache) {
+    check_no_overlap(*cache, x, "cache", "x");
+    check_no_overlap(*cache, *y, "cache", "y");
+  }
+  return launch_norm_modulate<0>(x, gate, y, shift, scale, eps, cache, reuse, {});
+}
+
+std::tuple<at::Tensor, at::Tensor> forecast_residual_norm_modulate_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& gate, const at::Tensor& c0,
+    const std::optional<at::Tensor>& c1, const std::optional<at::Tensor>& c2, const std::optional<at::Tensor>& coeffs,
+    const at::Tensor& shift, const at::Tensor& scale, double eps) {
+  check_cuda(x, "x");
+  check_x(x);
+  check_forecast(x, c0, c1, c2, coeffs);
+  const History history = history_of(c1, c2, coeffs);
+  const std::optional<at::Tensor> c0_opt = c0;
+  if (!c1.has_value()) return launch_norm_modulate<0>(x, gate, std::nullopt, shift, scale, eps, c0_opt, true, {});
+  if (!c2.has_value()) return launch_norm_modulate<1>(x, gate, std::nullopt, shift, scale, eps, c0_opt, true, history);
+  return launch_norm_modulate<2>(x, gate, std::nullopt, shift, scale, eps, c0_opt, true, history);
 }
 
 }  // namespace
@@ -853,4 +957,6 @@ TORCH_LIBRARY_IMPL(harmonica, CUDA, m) {
   m.impl("routed_gated_residual", &harmonica::routed_gated_residual_cuda);
   m.impl("routed_gated_residual_backward", &harmonica::routed_gated_residual_backward_cuda);
   m.impl("gated_residual_norm_modulate", &harmonica::gated_residual_norm_modulate_cuda);
+  m.impl("forecast_gated_residual", &harmonica::forecast_gated_residual_cuda);
+  m.impl("forecast_residual_norm_modulate", &harmonica::forecast_residual_norm_modulate_cuda);
 }

@@ -29,13 +29,8 @@ gated_residual_update_ = torch.ops.harmonica.triton_gated_residual_update_.defau
 routed_gated_residual = torch.ops.harmonica.triton_routed_gated_residual.default
 routed_gated_residual_backward = torch.ops.harmonica.triton_routed_gated_residual_backward.default
 gated_residual_norm_modulate = torch.ops.harmonica.triton_gated_residual_norm_modulate.default
-# TEMPORARY: the forecast ops run the torch reference until their Triton kernels land.
-from .. import reference as _reference  # noqa: E402
-
-forecast_gated_residual = _reference.forecast_gated_residual
-forecast_residual_norm_modulate = _reference.forecast_residual_norm_modulate
-eager.forecast_gated_residual = forecast_gated_residual
-eager.forecast_residual_norm_modulate = forecast_residual_norm_modulate
+forecast_gated_residual = torch.ops.harmonica.triton_forecast_gated_residual.default
+forecast_residual_norm_modulate = torch.ops.harmonica.triton_forecast_residual_norm_modulate.default
 
 __all__ = [
     "INTERPRETED",

@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from . import kernels
 
 _TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_FP32_POINTERS = {"partial_gate_ptr", "partial_r_ptr", "r_ptr"}
+_FP32_POINTERS = {"partial_gate_ptr", "partial_r_ptr", "r_ptr", "coeffs_ptr"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,29 @@ class KernelReport:
     spill_loads: int
 
 
+def _with_forecasts(specs: list[tuple[triton.JITFunction, dict, int, int]]) -> list:
+    """``specs`` (the kernels with an ORDER parameter at ORDER 0) plus, for each of those, its
+    second-order forecast variant (ORDER 2, no cache write): what forecast_* launch."""
+    out = []
+    for fn, constexprs, warps, width in specs:
+        if "ORDER" not in fn.arg_names:
+            out.append((fn, constexprs, warps, width))
+            continue
+        out.append((fn, {**constexprs, "ORDER": 0}, warps, width))
+        out.append((fn, {**constexprs, "WRITE_CACHE": False, "ORDER": 2}, warps, width))
+    return out
+
+
+def kernel_label(fn: triton.JITFunction, constexprs: dict) -> str:
+    """The kernel's name, with ``[forecast]`` for its ORDER > 0 variant."""
+    return fn.__name__ + ("[forecast]" if constexprs.get("ORDER", 0) else "")
+
+
 def _specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, dict, int, int]]:
     """(kernel, constexprs, num_warps, D) as the launchers pick them for [B, N, D] with a gate; both
     norm kernels: the one the launcher picks for D, and the other one at the nearest width it takes
-    (a power of two for the one-tile kernel, 1152 for the chunked one)."""
+    (a power of two for the one-tile kernel, 1152 for the chunked one); the kernels that also
+    serve the forecast reads at ORDER 0 and 2."""
     _, block_n, block_d, _, warps = kernels.elementwise_config(B, N, D)
     tile = {"HAS_GATE": True, "BLOCK_N": block_n, "BLOCK_D": block_d}
     specs = [
@@ -74,7 +93,7 @@ def _specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, dict, int, 
         else:
             fn = kernels._gated_residual_norm_modulate_kernel
         specs.append((fn, constexprs, norm_warps, width))
-    return specs
+    return _with_forecasts(specs)
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -139,7 +158,7 @@ def _candidate_specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, d
         else:
             fn = kernels._gated_residual_norm_modulate_kernel
         specs.append((fn, constexprs, norm_warps, D))
-    return specs
+    return _with_forecasts(specs)
 
 
 def report(
@@ -160,7 +179,7 @@ def report(
             registers, spill_stores, spill_loads = _ptxas_stats(ptx, arch)
             rows.append(
                 KernelReport(
-                    kernel=fn.__name__,
+                    kernel=kernel_label(fn, constexprs),
                     width=width,
                     config=f"BLOCK_N={constexprs['BLOCK_N']} BLOCK_D={constexprs['BLOCK_D']} warps={warps}",
                     dtype=dtype,

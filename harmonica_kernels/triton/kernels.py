@@ -80,6 +80,33 @@ def _load_row(ptr, b, stride_b, d, d_mask):
 
 
 @triton.jit
+def _load_coeffs(coeffs_ptr, ORDER: tl.constexpr):
+    """The forecast coefficients (a, b), read from device memory once per program (no host sync: a
+    CUDA graph replays with whatever the buffer holds); b is 0 below ORDER 2 and not read."""
+    a = 0.0
+    b = 0.0
+    if ORDER >= 1:
+        a = tl.load(coeffs_ptr, eviction_policy="evict_last")
+    if ORDER == 2:
+        b = tl.load(coeffs_ptr + 1, eviction_policy="evict_last")
+    return a, b
+
+
+@triton.jit
+def _forecast(c0_ptr, c1_ptr, c2_ptr, a, b, offsets, mask, ORDER: tl.constexpr):
+    """The Taylor forecast c0 + a (c0 - c1) [+ b ((c0 - c1) - (c1 - c2)) at ORDER 2] in fp32, from the
+    history c0, c1, c2."""
+    c0 = tl.load(c0_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(c1_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    first = c0 - c1
+    value = c0 + a * first
+    if ORDER == 2:
+        c2 = tl.load(c2_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        value = value + b * (first - (c1 - c2))
+    return value
+
+
+@triton.jit
 def _tile_offsets(N, D, n_tiles, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Sample index, flat [BLOCK_N, BLOCK_D] offsets into a [B, N, D] tensor, the feature offsets
     and the in-bounds mask of this program's tile."""
@@ -103,6 +130,9 @@ def _gated_residual_kernel(
     value_ptr,
     out_ptr,
     cache_ptr,
+    c1_ptr,
+    c2_ptr,
+    coeffs_ptr,
     N,
     D,
     gate_stride_b,
@@ -111,10 +141,16 @@ def _gated_residual_kernel(
     WRITE_CACHE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ORDER: tl.constexpr,
 ):
-    """out = x + gate * value; with WRITE_CACHE also cache = value (same pass)."""
+    """out = x + gate * value; with WRITE_CACHE also cache = value (same pass). ORDER 1 or 2: value
+    is the forecast from the history value (c0), c1[, c2] with the coefficients at coeffs_ptr."""
+    coef_a, coef_b = _load_coeffs(coeffs_ptr, ORDER)
     b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
-    value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+    if ORDER == 0:
+        value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+    else:
+        value = _forecast(value_ptr, c1_ptr, c2_ptr, coef_a, coef_b, offsets, mask, ORDER)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
@@ -210,6 +246,9 @@ def _gated_residual_norm_modulate_kernel(
     x_out_ptr,
     h_ptr,
     cache_ptr,
+    c1_ptr,
+    c2_ptr,
+    coeffs_ptr,
     N,
     D,
     gate_stride_b,
@@ -221,11 +260,17 @@ def _gated_residual_norm_modulate_kernel(
     WRITE_CACHE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ORDER: tl.constexpr,
 ):
     """x_out = x + gate * value (cache = value with WRITE_CACHE); h = LayerNorm(x_out) * (1 + scale)
-    + shift over D, biased variance, from the fp32 x_out. BLOCK_D covers the whole row."""
+    + shift over D, biased variance, from the fp32 x_out. BLOCK_D covers the whole row. ORDER 1 or
+    2: value is the forecast from the history value (c0), c1[, c2] (see _forecast)."""
+    coef_a, coef_b = _load_coeffs(coeffs_ptr, ORDER)
     b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
-    value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+    if ORDER == 0:
+        value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+    else:
+        value = _forecast(value_ptr, c1_ptr, c2_ptr, coef_a, coef_b, offsets, mask, ORDER)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
@@ -258,6 +303,9 @@ def _gated_residual_norm_modulate_chunked_kernel(
     x_out_ptr,
     h_ptr,
     cache_ptr,
+    c1_ptr,
+    c2_ptr,
+    coeffs_ptr,
     N,
     D,
     gate_stride_b,
@@ -270,6 +318,7 @@ def _gated_residual_norm_modulate_chunked_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
+    ORDER: tl.constexpr,
 ):
     """The norm kernel for rows of NUM_CHUNKS * BLOCK_D = D elements that a power-of-two tile would
     pad heavily (D = 1152 = 9 * 128 in a 2048 tile: 44 % of the lanes idle). Pass 1 walks the row in
@@ -277,7 +326,9 @@ def _gated_residual_norm_modulate_chunked_kernel(
     by chunk (Chan et al.'s pairwise update of mean and sum of squared deviations, each chunk's own
     two-pass, as stable as the one-tile kernel). Pass 2 recomputes each chunk's fp32 x_out from x and
     the value (re-read while still in L1/L2: no extra DRAM traffic at these tile sizes; reading the
-    stored x_out back would round it to x's dtype first) and writes h."""
+    stored x_out back would round it to x's dtype first) and writes h. ORDER 1 or 2: the value is the
+    forecast from the history value (c0), c1[, c2] (see _forecast), recomputed in pass 2 likewise."""
+    coef_a, coef_b = _load_coeffs(coeffs_ptr, ORDER)
     pid = tl.program_id(0)
     b = pid // n_tiles
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -290,7 +341,10 @@ def _gated_residual_norm_modulate_chunked_kernel(
         d_mask = d < D
         mask = row_mask[:, None] & d_mask[None, :]
         offsets = rows[:, None] * D + d[None, :]
-        value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+        if ORDER == 0:
+            value = tl.load(value_ptr + offsets, mask=mask, other=0.0)
+        else:
+            value = _forecast(value_ptr, c1_ptr, c2_ptr, coef_a, coef_b, offsets, mask, ORDER)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
@@ -313,7 +367,10 @@ def _gated_residual_norm_modulate_chunked_kernel(
         d_mask = d < D
         mask = row_mask[:, None] & d_mask[None, :]
         offsets = rows[:, None] * D + d[None, :]
-        value = tl.load(value_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if ORDER == 0:
+            value = tl.load(value_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        else:
+            value = _forecast(value_ptr, c1_ptr, c2_ptr, coef_a, coef_b, offsets, mask, ORDER)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
@@ -415,6 +472,17 @@ def _tuned_choice(key: tuple, launch) -> tuple[int, int | None]:
     return choice
 
 
+def _forecast_args(
+    history: tuple | None, fallback: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(c1, c2, coeffs, ORDER) kernel arguments for ``history = (c1, c2 or None, coeffs)`` or None
+    (plain value, ORDER 0); absent tensors are replaced by ``fallback``, which the kernel never reads."""
+    if history is None:
+        return fallback, fallback, fallback, 0
+    c1, c2, coeffs = history
+    return c1, (c2 if c2 is not None else c1), coeffs, (1 if c2 is None else 2)
+
+
 def launch_gated_residual(
     x: torch.Tensor,
     gate: torch.Tensor | None,
@@ -422,11 +490,14 @@ def launch_gated_residual(
     value: torch.Tensor,
     out: torch.Tensor,
     cache_out: torch.Tensor | None,
+    history: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> None:
-    """out = x + gate * value; cache_out[:] = value when given."""
+    """out = x + gate * value; cache_out[:] = value when given. With ``history = (c1, c2, coeffs)``
+    (c2 None at order 1), value is the forecast from c0 = value, c1, c2 (no cache_out then)."""
     B, N, D = x.shape
     if x.numel() == 0:
         return
+    c1, c2, coeffs, order = _forecast_args(history, x)
 
     def launch(tile: int, warps: int | None) -> None:
         grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D, tile, warps)
@@ -436,6 +507,9 @@ def launch_gated_residual(
             value,
             out,
             cache_out if cache_out is not None else out,
+            c1,
+            c2,
+            coeffs,
             N,
             D,
             gate_stride_b,
@@ -444,11 +518,24 @@ def launch_gated_residual(
             WRITE_CACHE=cache_out is not None,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
+            ORDER=order,
             num_warps=num_warps,
         )
 
     cache_dtype = None if cache_out is None else cache_out.dtype
-    key = ("gated", B, N, D, x.dtype, value.dtype, cache_dtype, gate is None, gate_stride_b == 0, x.device)
+    key = (
+        "gated",
+        B,
+        N,
+        D,
+        x.dtype,
+        value.dtype,
+        cache_dtype,
+        gate is None,
+        gate_stride_b == 0,
+        x.device,
+        order,
+    )
     launch(*_tuned_choice(key, launch))
 
 
@@ -553,11 +640,14 @@ def launch_gated_residual_norm_modulate(
     x_out: torch.Tensor,
     h: torch.Tensor,
     cache_out: torch.Tensor | None,
+    history: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> None:
-    """x_out = x + gate * value (cache_out[:] = value when given); h = LN(x_out) * (1 + scale) + shift."""
+    """x_out = x + gate * value (cache_out[:] = value when given); h = LN(x_out) * (1 + scale) + shift.
+    With ``history`` the value is the forecast, as in :func:`launch_gated_residual`."""
     B, N, D = x.shape
     if x.numel() == 0:
         return
+    c1, c2, coeffs, order = _forecast_args(history, x)
 
     def launch(tile: int, warps: int | None) -> None:
         grid, block_n, block_d, n_tiles, num_warps, num_chunks = norm_config(B, N, D, tile, warps)
@@ -574,6 +664,9 @@ def launch_gated_residual_norm_modulate(
             x_out,
             h,
             cache_out if cache_out is not None else x_out,
+            c1,
+            c2,
+            coeffs,
             N,
             D,
             gate_stride_b,
@@ -585,10 +678,11 @@ def launch_gated_residual_norm_modulate(
             WRITE_CACHE=cache_out is not None,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
+            ORDER=order,
             num_warps=num_warps,
             **chunks,
         )
 
     cache_dtype = None if cache_out is None else cache_out.dtype
-    key = ("norm", B, N, D, x.dtype, value.dtype, cache_dtype, gate is None, x.device)
+    key = ("norm", B, N, D, x.dtype, value.dtype, cache_dtype, gate is None, x.device, order)
     launch(*_tuned_choice(key, launch))

@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from .._meta import register_fakes, register_routed_autograd
+from .._meta import register_fakes, register_inference_only, register_routed_autograd
 from . import kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,6 +94,40 @@ def _check_writable_cache(
             raise ValueError(
                 f"harmonica: cache shares memory with {name}; pass a separate buffer (e.g. {name}.clone())"
             )
+
+
+def _check_forecast(
+    x: torch.Tensor,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None,
+    c2: torch.Tensor | None,
+    coeffs: torch.Tensor | None,
+) -> None:
+    """The history of a forecast read (x's shape and device, one float dtype, not sharing memory
+    with x; c2 only with c1) and, from order 1 on, coeffs: fp32 [2] on x's device."""
+    if c2 is not None and c1 is None:
+        raise ValueError("harmonica: c2 given without c1: a second-order forecast needs c0, c1 and c2")
+    for name, c in (("c0", c0), ("c1", c1), ("c2", c2)):
+        if c is None:
+            continue
+        _check_like_x(c, x, name, same_dtype=False)
+        if c.dtype != c0.dtype:
+            raise ValueError(
+                f"harmonica: {name} has dtype {c.dtype} but c0 has {c0.dtype}; store the history in one dtype"
+            )
+        if torch._C._overlaps(c, x):
+            raise ValueError(
+                f"harmonica: {name} shares memory with x; the history holds the unit's cached outputs"
+            )
+    if c1 is None:
+        return
+    if coeffs is None:
+        raise ValueError("harmonica: coeffs (a, b) is required for a forecast of order 1 or 2")
+    if coeffs.shape != (2,) or coeffs.dtype != torch.float32 or coeffs.device != x.device:
+        raise ValueError(
+            f"harmonica: coeffs must be a float32 tensor of shape [2] on {x.device}, got "
+            f"{coeffs.dtype} {tuple(coeffs.shape)} on {coeffs.device}"
+        )
 
 
 def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -197,12 +231,64 @@ def gated_residual_norm_modulate(
     return x_out, h
 
 
+def forecast_gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None,
+    c2: torch.Tensor | None,
+    coeffs: torch.Tensor | None,
+) -> torch.Tensor:
+    if c1 is None:  # order 0: plain reuse
+        return cached_gated_residual(x, gate, c0)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_gated_residual(x, gate, _batch_stride(gate), c0, out, None, (c1, c2, coeffs))
+    return out
+
+
+def forecast_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None,
+    c2: torch.Tensor | None,
+    coeffs: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if c1 is None:  # order 0: plain reuse
+        return gated_residual_norm_modulate(x, gate, None, shift, scale, eps, c0, True)
+    x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _on_device(x):
+        kernels.launch_gated_residual_norm_modulate(
+            x,
+            gate,
+            _batch_stride(gate),
+            c0,
+            shift,
+            _batch_stride(shift),
+            scale,
+            _batch_stride(scale),
+            float(eps),
+            x_out,
+            h,
+            None,
+            (c1, c2, coeffs),
+        )
+    return x_out, h
+
+
 EAGER = {
     "cached_gated_residual": cached_gated_residual,
     "gated_residual_update_": gated_residual_update_,
     "routed_gated_residual": routed_gated_residual,
     "routed_gated_residual_backward": routed_gated_residual_backward,
     "gated_residual_norm_modulate": gated_residual_norm_modulate,
+    "forecast_gated_residual": forecast_gated_residual,
+    "forecast_residual_norm_modulate": forecast_residual_norm_modulate,
 }
 
 
@@ -313,5 +399,62 @@ def triton_gated_residual_norm_modulate(
     return gated_residual_norm_modulate(x.contiguous(), gate, y, shift, scale, eps, cache, reuse)
 
 
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("harmonica::triton_forecast_gated_residual", mutates_args=())
+def triton_forecast_gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None,
+    c2: torch.Tensor | None,
+    coeffs: torch.Tensor | None,
+) -> torch.Tensor:
+    """out = x + gate * (c0 + a (c0 - c1) + b (c0 - 2 c1 + c2)), (a, b) = coeffs (fp32 [2] on x's
+    device, read by the kernel). c1 = c2 = None: plain reuse; c2 = None: first order. c0/c1/c2 of
+    x's shape in one float dtype; gate as in triton_cached_gated_residual."""
+    _check_x(x)
+    _check_forecast(x, c0, c1, c2, coeffs)
+    _gate_stride(gate, x)
+    return forecast_gated_residual(
+        x.contiguous(), gate, c0.contiguous(), _contiguous(c1), _contiguous(c2), _contiguous(coeffs)
+    )
+
+
+@torch.library.custom_op("harmonica::triton_forecast_residual_norm_modulate", mutates_args=())
+def triton_forecast_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    c0: torch.Tensor,
+    c1: torch.Tensor | None,
+    c2: torch.Tensor | None,
+    coeffs: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_out = the forecast read of triton_forecast_gated_residual; h = LayerNorm(x_out) * (1 + scale)
+    + shift over D (no affine, biased variance, from the fp32 x_out). Returns (x_out, h)."""
+    _check_x(x)
+    _check_forecast(x, c0, c1, c2, coeffs)
+    _gate_stride(gate, x)
+    _row_vector_batch_stride(shift, x, "shift")
+    _row_vector_batch_stride(scale, x, "scale")
+    return forecast_residual_norm_modulate(
+        x.contiguous(),
+        gate,
+        c0.contiguous(),
+        _contiguous(c1),
+        _contiguous(c2),
+        _contiguous(coeffs),
+        shift,
+        scale,
+        eps,
+    )
+
+
 register_fakes("triton_")
 register_routed_autograd("triton_")
+register_inference_only("triton_")

@@ -18,9 +18,16 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Accesses that are not 128-bit by design: the routing weight r (one scalar per program) and, in the
-# backward, the per-tile partial sums (one fp32 per feature of a program's tile, and one for r).
-SCALAR_LOADS = {"_routed_gated_residual_kernel": 1, "_routed_gated_residual_backward_kernel": 1}
+# Accesses that are not 128-bit by design: the routing weight r (one scalar per program), the forecast
+# coefficients a and b (two scalars per program) and, in the backward, the per-tile partial sums (one
+# fp32 per feature of a program's tile, and one for r).
+SCALAR_LOADS = {
+    "_routed_gated_residual_kernel": 1,
+    "_routed_gated_residual_backward_kernel": 1,
+    "_gated_residual_kernel[forecast]": 2,
+    "_gated_residual_norm_modulate_kernel[forecast]": 2,
+    "_gated_residual_norm_modulate_chunked_kernel[forecast]": 2,
+}
 SCALAR_STORES = {"_routed_gated_residual_backward_kernel": 2}
 
 
@@ -62,6 +69,9 @@ def test_every_kernel_was_compiled(sm90_reports):
         "_routed_gated_residual_backward_kernel",
         "_gated_residual_norm_modulate_kernel",
         "_gated_residual_norm_modulate_chunked_kernel",
+        "_gated_residual_kernel[forecast]",
+        "_gated_residual_norm_modulate_kernel[forecast]",
+        "_gated_residual_norm_modulate_chunked_kernel[forecast]",
     }
     assert {r["dtype"] for r in sm90_reports} == {"float32", "bfloat16"}
 
