@@ -32,7 +32,7 @@ from .schedule import CacheSchedule
 
 __all__ = ["ForecastFit", "fit_forecast"]
 
-DEFAULT_RIDGE = 1e-3
+DEFAULT_RIDGE = 0.1
 
 
 class ForecastFit:

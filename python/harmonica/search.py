@@ -115,10 +115,10 @@ def search_schedule(
             measured, so the search places the computes where forecasting needs them; each cost is
             then one whole sampling run (T forwards) with the engine. The result's schedule forecasts
             0: plain reuse.
-        fit_coefficients: with forecasting, fit each target's coefficients by least squares
-            (:func:`harmonica.fit_forecast`, one run with every unit computed) and keep them where
-            they lower the final-sample error on the search's batch (one more run), else keep the
-            step-distance rule's.
+        fit_coefficients: with forecasting, every candidate schedule gets least-squares coefficients
+            (:func:`harmonica.fit_forecast` on another batch than the errors are measured on: one
+            more run per candidate, every unit computed) before its error is measured, so the search
+            chooses the computes for the fitted forecasts that will run; False: step-distance rule.
         rounds: unit granularity: cost measurements on the way to the last target (more:
             interactions seen sooner, proportionally more forwards).
         batch_size: noise samples (one class or prompt each, drawn from ``seed``) the errors are
@@ -189,13 +189,17 @@ def search_schedule(
     total = num_steps * len(names)
     began = time.perf_counter()
     if forecast_order:
-        runner: _Runner | _EngineRunner = _EngineRunner(setup, num_steps, seed, batch_size, forecast_order)
+        runner: _Runner | _EngineRunner = _EngineRunner(
+            setup, num_steps, seed, batch_size, forecast_order, fit=fit_coefficients
+        )
     else:
         attach_handle(transformer, handle)
         runner = _Runner(setup, num_steps, seed, batch_size)
 
     def as_schedule(mask: torch.Tensor) -> CacheSchedule:
-        return CacheSchedule(mask).with_forecast(forecast_order)
+        if forecast_order:
+            return runner.schedule(mask)
+        return CacheSchedule(mask)
 
     history: list[dict[str, float]] = []
     schedules: dict[float, CacheSchedule] = {}
@@ -273,11 +277,6 @@ def search_schedule(
             bar.close()
         if transformer.__dict__.get("_harmonica_cache") is not None:
             disable_cache(transformer)
-    if forecast_order and fit_coefficients:
-        schedules = {
-            target: _fitted_if_better(runner, schedule, reference, batch_size, seed)
-            for target, schedule in schedules.items()
-        }
     schedule = schedules[float(targets[-1])]
     settings = {
         "method": "search",
@@ -411,40 +410,51 @@ class _Runner:
         return costs
 
 
-def _fitted_if_better(
-    runner: _EngineRunner, schedule: CacheSchedule, reference: torch.Tensor, batch_size: int, seed: int
-) -> CacheSchedule:
-    """``schedule`` with least-squares coefficients if they lower the final-sample error of the
-    search's batch, else ``schedule`` unchanged."""
-    from .forecast import DEFAULT_RIDGE, fit_on
-
-    fitted = fit_on(
-        runner.setup, schedule, batch_size=batch_size, seed=seed, ridge=DEFAULT_RIDGE, progress=False
-    ).schedule
-    rule_error = F.mse_loss(runner.final(schedule), reference).item()
-    fitted_error = F.mse_loss(runner.final(fitted), reference).item()
-    return fitted if fitted_error < rule_error else schedule
-
-
 class _EngineRunner:
     """Whole sampling runs of a fixed batch through the inference engine (forecast schedules: the
     training handle cannot forecast), one run per measured entry. Same batch as :class:`_Runner`."""
 
-    def __init__(self, setup: _Setup, num_steps: int, seed: int, batch_size: int, order: int) -> None:
+    def __init__(
+        self, setup: _Setup, num_steps: int, seed: int, batch_size: int, order: int, *, fit: bool
+    ) -> None:
         self.setup = setup
         self.num_steps = num_steps
         self.order = order
+        self.fit = fit
+        self.seed = seed
+        self.batch_size = batch_size
         self.x, self.cond = _draw(setup, _generator(seed, 4, 0), batch_size)
         self.forwards = 0
+        self._fitted: dict[bytes, CacheSchedule] = {}
+
+    def schedule(self, mask: torch.Tensor) -> CacheSchedule:
+        """``mask`` forecast at the search's order, with coefficients fitted on the fit batch (another
+        batch than the one the errors are measured on) when ``fit``; fits are kept per mask."""
+        schedule = CacheSchedule(mask).with_forecast(self.order)
+        if not self.fit or not schedule.forecasts:
+            return schedule
+        key = mask.numpy().tobytes()
+        if key not in self._fitted:
+            from .forecast import DEFAULT_RIDGE, fit_on
+
+            self._fitted[key] = fit_on(
+                self.setup,
+                schedule,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                ridge=DEFAULT_RIDGE,
+                progress=False,
+            ).schedule
+            self.forwards += self.num_steps
+        return self._fitted[key]
 
     @torch.no_grad()
-    def final(self, mask: torch.Tensor | CacheSchedule) -> torch.Tensor:
-        """The final sample of the batch under ``mask`` forecast at the search's order (or under a
-        given schedule)."""
+    def final(self, mask: torch.Tensor) -> torch.Tensor:
+        """The final sample of the batch under :meth:`schedule` of ``mask``."""
+        schedule = self.schedule(mask)
         setup = self.setup
         setup.scheduler.set_timesteps(self.num_steps, device=setup.device)
         timesteps = setup.scheduler.timesteps
-        schedule = mask if isinstance(mask, CacheSchedule) else CacheSchedule(mask).with_forecast(self.order)
         handle = enable_cache(setup.model, schedule)
         try:
             handle.reset()

@@ -249,7 +249,7 @@ def test_fit_forecast_solves_each_entrys_least_squares_on_the_cached_run():
 
     model = tiny_dit()
     schedule = CacheSchedule.fora(FORECAST_STEPS, len(units(model)), 3, order=2)
-    fit = fit_forecast(model, ddim(), schedule, batch_size=3, progress=False)
+    fit = fit_forecast(model, ddim(), schedule, batch_size=3, ridge=0.1, progress=False)
     setup = _Setup(
         model, None, ddim(), _ClassConditioning(model, None), True, 1.5, torch.device("cpu"), _Group()
     )
@@ -257,7 +257,7 @@ def test_fit_forecast_solves_each_entrys_least_squares_on_the_cached_run():
     x, labels = _draw(setup, _generator(0, 5, 0), 3)
     expected = schedule.coefficients
     oracle = ReferenceCache(
-        model, schedule.compute, orders=schedule.orders, coefficients=expected, fit_ridge=1e-3
+        model, schedule.compute, orders=schedule.orders, coefficients=expected, fit_ridge=0.1
     )
     try:
         sample(model, ddim(), x, labels, FORECAST_STEPS)
