@@ -1,8 +1,9 @@
 """``harmonica quickstart``: the reference model sampled uncached and under cache schedules.
 
-Methods: the full schedule, FORA N=2 and N=3, and the routers packaged with the reference model for
-the chosen step count (``assets/routers/*-T<steps>.safetensors``: HarmoniCa in several forms, SDT-only,
-L2C, and the searched schedules, made by ``python -m harmonica.reference.train_routers``), a router
+Methods: the full schedule, FORA N=2 and N=3, FORA N=3 with Taylor forecasting, and the routers
+packaged with the reference model for the chosen step count (``assets/routers/*-T<steps>.safetensors``:
+HarmoniCa in several forms, SDT-only, L2C, the searched schedules and the searched forecasting schedules
+with fitted coefficients, made by ``python -m harmonica.reference.train_routers``), a router
 trained by the quickstart itself (a short SDT + IEPO run, so that the report shows training end to
 end), plus any router files given.
 With ``peers`` the report also holds :func:`harmonica.compare` on a reduced sweep of the
@@ -76,6 +77,7 @@ def _schedules(
         "full": CacheSchedule.full(num_steps, num_units),
         "FORA N=2": CacheSchedule.fora(num_steps, num_units, 2),
         "FORA N=3": CacheSchedule.fora(num_steps, num_units, 3),
+        "forecast N=3": CacheSchedule.fora(num_steps, num_units, 3, order=2),
     }
     for path in routers:
         methods[f"router {path.stem}"] = Router.load(path).to_schedule(threshold)
@@ -95,10 +97,12 @@ PEER_SWEEP: dict[str, tuple[str, ...]] = {
 
 def packaged_routers(num_steps: int) -> list[Path]:
     """The routers shipped with the reference model for ``num_steps`` sampling steps: the trained ones
-    (``<name>-T<steps>``) and the schedules searched on 24 samples (``search-a2-b24-T<steps>-<pct>``)."""
+    (``<name>-T<steps>``), the schedules searched on 24 samples (``search-a2-b24-T<steps>-<pct>``) and
+    the forecasting schedules searched with fitted coefficients (``forecast-T<steps>-<pct>``)."""
     folder = ASSETS / "routers"
     trained = sorted(folder.glob(f"*-T{num_steps}.safetensors"))
-    return trained + sorted(folder.glob(f"search-a2-b24-T{num_steps}-*.safetensors"))
+    searched = sorted(folder.glob(f"search-a2-b24-T{num_steps}-*.safetensors"))
+    return trained + searched + sorted(folder.glob(f"forecast-T{num_steps}-*.safetensors"))
 
 
 TRAIN_ITERATIONS = 200
@@ -164,13 +168,15 @@ def _plot_schedules(schedules: dict[str, CacheSchedule], unit_names: list[str], 
 
     fig, axes = plt.subplots(1, len(schedules), figsize=(3.2 * len(schedules), 3.6), squeeze=False)
     for ax, (name, schedule) in zip(axes[0], schedules.items(), strict=True):
-        ax.imshow(
-            schedule.compute.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest"
-        )
+        # computed 1, forecast 0.5 (order 1) / 0.7 (order 2), reused 0
+        shade = schedule.compute.float() + 0.3 * schedule.orders.float() + 0.2 * (schedule.orders > 0).float()
+        ax.imshow(shade.numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"{name}\nCUR {schedule.cache_usage_ratio:.0%}", fontsize=9)
         ax.set_xlabel(f"unit ({len(unit_names)}: attn1/ff per block)", fontsize=8)
         ax.set_ylabel("denoising step", fontsize=8)
-    fig.suptitle("Schedules: green = computed, white = served from cache", fontsize=10)
+    fig.suptitle(
+        "Schedules: dark green = computed, light = forecast (order 1 lighter), white = reused", fontsize=10
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -86,6 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-age", type=int, default=None, help="search: cap on a reused entry's age")
     parser.add_argument(
+        "--forecast-order",
+        type=int,
+        default=0,
+        choices=(0, 1, 2),
+        help="search: forecast reused entries at this order, coefficients fitted (forecast-T<steps>-<pct>)",
+    )
+    parser.add_argument(
         "--search-batch", type=int, default=8, help="search: noise samples errors are measured on"
     )
     parser.add_argument(
@@ -127,7 +134,8 @@ def _targets(text: str) -> list[float]:
 
 
 def _search(args: argparse.Namespace) -> None:
-    """Searched schedules (``search-a<age>-T<steps>-<pct>``) or a trained router polished to each usage
+    """Searched schedules (``search-a<age>-T<steps>-<pct>``; with forecasting ``forecast-T<steps>-<pct>``)
+    or a trained router polished to each usage
     (``<name>-polished-T<steps>-<pct>``), in the order given (each extends or trims the one before)."""
     from ..router import Router
     from ..search import search_schedule
@@ -143,12 +151,16 @@ def _search(args: argparse.Namespace) -> None:
         target_cur=args.search,
         start=start,
         max_age=args.max_age,
+        forecast_order=args.forecast_order,
         batch_size=args.search_batch,
         seed=args.seed,
     )
-    prefix = (
-        f"{args.start}-polished" if args.start else f"search-a{args.max_age or 'none'}-b{args.search_batch}"
-    )
+    if args.start:
+        prefix = f"{args.start}-polished"
+    elif args.forecast_order:
+        prefix = "forecast"
+    else:
+        prefix = f"search-a{args.max_age or 'none'}-b{args.search_batch}"
     for target, schedule in result.schedules.items():
         stem = f"{prefix}-T{args.steps}-{round(100 * target)}"
         settings = {
