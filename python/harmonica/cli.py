@@ -133,6 +133,50 @@ def _search(args: argparse.Namespace) -> None:
     )
 
 
+def _fit(args: argparse.Namespace) -> None:
+    from ._checks import check_output_file
+
+    check_output_file(args.out, "--out")
+    device = _device(args.device)
+
+    import torch
+
+    from .forecast import fit_forecast
+    from .models import load_local, units
+    from .router import Router
+    from .schedule import CacheSchedule
+    from .search import schedule_router
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformer, scheduler = load_local(args.model, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
+    if args.router:
+        router = Router.load(args.router, model=transformer)
+        wrong = router.steps_mismatch(args.steps)
+        if wrong is not None:
+            raise ValueError(f"--router {args.router} {wrong}")
+        schedule = router.to_schedule(args.threshold).with_forecast(args.order)
+    else:
+        schedule = CacheSchedule.fora(args.steps, len(units(transformer)), args.fora, order=args.order)
+    fit = fit_forecast(
+        transformer,
+        scheduler,
+        schedule,
+        batch_size=args.batch,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        **_prompt_pool(args.prompt_embeds),
+    )
+    settings = {"method": "fit_forecast", "order": args.order, "batch_size": args.batch, "seed": args.seed}
+    settings.update({"fora": args.fora} if not args.router else {"router": str(args.router)})
+    schedule_router(transformer, fit.schedule, scheduler, settings).save(args.out)
+    print(
+        f"forecast schedule for {args.steps} steps written to {args.out}: cache usage ratio "
+        f"{fit.schedule.cache_usage_ratio:.1%}; the fitted forecasts' squared error is "
+        f"{fit.mean_error_ratio:.0%} of the step-distance rule's on the fit batch ({fit.seconds:.0f} s)"
+    )
+
+
 def _compare(args: argparse.Namespace) -> None:
     import os
 
@@ -425,6 +469,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="schedule.safetensors", help="router file holding the schedule")
     r.set_defaults(func=_search)
 
+    f = sub.add_parser(
+        "fit",
+        help="fit forecast coefficients for FORA N (or a router's schedule) on the model's own run",
+    )
+    f.add_argument("--model", default=None, help="local transformer or pipeline folder (default: reference)")
+    f.add_argument("--steps", type=int, default=20, help="sampling steps T the schedule is for")
+    source = f.add_mutually_exclusive_group(required=True)
+    source.add_argument("--fora", type=int, metavar="N", help="FORA interval N, forecasting's static form")
+    source.add_argument("--router", default=None, help="a router file whose schedule to forecast")
+    f.add_argument("--threshold", type=float, default=0.1, help="the router's τ")
+    f.add_argument("--order", type=int, choices=(1, 2), default=2, help="forecast order")
+    f.add_argument("--batch", type=int, default=16, help="noise samples the fit sees")
+    f.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [P, L, C]")
+    f.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
+    f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    f.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
+    f.add_argument("--out", default="forecast.safetensors", help="router file holding the fitted schedule")
+    f.set_defaults(func=_fit)
+
     c = sub.add_parser(
         "compare",
         help="sweep caching methods (FORA, routers, diffusers/cache-dit peers); speedup vs quality report",
@@ -433,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--methods",
         default=None,
-        help="comma-separated families to sweep (default: fora,fbcache,taylorseer,magcache,pab,dbcache)",
+        help="comma-separated families to sweep (default: all of fora, forecast, fbcache, taylorseer, "
+        "magcache, pab, dbcache)",
     )
     c.add_argument(
         "--sweep",

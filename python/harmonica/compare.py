@@ -81,6 +81,7 @@ __all__ = [
 
 DEFAULT_SWEEP: dict[str, tuple[str, ...]] = {
     "fora": ("2", "3", "4", "5"),
+    "forecast": ("2", "3", "4"),
     "fbcache": ("0.05", "0.1", "0.2"),
     "taylorseer": ("default", "2", "3", "4"),
     "magcache": ("0.03", "0.24", "0.24:5"),
@@ -170,7 +171,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
         tau = _number(family, head, float, 1e-12, hint)
         fn = _number(family, tail, int, 1, hint) if tail else 1
         return DBCache(f"DBCache F{fn}B0 τ={tau:g}", threshold=tau, fn_compute_blocks=fn)
-    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps", "forecast"}))
+    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps"}))
     raise ValueError(f"unknown method family {family!r}; choose from {known} (routers: pass routers=...)")
 
 

@@ -48,11 +48,17 @@ class ForecastFit:
         self.residual = residual
         self.seconds = seconds
 
-    def __repr__(self) -> str:
+    @property
+    def mean_error_ratio(self) -> float:
+        """Mean over forecast entries of the fitted forecast's squared error over the rule's, on the
+        fit batch (NaN when nothing is forecast)."""
         finite = self.residual[torch.isfinite(self.residual)]
-        mean = f"{finite.mean().item():.3f}" if finite.numel() else "n/a"
+        return finite.mean().item() if finite.numel() else float("nan")
+
+    def __repr__(self) -> str:
         return (
-            f"ForecastFit({self.schedule!r}, mean error ratio fitted/rule={mean}, seconds={self.seconds:.1f})"
+            f"ForecastFit({self.schedule!r}, mean error ratio fitted/rule={self.mean_error_ratio:.3f}, "
+            f"seconds={self.seconds:.1f})"
         )
 
 
