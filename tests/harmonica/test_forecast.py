@@ -329,3 +329,23 @@ def test_router_with_a_broken_forecast_is_refused(tmp_path):
     save_file(tensors, tmp_path / "missing.safetensors", metadata=metadata)
     with pytest.raises(ValueError, match="tensors are missing"):
         Router.load(tmp_path / "missing.safetensors")
+
+
+def test_cli_fit_writes_a_router_carrying_the_fitted_forecast(tmp_path, capsys):
+    from harmonica import Router
+    from harmonica.cli import main
+    from harmonica.reference import load_model
+
+    out = tmp_path / "f.safetensors"
+    assert (
+        main(["fit", "--fora", "2", "--steps", "6", "--batch", "2", "--threads", "1", "--out", str(out)]) == 0
+    )
+    assert "cache usage ratio" in capsys.readouterr().out
+    model = load_model()
+    schedule = Router.load(out, model=model).to_schedule()
+    expected = CacheSchedule.fora(6, len(units(model)), 2, order=2)
+    assert schedule.compute.equal(expected.compute) and schedule.orders.equal(expected.orders)
+    assert not torch.equal(schedule.coefficients, expected.coefficients)  # fitted, not the rule's
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--fora", "2", "--order", "3", "--out", str(out)])
+    assert exc.value.code == 2
