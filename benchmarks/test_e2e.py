@@ -13,7 +13,8 @@ diffusers pipelines do), random weights (they time the same as trained ones). Mo
 - ``smoke``: 2-block models of width 32, 4 steps (CI: it only has to run).
 
 Variants: ``uncached`` (the unpatched diffusers model), ``full`` (``CacheSchedule.full``: the
-engine's own overhead), ``fora2`` / ``fora3`` (FORA N=2 / N=3) and ``mask37`` (a
+engine's own overhead), ``fora2`` / ``fora3`` (FORA N=2 / N=3), ``forecast3`` (FORA N=3 with order-2
+forecasting: 3 warm-up steps, history of 3 outputs per unit) and ``mask37`` (a
 ``CacheSchedule.from_mask`` schedule with cache usage 37.5 %, HarmoniCa's DiT-XL/2 T=20 figure:
 row 0 computes everything, every later step reuses an equal share of units drawn at random), each
 run in two modes:
@@ -138,6 +139,7 @@ VARIANTS = {
     "full": "CacheSchedule.full",
     "fora2": "FORA N=2",
     "fora3": "FORA N=3",
+    "forecast3": "FORA N=3, order-2 forecasting (TaylorSeer's static form)",
     "mask37": "from_mask, CUR 37.5 %",
 }
 MODES = ("eager", "graph") if torch.cuda.is_available() else ("eager",)
@@ -166,6 +168,8 @@ def make_schedule(variant: str, num_steps: int, num_units: int) -> CacheSchedule
         return CacheSchedule.full(num_steps, num_units)
     if variant.startswith("fora"):
         return CacheSchedule.fora(num_steps, num_units, int(variant[4:]))
+    if variant.startswith("forecast"):
+        return CacheSchedule.fora(num_steps, num_units, int(variant[8:]), order=2)
     return mask_schedule(num_steps, num_units)
 
 
