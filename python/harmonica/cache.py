@@ -1,12 +1,14 @@
 """The inference engine: cached transformer blocks driven by a :class:`CacheSchedule`.
 
-``enable_cache(pipe_or_transformer, schedule_or_router)`` swaps every ``BasicTransformerBlock`` of
-a ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` for a :class:`CachedTransformerBlock`
-that shares the original's submodules (no weight copies) and runs the fused residual ops of
-:mod:`harmonica_kernels`. At step t, unit k is computed iff ``schedule.compute[t, k]``: a computed
-unit's output overwrites its cache buffer in place; a reused unit's module is not called and its
-cached output enters the residual with the current step's gate (METHOD.md §1), or, for an entry
-the schedule forecasts, a Taylor extrapolation of its last computed outputs (one fused read).
+``enable_cache(pipe_or_transformer, schedule_or_router)`` swaps every block of a supported
+transformer for the cached block its family's adapter (:mod:`harmonica.adapters`) builds (DiT and
+PixArt's ``BasicTransformerBlock``: :class:`CachedTransformerBlock`), which shares the original's
+submodules (no weight copies), applies each unit through this module's :class:`CacheHandle` and
+runs the fused residual ops of :mod:`harmonica_kernels`. At step t, unit k is computed iff
+``schedule.compute[t, k]``: a computed unit's output overwrites its cache buffer in place; a reused
+unit's module is not called and its cached output enters the residual with the current step's gate
+(METHOD.md §1), or, for an entry the schedule forecasts, a Taylor extrapolation of its last computed
+outputs (one fused read).
 
 Step tracking. One transformer call is one denoising step (classifier-free guidance batched into
 that call, as diffusers pipelines do). The step counter is a Python int on the
@@ -39,22 +41,14 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
-from diffusers.models.embeddings import (
-    CombinedTimestepLabelEmbeddings,
-    LabelEmbedding,
-    TimestepEmbedding,
-    Timesteps,
-)
-from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
-from torch.nn import functional as F
 
 from harmonica_kernels import (
     available_backends,
@@ -65,7 +59,13 @@ from harmonica_kernels import (
     gated_residual_update_,
 )
 
-from .models import UnsupportedModelError, supported_class, transformer_of, units
+from .adapters import adapter_for
+from .adapters import basic as _basic
+from .adapters.base import IMAGE, JOINT, TEXT, Branch, CachedBlock, CallState
+from .adapters.base import as_row as _as_row
+from .adapters.base import runs_plainly as _runs_plainly  # noqa: F401  (looked up here by adapters)
+from .adapters.basic import CachedTransformerBlock, _ada_zero_chunks  # noqa: F401  (public before adapters)
+from .models import supported_class, transformer_of, units
 from .router import Router
 from .schedule import CacheSchedule
 
@@ -83,8 +83,8 @@ HANDLE_ATTR = "_harmonica_cache"
 
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-Branch = Callable[[], torch.Tensor]
-"""A unit's module call with its inputs bound; invoked only when the unit is computed."""
+MultiBranch = Callable[[], Sequence[torch.Tensor]]
+"""One module call that feeds several units, returning one output per unit (in their order)."""
 
 
 class CacheStateError(RuntimeError):
@@ -93,11 +93,6 @@ class CacheStateError(RuntimeError):
 
 class ScheduleMismatchError(ValueError):
     """The schedule does not fit the sampling run (wrong number of steps or units)."""
-
-
-def _as_row(v: torch.Tensor) -> torch.Tensor:
-    """``[B, D]`` or ``[B, 1, D]`` per-sample vector as ``[B, 1, D]`` (a view)."""
-    return v.unsqueeze(1) if v.dim() == 2 else v
 
 
 class CacheHandle:
@@ -132,9 +127,11 @@ class CacheHandle:
         self._history_sizes = schedule.history_sizes
         self._order_rows = schedule.order_rows
         self._cache_dtype = cache_dtype
-        self._patch_size = int(transformer.config.patch_size)
-        self._width = int(transformer.inner_dim)
+        # What a unit is and how its block runs: the model family's adapter (harmonica.adapters).
+        self._adapter = adapter_for(transformer)
+        self._width = self._adapter.width(transformer)
         self._unit_names = tuple(units(transformer))
+        self._unit_streams = self._adapter.unit_streams(transformer)
         self._step = 0
         # Generation bookkeeping (once per transformer call, never per unit): the previous call's
         # timestep, the thread whose generation is in progress, and whether a pipeline's
@@ -158,9 +155,10 @@ class CacheHandle:
         # What disable_cache undoes, kept as plain references (not closures) so that a deepcopy of
         # a cached model or pipeline gets a handle that undoes its own copy.
         self._original_class: type[nn.Module] = type(transformer)
-        self._cached_blocks: list[CachedTransformerBlock] = []
+        self._cached_blocks: list[CachedBlock] = []
         self._scheduler_hook: _ResetOnSetTimesteps | None = None
-        self._embeddings = _SharedEmbeddings([])
+        # The adapter's per-call state (DiT: the conditioning embedding its blocks share).
+        self._embeddings: CallState = CallState()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -300,6 +298,41 @@ class CacheHandle:
         c2 = older[1] if self._order_row[unit] == 2 else None
         return older[0], c2, self._step_coefficients[unit]
 
+    def unit_residuals(
+        self,
+        units: Sequence[int],
+        xs: Sequence[torch.Tensor],
+        gates: Sequence[torch.Tensor | None],
+        branch: MultiBranch,
+        norms: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None] | None = None,
+    ) -> tuple[Any, ...]:
+        """Several units fed by one module call (a joint attention's image and text outputs).
+
+        ``branch()`` returns one output per unit, in the order of ``units``; it runs at most once,
+        and only if one of the units is computed. Each unit is then applied by :meth:`unit_residual`
+        (or, where ``norms[i]`` is ``(shift, scale, eps)``, :meth:`unit_residual_norm_modulate`) on
+        its own residual stream ``xs[i]`` with its own gate, so each keeps its own cache: a unit that
+        is reused while another of the group is computed takes its cached value, not the fresh one.
+
+        Returns one entry per unit: ``x``, or ``(x, h)`` where a norm was given.
+        """
+        outputs: list[torch.Tensor] = []
+
+        def output(i: int) -> torch.Tensor:
+            if not outputs:
+                outputs.extend(branch())
+            return outputs[i]
+
+        norms = norms if norms is not None else (None,) * len(units)
+        results = []
+        for i, (unit, x, gate, norm) in enumerate(zip(units, xs, gates, norms, strict=True)):
+            part = functools.partial(output, i)
+            if norm is None:
+                results.append(self.unit_residual(unit, x, gate, part))
+            else:
+                results.append(self.unit_residual_norm_modulate(unit, x, gate, part, *norm))
+        return tuple(results)
+
     def _cached(self, unit: int, cache: torch.Tensor | None) -> torch.Tensor:
         if cache is None:
             raise CacheStateError(
@@ -312,7 +345,7 @@ class CacheHandle:
     # it would specialise on the step index and recompile every step) --
 
     @torch.compiler.disable
-    def _begin_step(self, hidden_states: Any) -> None:
+    def _begin_step(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         num_steps = self._schedule.num_steps
         if self._step >= num_steps:
             raise CacheStateError(
@@ -323,7 +356,7 @@ class CacheHandle:
                 "(one transformer call per step, CFG batched). A new generation starts by itself when "
                 "the timestep goes back up (or call handle.reset())"
             )
-        layout = self._layout_of(hidden_states)
+        layout = self._layout_of(model, args, kwargs)
         if self._step == 0:
             self._allocate(layout)
         elif layout != self._layout:
@@ -369,18 +402,18 @@ class CacheHandle:
         self._step += 1
         self._row = None
 
-    def _layout_of(self, hidden_states: Any) -> tuple[Any, ...]:
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 4:
-            shape = (
-                tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
-            )
-            raise ValueError(f"the transformer's hidden_states must be latents [B, C, H, W], got {shape}")
-        batch, _, height, width = hidden_states.shape
-        tokens = (height // self._patch_size) * (width // self._patch_size)
+    def _layout_of(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """``(batch, tokens, width, dtype, device)`` of a call; tokens is the image token count, or
+        ``(image, text)`` for a family with units on the text stream (from shapes: no device read)."""
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        batch, image, text = self._adapter.tokens(model, args, kwargs)
+        tokens = image if text is None else (image, text)
         return (batch, tokens, self._width, hidden_states.dtype, hidden_states.device)
 
     def _allocate(self, layout: tuple[Any, ...]) -> None:
         batch, tokens, width, dtype, device = layout
+        image, text = (tokens, 0) if isinstance(tokens, int) else tokens
+        per_stream = {IMAGE: image, TEXT: text, JOINT: image + text}
         buffer_dtype = self._cache_dtype or dtype
         if buffer_dtype == torch.float16 and dtype != torch.float16:
             raise TypeError(
@@ -389,11 +422,12 @@ class CacheHandle:
                 "torch.bfloat16 to halve its memory, or in the activations' dtype"
             )
 
-        def new() -> torch.Tensor:
-            return torch.empty(batch, tokens, width, dtype=buffer_dtype, device=device)
+        def new(stream: str) -> torch.Tensor:
+            return torch.empty(batch, per_stream[stream], width, dtype=buffer_dtype, device=device)
 
-        self._buffers = [new() if size else None for size in self._history_sizes]
-        self._older = [[new() for _ in range(size - 1)] for size in self._history_sizes]
+        sizes = tuple(zip(self._history_sizes, self._unit_streams, strict=True))
+        self._buffers = [new(stream) if size else None for size, stream in sizes]
+        self._older = [[new(stream) for _ in range(size - 1)] for size, stream in sizes]
         if self._schedule.forecasts:
             self._coefficients = self._schedule.coefficients.to(device=device, dtype=torch.float32)
         self._layout = layout
@@ -418,438 +452,9 @@ def _describe(layout: tuple[Any, ...] | None) -> str:
     if layout is None:
         return "nothing"
     batch, tokens, width, dtype, device = layout
+    if not isinstance(tokens, int):
+        tokens = f"{tokens[0]} image + {tokens[1]} text tokens"
     return f"({batch}, {tokens}, {width}, {dtype}, {device})"
-
-
-class CachedTransformerBlock(nn.Module):
-    """``BasicTransformerBlock.forward`` for ``ada_norm_zero`` (DiT) and ``ada_norm_single`` (PixArt)
-    with each unit applied through a :class:`CacheHandle`.
-
-    It registers the original block's submodules and parameters under the same names (so the
-    transformer's ``state_dict`` and ``.to()`` are unchanged, and no weight is copied) and computes
-    exactly diffusers' maths, with the residual of the last unit before the feed-forward fused with
-    the feed-forward's LayerNorm + modulation (DiT: after ``attn1``, with ``norm3``; PixArt: after
-    ``attn2``, ungated, with ``norm2``). Affine LayerNorms fall back to the unfused sequence; chunked
-    feed-forward, attention masks and ``cross_attention_kwargs`` pass through as in diffusers.
-    Anything else raises :class:`UnsupportedModelError` when caching is enabled.
-    """
-
-    def __init__(
-        self, block: BasicTransformerBlock, handle: CacheHandle, unit_ids: tuple[int, int | None, int]
-    ) -> None:
-        super().__init__()
-        _check_block(block)
-        self.norm_type = block.norm_type
-        self.norm1 = block.norm1
-        self.attn1 = block.attn1
-        self.attn2 = block.attn2
-        self.norm2 = block.norm2
-        self.norm3 = getattr(block, "norm3", None)
-        self.ff = block.ff
-        if self.norm_type == "ada_norm_single":
-            self.scale_shift_table = block.scale_shift_table
-        # Held outside the module tree: its submodules are registered here already.
-        object.__setattr__(self, "_original", block)
-        self._handle = handle
-        self._attn1_unit, self._attn2_unit, self._ff_unit = unit_ids
-        # Set by _SharedEmbeddings: which DiT blocks share this one's conditioning embedding.
-        self._embedding_key: tuple[tuple[Any, ...], int] | None = None
-        self._embedding_trainable = False
-        # Set by _SharedEmbeddings: see _plain_embedding (the embedding without module calls).
-        self._embedding_plain: tuple[Any, ...] | None = None
-        ff_norm = self._ff_norm()
-        plain_norm = ff_norm.weight is None and ff_norm.bias is None
-        # The fused op normalises without affine weights; affine norms take the unfused path.
-        self._ff_norm_eps = float(ff_norm.eps) if plain_norm else None
-
-    def _ff_norm(self) -> nn.LayerNorm:
-        """The LayerNorm in front of the feed-forward: DiT's norm3, PixArt's norm2."""
-        return self.norm3 if self.norm_type == "ada_norm_zero" else self.norm2
-
-    def original(self) -> BasicTransformerBlock:
-        """The block this one replaced, with any directly owned parameter re-synced to this one's."""
-        block = self._original
-        if self.norm_type == "ada_norm_single" and block.scale_shift_table is not self.scale_shift_table:
-            block.scale_shift_table = self.scale_shift_table
-        return block
-
-    def set_chunk_feed_forward(self, chunk_size: int | None, dim: int = 0) -> None:
-        """As ``BasicTransformerBlock.set_chunk_feed_forward`` (kept on the original block)."""
-        self._original.set_chunk_feed_forward(chunk_size, dim)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        timestep: torch.Tensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        class_labels: torch.Tensor | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        handle = self._handle
-        x = hidden_states
-        attn_kwargs = dict(cross_attention_kwargs or {})
-        if "gligen" in attn_kwargs:
-            raise UnsupportedModelError(
-                "GLIGEN (cross_attention_kwargs['gligen']) is not supported with caching"
-            )
-
-        # The adaLN modulation always runs; the normalised inputs of attn1 and ff are computed only
-        # when those units are (a reused unit's input is dead work: a LayerNorm and two passes).
-        ff_runs = handle.computes(self._ff_unit)
-        if self.norm_type == "ada_norm_zero":
-            # AdaLayerNormZero.forward, with its LayerNorm moved into the branch
-            emb = handle._embeddings.conditioning(self, timestep, class_labels, x.dtype)
-            needed = (handle.computes(self._attn1_unit), ff_runs)
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero_chunks(
-                self.norm1.linear, emb, needed
-            )
-        else:
-            modulation = self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
-
-        attn1 = functools.partial(self._self_attention, x, shift_msa, scale_msa, attention_mask, attn_kwargs)
-        if self.attn2 is None:
-            x, h = self._residual_before_ff(
-                self._attn1_unit, x, gate_msa, attn1, shift_mlp, scale_mlp, ff_runs
-            )
-        else:
-            x = handle.unit_residual(self._attn1_unit, x, gate_msa, attn1)
-            attn2 = functools.partial(
-                self.attn2,
-                x,
-                encoder_hidden_states=encoder_hidden_states,
-                attention_mask=encoder_attention_mask,
-                **attn_kwargs,
-            )
-            x, h = self._residual_before_ff(self._attn2_unit, x, None, attn2, shift_mlp, scale_mlp, ff_runs)
-
-        return handle.unit_residual(self._ff_unit, x, gate_mlp, functools.partial(self._feed_forward, h))
-
-    def _self_attention(
-        self,
-        x: torch.Tensor,
-        shift: torch.Tensor,
-        scale: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        attn_kwargs: dict[str, Any],
-    ) -> torch.Tensor:
-        """attn1 on ``LN(x) * (1 + scale) + shift``, exactly as diffusers writes it per norm type."""
-        if self.norm_type == "ada_norm_zero":
-            h = self.norm1.norm(x) * (1 + scale[:, None]) + shift[:, None]
-        else:
-            h = self.norm1(x) * (1 + scale) + shift
-        return self.attn1(h, encoder_hidden_states=None, attention_mask=attention_mask, **attn_kwargs)
-
-    def _residual_before_ff(
-        self,
-        unit: int,
-        x: torch.Tensor,
-        gate: torch.Tensor | None,
-        branch: Branch,
-        shift: torch.Tensor,
-        scale: torch.Tensor,
-        ff_runs: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Residual of ``unit``, then (if the ff unit runs) its input ``h = LN(x) * (1 + scale) + shift``."""
-        if not ff_runs:
-            return self._handle.unit_residual(unit, x, gate, branch), None
-        if self._ff_norm_eps is not None:
-            return self._handle.unit_residual_norm_modulate(
-                unit, x, gate, branch, shift, scale, self._ff_norm_eps
-            )
-        x = self._handle.unit_residual(unit, x, gate, branch)
-        return x, self._ff_norm()(x) * (1 + _as_row(scale)) + _as_row(shift)
-
-    def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        chunk_size = self._original._chunk_size
-        if chunk_size is not None:
-            return _chunked_feed_forward(self.ff, h, self._original._chunk_dim, chunk_size)
-        return self.ff(h)
-
-
-def _ada_zero_chunks(
-    linear: nn.Linear, emb: torch.Tensor, runs: tuple[bool, bool]
-) -> list[torch.Tensor | None]:
-    """AdaLayerNormZero's ``linear(emb).chunk(6, dim=1)``, projecting only the chunks a step uses.
-
-    ``runs``: whether attn1 and ff are computed. Their shift and scale feed only their own inputs, so
-    a reused unit's two chunks are dead (returned as None) and the weight rows behind them are not
-    read: the adaLN projection is most of what a reuse step costs when it is bound by memory (a
-    third of DiT's weights). Gates are always projected; adjacent needed chunks share one matmul, and
-    the two gates alone (every unit reused) one batched matmul over their two row blocks (one launch
-    instead of two: such a step is launch-bound on a GPU).
-    """
-    if all(runs):
-        return list(linear(emb).chunk(6, dim=1))
-    if not any(runs):
-        # nn.Module attribute reads cost ~1 us each on the host: read the parameters once
-        weight, bias = linear.weight, linear.bias
-        if bias is not None and weight.is_contiguous() and bias.is_contiguous():
-            return _ada_zero_gates(weight, bias, emb)
-    attn_runs, ff_runs = runs
-    needed = (attn_runs, attn_runs, True, ff_runs, ff_runs, True)
-    width = linear.out_features // 6
-    chunks: list[torch.Tensor | None] = [None] * 6
-    start = 0
-    while start < 6:
-        if not needed[start]:
-            start += 1
-            continue
-        end = start
-        while end < 6 and needed[end]:
-            end += 1
-        rows = slice(start * width, end * width)
-        bias = None if linear.bias is None else linear.bias[rows]
-        chunks[start:end] = F.linear(emb, linear.weight[rows], bias).chunk(end - start, dim=1)
-        start = end
-    return chunks
-
-
-def _ada_zero_gates(weight: torch.Tensor, bias: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor | None]:
-    """:func:`_ada_zero_chunks` for the two gates only (chunks 2 and 5), as one ``baddbmm``."""
-    width, dim = weight.shape[0] // 6, weight.shape[1]
-    # The 6 chunks as [2, 3, W, D]: index 2 of the middle dim is chunk 2 and chunk 5 (views, no copy).
-    rows = weight.view(2, 3, width, dim)[:, 2]
-    shifts = bias.view(2, 3, 1, width)[:, 2]
-    gate_msa, gate_mlp = torch.baddbmm(shifts, emb.expand(2, *emb.shape), rows.transpose(1, 2)).unbind(0)
-    return [None, None, gate_msa, None, None, gate_mlp]
-
-
-class _SharedEmbeddings:
-    """DiT's conditioning embedding ``silu(norm1.emb(timestep, class_labels))``, computed once per
-    transformer call for all blocks whose embedders compute the same function.
-
-    diffusers' DiT gives every block its own ``CombinedTimestepLabelEmbeddings``, and its conversion
-    of the original checkpoints copies the one timestep and class embedder into each of them, so at
-    DiT-XL/2 all 28 blocks compute the same vector, each with a dozen small kernels: on a step that
-    reuses every unit those are most of its launches. Blocks with equal embedders (same structure, equal
-    weights) form a group and the first of them computes the group's embedding for the call; the
-    parameter-free sinusoidal projection of the timestep is shared by all blocks with the same
-    settings even when their weights differ. Each value is exactly what every block would have
-    computed itself (same ops on the same inputs and weights).
-
-    DiT's output layer calls block 0's embedder itself (``transformer_blocks[0].norm1.emb(...)``);
-    while caching is enabled that embedder's ``forward`` is an instance attribute that returns the
-    call's shared value once block 0 has computed it (removed again by ``disable_cache``).
-
-    The groups are found when caching is enabled (comparing weights on the device) and found again
-    at the first step of a generation if any embedder parameter was replaced or modified in place
-    since (checked on the host through identity, storage and version counter, with no device read).
-    An embedder of another type, in training mode (label dropout is random per block) or with
-    trainable weights while autograd records (each block's weights get their own gradient) is called
-    as diffusers calls it.
-    """
-
-    def __init__(self, blocks: list[CachedTransformerBlock]) -> None:
-        self._blocks = [b for b in blocks if b.norm_type == "ada_norm_zero"]
-        # cleared, never replaced (dynamo guards it): projections, and (embedding, silu(embedding))
-        self._memo: dict[tuple[Any, ...], Any] = {}
-        self._state: tuple[Any, ...] | None = None
-        self._served: nn.Module | None = None  # the embedder whose forward reads the memo
-        self.begin_call(first_step=True)
-
-    def release(self) -> None:
-        """Give block 0's embedder its own forward back and drop the memo."""
-        if self._served is not None:
-            self._served.__dict__.pop("forward", None)
-            self._served = None
-        self._memo.clear()
-
-    # Both run in the transformer's __call__, outside the traced region (as CacheHandle._begin_step).
-    @torch.compiler.disable
-    def begin_call(self, *, first_step: bool) -> None:
-        self._memo.clear()
-        if first_step:
-            state = self._parameter_state()
-            if state != self._state:
-                self._group()
-                self._state = state
-
-    @torch.compiler.disable
-    def end_call(self) -> None:
-        self._memo.clear()
-
-    def conditioning(
-        self,
-        block: CachedTransformerBlock,
-        timestep: torch.Tensor,
-        class_labels: torch.Tensor,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """``block.norm1.silu(block.norm1.emb(timestep, class_labels, hidden_dtype=dtype))``."""
-        norm1 = block.norm1
-        embedder = norm1.emb
-        if not _shares_embedding(block):
-            return norm1.silu(embedder(timestep, class_labels, hidden_dtype=dtype))
-        key = block._embedding_key
-        memo = self._memo
-        shared = memo.get((key, dtype))
-        if shared is None:
-            projection_key = key[0]
-            projection = memo.get(projection_key)
-            if projection is None:
-                projection = memo[projection_key] = embedder.time_proj(timestep)
-            plain = block._embedding_plain
-            if plain is not None and _runs_plainly(plain[1]):
-                # The modules' own maths without their ~8 module calls, a few microseconds of host
-                # time each (with untied embedders, every block of a reuse step pays them).
-                (w1, b1, w2, b2, table), _ = plain
-                t_emb = F.linear(F.silu(F.linear(projection.to(dtype=dtype), w1, b1)), w2, b2)
-                conditioning = t_emb + F.embedding(class_labels, table)
-                shared = memo[(key, dtype)] = (conditioning, F.silu(conditioning))
-            else:
-                # CombinedTimestepLabelEmbeddings.forward (checked to be that class in _group)
-                t_emb = embedder.timestep_embedder(projection.to(dtype=dtype))
-                conditioning = t_emb + embedder.class_embedder(class_labels)
-                shared = memo[(key, dtype)] = (conditioning, norm1.silu(conditioning))
-        return shared[1]
-
-    def _serve(
-        self, timestep: torch.Tensor, class_labels: torch.Tensor, hidden_dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
-        """Block 0's embedder's forward while caching is on: the call's shared embedding if computed.
-
-        Within one transformer call DiT passes every block and its output layer the same timestep
-        and labels, and the memo lives for one call only.
-        """
-        embedder = self._served
-        block = self._blocks[0]
-        shared = self._memo.get((block._embedding_key, hidden_dtype)) if _shares_embedding(block) else None
-        if shared is None:
-            return type(embedder).forward(embedder, timestep, class_labels, hidden_dtype=hidden_dtype)
-        return shared[0]
-
-    def _parameter_state(self) -> tuple[Any, ...]:
-        return tuple(
-            (id(b.norm1.emb),)
-            + tuple(
-                (id(t), t.data_ptr(), _version(t), t.dtype, t.device, t.requires_grad)
-                for t in itertools.chain(b.norm1.emb.parameters(), b.norm1.emb.buffers())
-            )
-            for b in self._blocks
-        )
-
-    def _group(self) -> None:
-        self.release()
-        leaders: list[nn.Module] = []  # the first embedder of each group
-        for block in self._blocks:
-            embedder = block.norm1.emb
-            block._embedding_key = None
-            proj = getattr(embedder, "time_proj", None)
-            if type(embedder) is not CombinedTimestepLabelEmbeddings or type(proj) is not Timesteps:
-                continue
-            projection_key = (proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift, proj.scale)
-            group = next((i for i, leader in enumerate(leaders) if _same_function(leader, embedder)), None)
-            if group is None:
-                group = len(leaders)
-                leaders.append(embedder)
-            block._embedding_key = (projection_key, group)
-            block._embedding_trainable = any(p.requires_grad for p in embedder.parameters())
-            block._embedding_plain = _plain_embedding(embedder, block.norm1)
-        if self._blocks and self._blocks[0]._embedding_key is not None:
-            self._served = self._blocks[0].norm1.emb
-            self._served.forward = self._serve
-
-
-def _plain_embedding(embedder: nn.Module, norm1: nn.Module) -> tuple[Any, ...] | None:
-    """``((linear_1.weight, linear_1.bias, linear_2.weight, linear_2.bias, embedding weight),
-    modules)`` when ``silu(embedder(t, labels))`` is exactly ``silu(linear_2(silu(linear_1(t))) +
-    embedding(labels))`` (diffusers' DiT), else None. ``modules`` are the submodules whose calls
-    this skips: _runs_plainly checks on each use that none of them is hooked, patched or training.
-    The tensors are the parameters themselves: replacing one regroups (see _parameter_state)."""
-    timestep_embedder = getattr(embedder, "timestep_embedder", None)
-    class_embedder = getattr(embedder, "class_embedder", None)
-    table = getattr(class_embedder, "embedding_table", None)
-    act = getattr(timestep_embedder, "act", None)
-    linears = (getattr(timestep_embedder, "linear_1", None), getattr(timestep_embedder, "linear_2", None))
-    silu = getattr(norm1, "silu", None)
-    plain = (
-        type(timestep_embedder) is TimestepEmbedding
-        and type(act) is nn.SiLU
-        and type(silu) is nn.SiLU
-        and getattr(timestep_embedder, "cond_proj", None) is None
-        and getattr(timestep_embedder, "post_act", None) is None
-        and all(type(linear) is nn.Linear for linear in linears)
-        and type(class_embedder) is LabelEmbedding
-        and type(table) is nn.Embedding
-        and table.max_norm is None
-    )
-    if not plain:
-        return None
-    (w1, b1), (w2, b2) = ((linear.weight, linear.bias) for linear in linears)
-    return (w1, b1, w2, b2, table.weight), (timestep_embedder, act, *linears, class_embedder, table, silu)
-
-
-def _runs_plainly(modules: tuple[nn.Module, ...]) -> bool:
-    """Whether calling ``modules`` would only run their maths: no hook (module or global, e.g.
-    accelerate's offloading or a user's), no patched ``forward``, none training (label dropout)."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-    for module in modules:
-        state = module.__dict__  # written out, not a generator: this runs for every block and step
-        if (
-            module.training
-            or "forward" in state
-            or state["_forward_hooks"]
-            or state["_forward_pre_hooks"]
-            or state["_backward_hooks"]
-            or state["_backward_pre_hooks"]
-        ):
-            return False
-    return True
-
-
-def _shares_embedding(block: CachedTransformerBlock) -> bool:
-    """Whether the block may take its group's shared embedding in this call (see _SharedEmbeddings)."""
-    return (
-        block._embedding_key is not None
-        and not block.norm1.emb.training
-        and not (block._embedding_trainable and torch.is_grad_enabled())
-    )
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """A tensor's in-place modification counter; None for inference tensors, which have none."""
-    return None if t.is_inference() else t._version
-
-
-def _same_function(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two embedders have the same structure and settings and equal weights."""
-    if repr(a) != repr(b) or a.class_embedder.dropout_prob != b.class_embedder.dropout_prob:
-        return False
-    state_a, state_b = a.state_dict(), b.state_dict()
-    return state_a.keys() == state_b.keys() and all(
-        x.dtype == state_b[k].dtype and x.device == state_b[k].device and torch.equal(x, state_b[k])
-        for k, x in state_a.items()
-    )
-
-
-def _check_block(block: nn.Module) -> None:
-    """Raise UnsupportedModelError for any block whose forward CachedTransformerBlock would not reproduce."""
-    if type(block) is not BasicTransformerBlock:
-        raise UnsupportedModelError(f"expected diffusers BasicTransformerBlock, got {type(block).__name__}")
-    reasons = []
-    if block.norm_type not in ("ada_norm_zero", "ada_norm_single"):
-        reasons.append(f"norm_type {block.norm_type!r} (supported: 'ada_norm_zero', 'ada_norm_single')")
-    if block.pos_embed is not None:
-        reasons.append("per-block positional embeddings")
-    if block.only_cross_attention:
-        reasons.append("only_cross_attention=True")
-    if hasattr(block, "fuser"):
-        reasons.append("GLIGEN gated attention")
-    if block.norm_type == "ada_norm_zero":
-        if block.attn2 is not None:
-            reasons.append("cross-attention in an ada_norm_zero block")
-        if type(block.norm1) is not AdaLayerNormZero or block.norm1.emb is None:
-            reasons.append("an ada_norm_zero block without diffusers' AdaLayerNormZero and its embedding")
-    ff_norm = getattr(block, "norm3", None) if block.norm_type == "ada_norm_zero" else block.norm2
-    if not isinstance(ff_norm, nn.LayerNorm):
-        reasons.append(f"feed-forward norm {type(ff_norm).__name__} (expected nn.LayerNorm)")
-    if reasons:
-        raise UnsupportedModelError("this transformer block cannot be cached: " + "; ".join(reasons))
 
 
 def _stepped_class(cls: type[nn.Module]) -> type[nn.Module]:
@@ -875,7 +480,7 @@ def _stepped_class(cls: type[nn.Module]) -> type[nn.Module]:
             hidden_states = args[0] if args else kwargs.get("hidden_states")
             if handle._inference_only:
                 handle._enter(self, args, kwargs)
-            handle._begin_step(hidden_states)
+            handle._begin_step(self, args, kwargs)
             try:
                 handle._embeddings.begin_call(first_step=handle.step == 0)
                 output = super(stepped, self).__call__(*args, **kwargs)
@@ -1001,12 +606,13 @@ def enable_cache(
     threshold: float = 0.1,
     cache_dtype: torch.dtype | None = None,
 ) -> CacheHandle:
-    """Make a diffusers DiT or PixArt transformer (or a pipeline holding one) skip units per a schedule.
+    """Make a supported diffusers transformer (or a pipeline holding one) skip units per a schedule.
 
     Args:
-        pipe_or_transformer: a ``DiTTransformer2DModel`` / ``PixArtTransformer2DModel``, or a pipeline
-            with one as ``.transformer`` (then ``pipe.scheduler.set_timesteps`` also resets the step
-            counter at the start of every pipeline call and checks its step count).
+        pipe_or_transformer: a transformer of a supported family (``harmonica.models.SUPPORTED_MODELS``:
+            DiT, PixArt, ...), or a pipeline with one as ``.transformer`` (then
+            ``pipe.scheduler.set_timesteps`` also resets the step counter at the start of every
+            pipeline call and checks its step count).
         schedule_or_router: a :class:`CacheSchedule` ``[T, U]`` with U = ``len(harmonica.units(model))``,
             or a :class:`Router` (checked against the model's fingerprint, then thresholded).
         threshold: a router's inference threshold τ: unit computed iff ``sigmoid(logit) > τ``.
@@ -1042,8 +648,8 @@ def enable_cache(
     if schedule.num_units != len(unit_names):
         raise ScheduleMismatchError(
             f"the schedule has {schedule.num_units} units but {model_class.__name__} with "
-            f"{len(transformer.transformer_blocks)} blocks has {len(unit_names)}; build it with "
-            "num_units=len(harmonica.units(model))"
+            f"{len(adapter_for(transformer).blocks(transformer))} blocks has {len(unit_names)}; build it "
+            "with num_units=len(harmonica.units(model))"
         )
 
     # Discover the op backends now (it imports the extensions), not inside a compiled first step.
@@ -1062,20 +668,20 @@ def attach_handle(pipe_or_transformer: Any, handle: CacheHandle) -> None:
     transformer = transformer_of(pipe_or_transformer)
     if transformer.__dict__.get(HANDLE_ATTR) is not None:
         raise CacheStateError("caching is already enabled on this transformer; call disable_cache() first")
-    unit_names = units(transformer)
+    adapter = handle._adapter
+    index = {name: k for k, name in enumerate(units(transformer))}
     # Build every cached block first: an unsupported block raises before anything is modified.
-    index = {name: k for k, name in enumerate(unit_names)}
-    handle._cached_blocks = [
-        CachedTransformerBlock(
-            block,
-            handle,
-            (index[f"blocks.{i}.attn1"], index.get(f"blocks.{i}.attn2"), index[f"blocks.{i}.ff"]),
-        )
-        for i, block in enumerate(transformer.transformer_blocks)
-    ]
-    for i, cached in enumerate(handle._cached_blocks):
-        transformer.transformer_blocks[i] = cached
-    handle._embeddings = _SharedEmbeddings(handle._cached_blocks)
+    cached_blocks = []
+    for list_name, prefix, i, block in adapter.blocks(transformer):
+        adapter.check_block(list_name, block)
+        branches = adapter.block_units(list_name, block)
+        unit_ids = {branch: index[f"{prefix}.{i}.{branch}"] for branch in branches}
+        cached_blocks.append(adapter.cached_block(list_name, i, block, handle, unit_ids))
+    handle._cached_blocks = cached_blocks
+    for cached in cached_blocks:
+        list_name, i = cached._slot
+        getattr(transformer, list_name)[i] = cached
+    handle._embeddings = adapter.call_state(cached_blocks)
     setattr(transformer, HANDLE_ATTR, handle)
     transformer.__class__ = _stepped_class(handle._original_class)
     scheduler = (
@@ -1095,15 +701,16 @@ def disable_cache(pipe_or_transformer: Any) -> None:
     handle = transformer.__dict__.get(HANDLE_ATTR)
     if handle is None:
         return
-    for i, cached in enumerate(handle._cached_blocks):
-        transformer.transformer_blocks[i] = cached.original()
+    for cached in handle._cached_blocks:
+        list_name, i = cached._slot
+        getattr(transformer, list_name)[i] = cached.original()
     transformer.__class__ = handle._original_class
     del transformer.__dict__[HANDLE_ATTR]
     if handle._scheduler_hook is not None:
         handle._scheduler_hook.unwrap()
     handle._cached_blocks = []
     handle._embeddings.release()
-    handle._embeddings = _SharedEmbeddings([])
+    handle._embeddings = CallState()
     handle._scheduler_hook = None
     handle.reset()
 
@@ -1149,3 +756,7 @@ def _warn_on_other_sampler(router: Router, pipe_or_transformer: Any) -> None:
     mismatch = None if scheduler is None else router.sampler_mismatch(scheduler)
     if mismatch is not None:
         warnings.warn(mismatch, stacklevel=3)
+
+
+# DiT's shared embedding asks this module whether it may skip its embedder's module calls.
+_basic._ENGINE = sys.modules[__name__]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -37,13 +38,12 @@ def _train(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .models import load_local
     from .training import train_router
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, _DTYPES[args.dtype])
-    transformer, scheduler = load_local(args.model, dtype=dtype, device=device)
+    transformer, scheduler = _load_model(args.model, dtype=dtype, device=device)
     result = train_router(
         transformer,
         scheduler,
@@ -103,13 +103,12 @@ def _search(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .models import load_local
     from .router import Router
     from .search import search_schedule
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    transformer, scheduler = load_local(args.model, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
+    transformer, scheduler = _load_model(args.model, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
     start = Router.load(args.start, model=transformer) if args.start else None
     result = search_schedule(
         transformer,
@@ -297,6 +296,18 @@ def _bench(args: argparse.Namespace) -> None:
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """``--dtype`` choices: names of torch dtypes."""
+
+
+def _load_model(path: Any, *, dtype: Any, device: str) -> tuple[Any, Any]:
+    """``--model``: a local model folder (:func:`harmonica.models.load_local`), or without one the
+    packaged reference digits DiT (the CLI's default; the engine never loads it by itself)."""
+    if path is None:
+        from .reference import load_model, load_scheduler
+
+        return load_model(dtype=dtype).to(device), load_scheduler()
+    from . import models
+
+    return models.load_local(path, dtype=dtype, device=device)
 
 
 def _device(name: str | None) -> str:

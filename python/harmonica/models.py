@@ -1,9 +1,10 @@
 """Supported diffusers transformers: detection, routable units, fingerprints and FLOP profiles.
 
-A **unit** is one residual branch of one ``BasicTransformerBlock`` (METHOD.md §1): for block i,
-``"blocks.{i}.attn1"`` (self-attention), then ``"blocks.{i}.attn2"`` if the block has
-cross-attention (PixArt), then ``"blocks.{i}.ff"``. Units are numbered in that order; a schedule's
-column k is unit k.
+A **unit** is one residual branch of one transformer block (METHOD.md §1). Which branches a block
+has is its family's adapter's business (:mod:`harmonica.adapters`); DiT and PixArt
+(``BasicTransformerBlock``): for block i, ``"blocks.{i}.attn1"`` (self-attention), then
+``"blocks.{i}.attn2"`` if the block has cross-attention (PixArt), then ``"blocks.{i}.ff"``. Units are
+numbered in the order the model runs them; a schedule's column k is unit k.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import DiTTransformer2DModel
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters import adapter_for, supported_classes
+from .adapters.base import UnsupportedModelError
+from .adapters.basic import DEFAULT_TEXT_TOKENS
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -33,8 +38,8 @@ __all__ = [
     "units",
 ]
 
-SUPPORTED_MODELS: tuple[type[nn.Module], ...] = (DiTTransformer2DModel, PixArtTransformer2DModel)
-"""Transformer classes :func:`harmonica.enable_cache` knows how to patch."""
+SUPPORTED_MODELS: tuple[type[nn.Module], ...] = supported_classes()
+"""Transformer classes :func:`harmonica.enable_cache` knows how to patch (the built-in adapters')."""
 
 # Fingerprint keys that must match for a router to fit a model. ``sample_size`` is recorded but not
 # compared: the same architecture runs at several resolutions (PixArt's aspect-ratio buckets).
@@ -49,13 +54,6 @@ _SHAPE_KEYS = (
     "out_channels",
     "units",
 )
-
-# Text tokens assumed for PixArt's cross-attention FLOPs (PixArt-α's T5 length, max_sequence_length).
-DEFAULT_TEXT_TOKENS = 120
-
-
-class UnsupportedModelError(TypeError):
-    """The model (or one of its blocks) is not something harmonica can cache exactly."""
 
 
 def tie_dit_embedders(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
@@ -75,15 +73,10 @@ def supported_class(model: nn.Module) -> type[nn.Module]:
     """The supported diffusers class ``model`` is an instance of.
 
     Raises:
-        UnsupportedModelError: for any other model, naming the supported classes.
+        UnsupportedModelError: for any other model, naming the supported classes and families and
+            how to add an adapter.
     """
-    for cls in SUPPORTED_MODELS:
-        if isinstance(model, cls):
-            return cls
-    names = ", ".join(c.__name__ for c in SUPPORTED_MODELS)
-    raise UnsupportedModelError(
-        f"harmonica supports {names}; got {type(model).__name__}. Pass the pipeline or its `.transformer`."
-    )
+    return adapter_for(model).model_class(model)
 
 
 def transformer_of(pipe_or_transformer: Any) -> nn.Module:
@@ -96,17 +89,11 @@ def transformer_of(pipe_or_transformer: Any) -> nn.Module:
 def units(model: nn.Module) -> list[str]:
     """Names of the routable units of ``model``, in schedule-column order.
 
-    Block i contributes ``blocks.{i}.attn1``, ``blocks.{i}.attn2`` (only if it has cross-attention)
-    and ``blocks.{i}.ff``. Works on a model whose blocks are currently cached, too.
+    DiT / PixArt block i contributes ``blocks.{i}.attn1``, ``blocks.{i}.attn2`` (only if it has
+    cross-attention) and ``blocks.{i}.ff``; other families name theirs in their adapter
+    (:mod:`harmonica.adapters`). Works on a model whose blocks are currently cached, too.
     """
-    supported_class(model)
-    names = []
-    for i, block in enumerate(model.transformer_blocks):
-        names.append(f"blocks.{i}.attn1")
-        if getattr(block, "attn2", None) is not None:
-            names.append(f"blocks.{i}.attn2")
-        names.append(f"blocks.{i}.ff")
-    return names
+    return adapter_for(model).units(model)
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -116,20 +103,24 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     ``patch_size``, ``in_channels``, ``out_channels``, ``sample_size`` (latent side),
     ``cross_attention_dim`` (None for DiT) and ``units`` (:func:`units`).
     """
-    cls = supported_class(model)
+    adapter = adapter_for(model)
     config = model.config
+    patch = config.get("patch_size")
+    out_channels = getattr(model, "out_channels", None) or config.get("out_channels") or config.in_channels
+    sample_size = config.get("sample_size")
     return {
-        "class": cls.__name__,
-        "depth": len(model.transformer_blocks),
-        "width": int(model.inner_dim),
+        "class": adapter.model_class(model).__name__,
+        "depth": len(adapter.blocks(model)),
+        "width": adapter.width(model),
         "heads": int(config.num_attention_heads),
         "head_dim": int(config.attention_head_dim),
-        "patch_size": int(config.patch_size),
+        "patch_size": list(patch) if isinstance(patch, (list, tuple)) else patch,
         "in_channels": int(config.in_channels),
-        "out_channels": int(model.out_channels),
-        "sample_size": int(config.sample_size),
+        "out_channels": int(out_channels),
+        "sample_size": sample_size if sample_size is None else int(sample_size),
         "cross_attention_dim": config.get("cross_attention_dim"),
         "units": units(model),
+        **adapter.fingerprint_extra(model),
     }
 
 
@@ -181,52 +172,43 @@ def flop_profile(model: nn.Module, *, text_tokens: int = DEFAULT_TEXT_TOKENS) ->
     return _flop_profile(cls, config_json, text_tokens)
 
 
+def _config_value(value: Any) -> Any:
+    # JSON turned tuples (e.g. Wan's patch_size) into lists; diffusers' configs hold tuples
+    return tuple(value) if isinstance(value, list) else value
+
+
 @functools.lru_cache(maxsize=32)
 def _flop_profile(cls: type[nn.Module], config_json: str, text_tokens: int) -> FlopProfile:
-    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    config = {k: _config_value(v) for k, v in json.loads(config_json).items() if not k.startswith("_")}
     with torch.device("meta"):
         meta_model = cls.from_config(config)
-        inputs = _example_inputs(meta_model, text_tokens)
+    adapter = adapter_for(meta_model)
+    with torch.device("meta"):
+        inputs = adapter.example_inputs(meta_model, text_tokens)
     counter = FlopCounterMode(display=False, depth=None)
     with counter, torch.no_grad():
         meta_model(**inputs)
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    prefix = f"{cls.__name__}.transformer_blocks"
     unit_flops = []
-    for name in units(meta_model):
-        _, index, branch = name.split(".")
-        unit_flops.append(int(per_module.get(f"{prefix}.{index}.{branch}", 0)))
+    for list_name, _, index, block in adapter.blocks(meta_model):
+        path = f"{cls.__name__}.{list_name}.{index}"
+        for branch in adapter.block_units(list_name, block):
+            unit_flops.append(int(adapter.unit_flops(per_module, path, list_name, block, branch)))
     total = int(counter.get_total_flops())
-    side = meta_model.config.sample_size // meta_model.config.patch_size
-    return FlopProfile(always=total - sum(unit_flops), units=tuple(unit_flops), tokens=side * side)
-
-
-def _example_inputs(model: nn.Module, text_tokens: int) -> dict[str, Any]:
-    """Batch-1 inputs at the native resolution (created under the caller's device context)."""
-    config = model.config
-    size = config.sample_size
-    inputs: dict[str, Any] = {
-        "hidden_states": torch.empty(1, config.in_channels, size, size),
-        "timestep": torch.zeros(1, dtype=torch.long),
-    }
-    if isinstance(model, DiTTransformer2DModel):
-        inputs["class_labels"] = torch.zeros(1, dtype=torch.long)
-    else:
-        text_width = config.caption_channels or config.cross_attention_dim
-        if text_width is not None:
-            inputs["encoder_hidden_states"] = torch.empty(1, text_tokens, text_width)
-        inputs["added_cond_kwargs"] = {"resolution": torch.empty(1, 2), "aspect_ratio": torch.empty(1, 1)}
-    return inputs
+    return FlopProfile(
+        always=total - sum(unit_flops), units=tuple(unit_flops), tokens=adapter.native_tokens(meta_model)
+    )
 
 
 def load_local(
-    path: Any = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: Any, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Any]:
     """Load a supported transformer and its scheduler from a local folder (never downloads).
 
     ``path`` is either a diffusers pipeline folder (``transformer/`` and ``scheduler/`` inside) or a
     transformer folder (``config.json`` + weights, and ``scheduler_config.json`` beside them, as the
-    reference model ships); None loads the packaged reference model.
+    reference model ships). The packaged reference model is not loaded here (the engine does not
+    depend on it): ``harmonica.reference.load_model()``, or the CLI without ``--model``.
 
     Returns:
         ``(transformer, scheduler)``, the transformer in eval mode on ``device`` in ``dtype``.
@@ -240,9 +222,10 @@ def load_local(
     from diffusers import SchedulerMixin
 
     if path is None:
-        from .reference import load_model, load_scheduler
-
-        return load_model(dtype=dtype).to(device), load_scheduler()
+        raise ValueError(
+            "load_local needs a model folder; the packaged reference model loads with "
+            "harmonica.reference.load_model() and load_scheduler()"
+        )
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no model folder at {root}")

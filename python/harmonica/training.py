@@ -277,8 +277,8 @@ class _RoutedHandle(CacheHandle):
     def restore(self, buffers: list[torch.Tensor | None]) -> None:
         self._buffers = [b.clone() if b is not None else None for b in buffers]
 
-    def _begin_step(self, hidden_states: Any) -> None:
-        layout = self._layout_of(hidden_states)
+    def _begin_step(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        layout = self._layout_of(model, args, kwargs)
         if self._layout is None:
             if any(b is None for b in self._buffers):
                 self._allocate(layout)
