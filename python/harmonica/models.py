@@ -106,7 +106,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     adapter = adapter_for(model)
     config = model.config
     patch = config.get("patch_size")
-    out_channels = getattr(model, "out_channels", None) or config.get("out_channels") or config.in_channels
+    out_channels = vars(model).get("out_channels") or config.get("out_channels") or config.in_channels
     sample_size = config.get("sample_size")
     return {
         "class": adapter.model_class(model).__name__,

@@ -6,6 +6,8 @@ tried. A family whose diffusers classes the installed diffusers lacks is left ou
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from .base import BlockAdapter, CachedBlock, UnsupportedModelError
@@ -15,6 +17,13 @@ __all__ = ["ADAPTERS", "BlockAdapter", "CachedBlock", "UnsupportedModelError", "
 
 ADAPTERS: list[BlockAdapter] = [BasicBlockAdapter()]
 """The registered adapters, tried in order."""
+
+# The other built-in families, each skipped if the installed diffusers lacks its classes.
+for _module, _name in (("flux", "FluxAdapter"), ("sd3", "SD3Adapter"), ("wan", "WanAdapter")):
+    try:
+        ADAPTERS.append(getattr(importlib.import_module(f"{__name__}.{_module}"), _name)())
+    except ImportError:
+        pass
 
 HOW_TO_ADD = (
     "To support another family, write an adapter: a harmonica.adapters.base.BlockAdapter subclass "

@@ -50,8 +50,10 @@ __all__ = [
     "UnsupportedModelError",
     "as_row",
     "call_argument",
+    "plain_layer_norm_eps",
     "project_chunks",
     "runs_plainly",
+    "shape_of",
 ]
 
 Branch = Callable[[], torch.Tensor]
@@ -110,6 +112,14 @@ def runs_plainly(modules: tuple[nn.Module, ...]) -> bool:
     return True
 
 
+def _unhooked(module: nn.Module) -> bool:
+    """No module or global forward hook and no patched forward (training mode does not matter)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    state = module.__dict__
+    return "forward" not in state and not state["_forward_hooks"] and not state["_forward_pre_hooks"]
+
+
 def project_chunks(
     linear: nn.Module, emb: torch.Tensor, count: int, needed: tuple[bool, ...]
 ) -> list[torch.Tensor | None]:
@@ -120,7 +130,7 @@ def project_chunks(
     chunks share one matmul; unneeded chunks are None. With every chunk needed, or a ``linear`` that is
     not a plain, unhooked ``nn.Linear`` (a LoRA layer, an offloading hook), the module itself runs.
     """
-    if all(needed) or type(linear) is not nn.Linear or not runs_plainly((linear,)):
+    if all(needed) or type(linear) is not nn.Linear or not _unhooked(linear):
         return list(linear(emb).chunk(count, dim=1))
     width = linear.out_features // count
     weight, bias = linear.weight, linear.bias
@@ -138,6 +148,21 @@ def project_chunks(
         chunks[start:end] = part.chunk(end - start, dim=1)
         start = end
     return chunks
+
+
+def plain_layer_norm_eps(norm: nn.Module) -> float | None:
+    """The eps of a LayerNorm without affine weights, which the fused residual + norm op computes
+    exactly (in fp32, as diffusers' ``FP32LayerNorm`` does too); None for anything else."""
+    from diffusers.models.normalization import FP32LayerNorm
+
+    if type(norm) in (nn.LayerNorm, FP32LayerNorm) and norm.weight is None and norm.bias is None:
+        return float(norm.eps)
+    return None
+
+
+def shape_of(value: Any) -> Any:
+    """A tensor's shape as a tuple, or the type name of anything else (for error messages)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 class CallState:

@@ -1,0 +1,294 @@
+"""FLUX.1: ``FluxTransformer2DModel``'s double-stream ``FluxTransformerBlock`` and single-stream
+``FluxSingleTransformerBlock``.
+
+Units of double block i (``transformer_blocks``), in the order the block runs them:
+
+- ``blocks.{i}.attn``: the joint attention's image-stream output (``attn.to_out``), gated by
+  ``gate_msa``;
+- ``blocks.{i}.attn_context``: its text-stream output (``attn.to_add_out``), gated by ``c_gate_msa``;
+- ``blocks.{i}.ff`` / ``blocks.{i}.ff_context``: the image / text MLPs, gated by ``gate_mlp`` /
+  ``c_gate_mlp``.
+
+The two attention units come from one module call (image and text tokens attend jointly): the
+attention runs when either is computed, and each stream then keeps its own cache, gate and
+decision (:meth:`CacheHandle.unit_residuals`). Schedules that compute both together save the whole
+attention; one computed alone saves only the other stream's residual.
+
+Unit of single block j (``single_transformer_blocks``): ``single_blocks.{j}.joint``, the gated output
+of ``proj_out(cat(attn, mlp))`` over the concatenated text + image tokens.
+
+Every gated residual runs a fused op; the residual in front of each MLP is fused with the MLP's
+LayerNorm and modulation (``norm2`` / ``norm2_context``). adaLN rows of reused units are not
+projected. fp32 results equal diffusers' to rounding (the fused LayerNorm sums in another order).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from torch import nn
+
+from .base import (
+    IMAGE,
+    JOINT,
+    TEXT,
+    BlockAdapter,
+    CachedBlock,
+    UnsupportedModelError,
+    as_row,
+    call_argument,
+    plain_layer_norm_eps,
+    project_chunks,
+    shape_of,
+)
+
+if TYPE_CHECKING:
+    from ..cache import CacheHandle
+
+__all__ = ["CachedFluxSingleBlock", "CachedFluxDoubleBlock", "FluxAdapter"]
+
+DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
+# FLOP profiles: FLUX.1's native 1024 x 1024 images are 64 x 64 = 4096 packed latent tokens.
+NATIVE_TOKENS = 4096
+
+
+def _refuse_extra_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(outputs) != 2:
+        raise UnsupportedModelError(
+            "this FLUX attention returned IP-adapter outputs; IP-adapters are not supported with caching"
+        )
+    return outputs
+
+
+class CachedFluxDoubleBlock(CachedBlock):
+    """``FluxTransformerBlock.forward`` with its four units applied through the handle."""
+
+    def __init__(
+        self,
+        block: FluxTransformerBlock,
+        handle: CacheHandle,
+        unit_ids: dict[str, int],
+        slot: tuple[str, int],
+    ) -> None:
+        super().__init__(block, handle, unit_ids, slot)
+        self._share(block, "norm1", "norm1_context", "attn", "norm2", "ff", "norm2_context", "ff_context")
+        self._eps = plain_layer_norm_eps(block.norm2)
+        self._context_eps = plain_layer_norm_eps(block.norm2_context)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        handle, ids = self._handle, self._unit_ids
+        attn, attn_context, ff, ff_context = ids["attn"], ids["attn_context"], ids["ff"], ids["ff_context"]
+        attn_runs = handle.computes(attn) or handle.computes(attn_context)
+        ff_runs, context_ff_runs = handle.computes(ff), handle.computes(ff_context)
+        # AdaLayerNormZero.forward (emb given), its LayerNorm moved into the attention branch
+        silu_temb = self.norm1.silu(temb)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = project_chunks(
+            self.norm1.linear, silu_temb, 6, (attn_runs, attn_runs, True, ff_runs, ff_runs, True)
+        )
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = project_chunks(
+            self.norm1_context.linear,
+            self.norm1_context.silu(temb),
+            6,
+            (attn_runs, attn_runs, True, context_ff_runs, context_ff_runs, True),
+        )
+        x, c = hidden_states, encoder_hidden_states
+        attention = functools.partial(
+            self._attention,
+            x,
+            c,
+            (shift_msa, scale_msa, c_shift_msa, c_scale_msa),
+            image_rotary_emb,
+            joint_attention_kwargs or {},
+        )
+        norms = (
+            self._norm(ff_runs, self._eps, shift_mlp, scale_mlp),
+            self._norm(context_ff_runs, self._context_eps, c_shift_mlp, c_scale_mlp),
+        )
+        image, text = handle.unit_residuals(
+            (attn, attn_context), (x, c), (gate_msa, c_gate_msa), attention, norms
+        )
+        x, h = self._split(image, ff_runs, self.norm2, shift_mlp, scale_mlp)
+        c, hc = self._split(text, context_ff_runs, self.norm2_context, c_shift_mlp, c_scale_mlp)
+        x = handle.unit_residual(ff, x, gate_mlp, functools.partial(self.ff, h))
+        c = handle.unit_residual(ff_context, c, c_gate_mlp, functools.partial(self.ff_context, hc))
+        if c.dtype == torch.float16:
+            c = c.clip(-65504, 65504)
+        return c, x
+
+    def _attention(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        modulation: tuple[torch.Tensor, ...],
+        image_rotary_emb: Any,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, scale, c_shift, c_scale = modulation
+        h = self.norm1.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        hc = self.norm1_context.norm(c) * (1 + c_scale[:, None]) + c_shift[:, None]
+        outputs = self.attn(
+            hidden_states=h, encoder_hidden_states=hc, image_rotary_emb=image_rotary_emb, **kwargs
+        )
+        return _refuse_extra_outputs(outputs)
+
+    @staticmethod
+    def _norm(
+        runs: bool, eps: float | None, shift: torch.Tensor | None, scale: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The fused norm for unit_residuals: only when the MLP runs and its LayerNorm is plain."""
+        return (shift, scale, eps) if runs and eps is not None else None
+
+    @staticmethod
+    def _split(
+        result: Any, runs: bool, norm: nn.Module, shift: torch.Tensor | None, scale: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x, h)`` from a unit_residuals entry: fused, computed here (affine norm), or not needed."""
+        if isinstance(result, tuple):
+            return result
+        if not runs:
+            return result, None
+        return result, norm(result) * (1 + as_row(scale)) + as_row(shift)
+
+
+class CachedFluxSingleBlock(CachedBlock):
+    """``FluxSingleTransformerBlock.forward`` with its one unit applied through the handle."""
+
+    def __init__(
+        self,
+        block: FluxSingleTransformerBlock,
+        handle: CacheHandle,
+        unit_ids: dict[str, int],
+        slot: tuple[str, int],
+    ) -> None:
+        super().__init__(block, handle, unit_ids, slot)
+        self._share(block, "norm", "proj_mlp", "act_mlp", "proj_out", "attn")
+        self.mlp_hidden_dim = block.mlp_hidden_dim
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        handle = self._handle
+        unit = self._unit_ids["joint"]
+        text_seq_len = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        runs = handle.computes(unit)
+        shift, scale, gate = project_chunks(self.norm.linear, self.norm.silu(temb), 3, (runs, runs, True))
+        branch = functools.partial(
+            self._branch, x, shift, scale, image_rotary_emb, joint_attention_kwargs or {}
+        )
+        x = handle.unit_residual(unit, x, gate, branch)
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x[:, :text_seq_len], x[:, text_seq_len:]
+
+    def _branch(
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        image_rotary_emb: Any,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        h = self.norm.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        mlp = self.act_mlp(self.proj_mlp(h))
+        attn = self.attn(hidden_states=h, image_rotary_emb=image_rotary_emb, **kwargs)
+        return self.proj_out(torch.cat([attn, mlp], dim=2))
+
+
+class FluxAdapter(BlockAdapter):
+    """``FluxTransformer2DModel`` (FLUX.1 dev / schnell / Kontext / Fill and their tiny variants)."""
+
+    family = "FLUX.1 (FluxTransformerBlock, FluxSingleTransformerBlock)"
+    model_classes = (FluxTransformer2DModel,)
+    block_lists = ((DOUBLE, "blocks"), (SINGLE, "single_blocks"))
+
+    def block_units(self, list_name: str, block: nn.Module) -> tuple[str, ...]:
+        return ("attn", "attn_context", "ff", "ff_context") if list_name == DOUBLE else ("joint",)
+
+    def unit_stream(self, list_name: str, branch: str) -> str:
+        if list_name == SINGLE:
+            return JOINT
+        return TEXT if branch.endswith("_context") else IMAGE
+
+    def check_block(self, list_name: str, block: nn.Module) -> None:
+        expected = FluxTransformerBlock if list_name == DOUBLE else FluxSingleTransformerBlock
+        if type(block) is not expected:
+            raise UnsupportedModelError(f"expected diffusers {expected.__name__}, got {type(block).__name__}")
+        norms = (block.norm1, block.norm1_context) if list_name == DOUBLE else (block.norm,)
+        for norm in norms:
+            kind = AdaLayerNormZero if list_name == DOUBLE else AdaLayerNormZeroSingle
+            if type(norm) is not kind or getattr(norm, "emb", None) is not None:
+                raise UnsupportedModelError(f"this FLUX block's adaLN is a {type(norm).__name__}")
+        if getattr(block, "_chunk_size", None) is not None:
+            raise UnsupportedModelError("chunked feed-forward in a FLUX block is not supported with caching")
+
+    def cached_block(
+        self, list_name: str, index: int, block: nn.Module, handle: CacheHandle, unit_ids: dict[str, int]
+    ) -> CachedBlock:
+        cls = CachedFluxDoubleBlock if list_name == DOUBLE else CachedFluxSingleBlock
+        return cls(block, handle, unit_ids, (list_name, index))
+
+    def tokens(
+        self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[int, int, int | None]:
+        hidden_states = call_argument(model, args, kwargs, "hidden_states")
+        text = call_argument(model, args, kwargs, "encoder_hidden_states")
+        for name, value in (("hidden_states", hidden_states), ("encoder_hidden_states", text)):
+            if not isinstance(value, torch.Tensor) or value.dim() != 3:
+                raise ValueError(f"FLUX's {name} must be packed tokens [B, N, C], got {shape_of(value)}")
+        return hidden_states.shape[0], hidden_states.shape[1], text.shape[1]
+
+    def native_tokens(self, model: nn.Module) -> int:
+        return NATIVE_TOKENS
+
+    def example_inputs(self, model: nn.Module, text_tokens: int) -> dict[str, Any]:
+        config = model.config
+        inputs: dict[str, Any] = {
+            "hidden_states": torch.empty(1, NATIVE_TOKENS, config.in_channels),
+            "encoder_hidden_states": torch.empty(1, text_tokens, config.joint_attention_dim),
+            "pooled_projections": torch.empty(1, config.pooled_projection_dim),
+            "timestep": torch.zeros(1),
+            "img_ids": torch.zeros(NATIVE_TOKENS, 3),
+            "txt_ids": torch.zeros(text_tokens, 3),
+        }
+        if config.guidance_embeds:
+            inputs["guidance"] = torch.zeros(1)
+        return inputs
+
+    def unit_flops(
+        self, per_module: dict[str, int], path: str, list_name: str, block: nn.Module, branch: str
+    ) -> int:
+        def flops(name: str) -> int:
+            return int(per_module.get(f"{path}.{name}", 0))
+
+        if list_name == SINGLE:
+            return int(per_module.get(path, 0)) - flops("norm")  # all but the adaLN projection
+        if branch in ("ff", "ff_context"):
+            return flops(branch)
+        image = sum(flops(f"attn.{m}") for m in ("to_q", "to_k", "to_v", "to_out"))
+        text = sum(flops(f"attn.{m}") for m in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+        core = flops("attn") - image - text
+        # The joint core (scores and weighted sum) split by queries: image N / text L of N + L tokens,
+        # which is the ratio of the two query projections (both D -> D).
+        q_image, q_text = flops("attn.to_q"), flops("attn.add_q_proj")
+        share = q_image / (q_image + q_text) if q_image + q_text else 0.5
+        if branch == "attn":
+            return image + round(core * share)
+        return text + core - round(core * share)

@@ -1,0 +1,318 @@
+"""The adapters beyond DiT/PixArt on tiny random FLUX.1, SD3 (with SD3.5 dual attention) and Wan
+transformers, sampled with a flow-matching Euler loop."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+import harmonica_kernels as hk
+from harmonica import CacheSchedule, disable_cache, enable_cache, units
+from harmonica.adapters import adapter_for
+from harmonica.adapters.base import project_chunks
+from harmonica.cache import CacheStateError
+from harmonica.models import UnsupportedModelError, fingerprint, flop_profile
+
+from .family_models import FAMILIES, ReplayOracle, euler, noise, predict, prompts, tiny, unit_outputs
+
+STEPS = 4
+# The fused residual + LayerNorm sums in another order than torch's LayerNorm: fp32 rounding only.
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def op_backend():
+    with hk.use_backend(os.environ.get("HARMONICA_BACKEND", "torch")):
+        yield
+
+
+def random_schedule(num_units: int, seed: int = 0, steps: int = STEPS) -> CacheSchedule:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(steps, num_units, generator=g) > 0.5
+    mask[0] = True
+    return CacheSchedule.from_mask(mask)
+
+
+def oracle_sample(kind, model, schedule, latents, text, pooled, guidance=1.0):
+    oracle = ReplayOracle(kind, model, schedule.compute)
+    try:
+        return euler(kind, model, latents, text, pooled, schedule.num_steps, guidance)
+    finally:
+        oracle.remove()
+
+
+def guidance_of(kind: str) -> float:
+    # FLUX.1 is guidance-distilled (no CFG batch); SD3 and Wan sample with true CFG.
+    return 1.0 if kind == "flux" else 3.0
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_units_follow_the_blocks_branches(kind):
+    model = tiny(kind)
+    assert units(model) == [name for name, _, _ in unit_outputs(kind, model)]
+    if kind == "sd3":  # block 0: SD3.5 dual attention; last block: context_pre_only
+        assert "blocks.0.attn2" in units(model) and "blocks.1.ff_context" not in units(model)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_full_schedule_forward_matches_stock(kind):
+    model = tiny(kind)
+    text, pooled = prompts(2)
+    x, t = noise(kind, 2), torch.tensor(700.0)
+    with torch.no_grad():
+        expected = predict(kind, model, x, t, text, pooled)
+        enable_cache(model, CacheSchedule.full(1, len(units(model))))
+        got = predict(kind, model, x, t, text, pooled)
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("schedule_name", ["full", "fora2", "fora3", "random"])
+def test_euler_loop_matches_replay_oracle(kind, schedule_name):
+    model = tiny(kind)
+    num_units = len(units(model))
+    schedule = {
+        "full": CacheSchedule.full(STEPS, num_units),
+        "fora2": CacheSchedule.fora(STEPS, num_units, 2),
+        "fora3": CacheSchedule.fora(STEPS, num_units, 3),
+        "random": random_schedule(num_units),
+    }[schedule_name]
+    text, pooled = prompts(2)
+    latents = noise(kind, 2)
+    guidance = guidance_of(kind)
+    with torch.no_grad():
+        expected = oracle_sample(kind, model, schedule, latents, text, pooled, guidance)
+        handle = enable_cache(model, schedule)
+        got = euler(kind, model, latents, text, pooled, STEPS, guidance)
+    assert handle.step == STEPS
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_random_masks_match_replay_oracle(kind):
+    model = tiny(kind)
+    num_units = len(units(model))
+    text, pooled = prompts(1)
+    latents = noise(kind, 1)
+    for seed in (1, 2, 3):
+        schedule = random_schedule(num_units, seed=seed, steps=5)
+        with torch.no_grad():
+            expected = oracle_sample(kind, model, schedule, latents, text, pooled)
+            enable_cache(model, schedule)
+            got = euler(kind, model, latents, text, pooled, 5)
+            disable_cache(model)
+        torch.testing.assert_close(got, expected, **FP32)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_reused_units_are_not_called(kind):
+    """FLOPs fall as the schedule says: a unit's module runs exactly at the steps that compute it
+    (a joint attention when either of its streams is computed)."""
+    model = tiny(kind)
+    num_units = len(units(model))
+    schedule = random_schedule(num_units, seed=4)
+    calls: Counter = Counter()
+    modules = {}
+    for k, (_, module, _) in enumerate(unit_outputs(kind, model)):
+        modules.setdefault(module, []).append(k)
+    hooks = [m.register_forward_pre_hook(lambda m, a: calls.update([m])) for m in modules]
+    text, pooled = prompts(1)
+    with torch.no_grad():
+        enable_cache(model, schedule)
+        euler(kind, model, noise(kind, 1), text, pooled, STEPS)
+    for hook in hooks:
+        hook.remove()
+    compute = schedule.compute
+    for module, ks in modules.items():
+        assert calls[module] == int(compute[:, ks].any(dim=1).sum())
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_repeated_generations_are_identical(kind):
+    model = tiny(kind)
+    schedule = CacheSchedule.fora(STEPS, len(units(model)), 2)
+    text, pooled = prompts(2)
+    with torch.no_grad():
+        enable_cache(model, schedule)
+        first = euler(kind, model, noise(kind, 2), text, pooled, STEPS, guidance_of(kind))
+        # a new generation starts by itself: the timestep goes back up
+        second = euler(kind, model, noise(kind, 2), text, pooled, STEPS, guidance_of(kind))
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_batch_and_resolution_change_between_generations(kind):
+    model = tiny(kind)
+    schedule = random_schedule(len(units(model)), seed=5)
+    cases = [(2, 4), (3, 2), (1, 6)]  # (batch, image tokens per side)
+    with torch.no_grad():
+        expected = []
+        for batch, side in cases:
+            text, pooled = prompts(batch)
+            expected.append(oracle_sample(kind, model, schedule, noise(kind, batch, side), text, pooled))
+        handle = enable_cache(model, schedule)
+        for (batch, side), want in zip(cases, expected, strict=True):
+            text, pooled = prompts(batch)
+            got = euler(kind, model, noise(kind, batch, side), text, pooled, STEPS)
+            torch.testing.assert_close(got, want, **FP32)
+        # within one generation a shape change is an error
+        handle.reset()
+        text, pooled = prompts(1)
+        predict(kind, model, noise(kind, 1), torch.tensor(900.0), text, pooled)
+        with pytest.raises(CacheStateError, match="allocated at step 0"):
+            predict(kind, model, noise(kind, 1, side=2), torch.tensor(800.0), text, pooled)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_disable_restores_modules_and_outputs(kind):
+    model = tiny(kind)
+    lists = [getattr(model, name) for name, _ in adapter_for(model).block_lists]
+    originals = [list(blocks) for blocks in lists]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    text, pooled = prompts(2)
+    with torch.no_grad():
+        stock = euler(kind, model, noise(kind, 2), text, pooled, STEPS)
+        enable_cache(model, CacheSchedule.fora(STEPS, len(units(model)), 2))
+        assert model.state_dict().keys() == state.keys()  # same parameter names while cached
+        assert all(a is not b for a, b in zip(lists[0], originals[0], strict=True))
+        euler(kind, model, noise(kind, 2), text, pooled, STEPS)
+        disable_cache(model)
+        again = euler(kind, model, noise(kind, 2), text, pooled, STEPS)
+    for blocks, before in zip(lists, originals, strict=True):
+        assert all(a is b for a, b in zip(blocks, before, strict=True))
+    assert type(model) is type(tiny(kind, num_layers=1))
+    assert "_harmonica_cache" not in model.__dict__
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(again, stock)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_flop_profile_and_ideal_speedup(kind):
+    model = tiny(kind)
+    num_units = len(units(model))
+    profile = flop_profile(model)
+    assert len(profile.units) == num_units and all(f > 0 for f in profile.units) and profile.always > 0
+    assert CacheSchedule.full(10, num_units).ideal_speedup(model) == pytest.approx(1.0)
+    fora2 = CacheSchedule.fora(10, num_units, 2).ideal_speedup(model)
+    fora3 = CacheSchedule.fora(10, num_units, 3).ideal_speedup(model)
+    assert 1.5 < fora2 < 2.0 < fora3 < 3.0
+    fp = fingerprint(model)
+    assert fp["units"] == units(model) and fp["class"] == type(model).__name__
+
+
+def test_joint_attention_flops_split_between_its_two_streams():
+    model = tiny("flux")
+    profile = flop_profile(model)
+    names = units(model)
+    image, text = (
+        profile.units[names.index("blocks.0.attn")],
+        profile.units[names.index("blocks.0.attn_context")],
+    )
+    # 4096 image tokens against 120 text tokens: the image stream carries nearly all of it
+    assert 0 < text < image and image / text == pytest.approx(4096 / 120, rel=0.05)
+
+
+def test_one_stream_of_a_joint_attention_computed_alone():
+    """FLUX attn computed, attn_context reused (and the reverse): each stream keeps its own cache."""
+    kind = "flux"
+    model = tiny(kind, num_layers=1)
+    names = units(model)
+    mask = torch.ones(STEPS, len(names), dtype=torch.bool)
+    mask[1, names.index("blocks.0.attn_context")] = False
+    mask[2, names.index("blocks.0.attn")] = False
+    mask[3, names.index("blocks.0.attn_context")] = False
+    mask[3, names.index("single_blocks.0.joint")] = False
+    schedule = CacheSchedule.from_mask(mask)
+    text, pooled = prompts(2)
+    with torch.no_grad():
+        expected = oracle_sample(kind, model, schedule, noise(kind, 2), text, pooled)
+        enable_cache(model, schedule)
+        got = euler(kind, model, noise(kind, 2), text, pooled, STEPS)
+    torch.testing.assert_close(got, expected, **FP32)
+
+
+def test_compiled_flux_steps_fullgraph_match_eager():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    kind = "flux"
+    model = tiny(kind, num_layers=1)
+    handle = enable_cache(model, CacheSchedule.fora(STEPS, len(units(model)), 2))
+    text, pooled = prompts(2)
+    with torch.no_grad():
+        eager = euler(kind, model, noise(kind, 2), text, pooled, STEPS)
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        handle.reset()
+        got = euler(kind, compiled, noise(kind, 2), text, pooled, STEPS)
+        again = euler(kind, compiled, noise(kind, 2), text, pooled, STEPS)
+    assert counter.frame_count == 2  # one graph per distinct schedule row
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "wan"])
+def test_bf16_matches_replay_oracle(kind):
+    model = tiny(kind).to(torch.bfloat16)
+    schedule = CacheSchedule.fora(STEPS, len(units(model)), 2)
+    text, pooled = (p.to(torch.bfloat16) for p in prompts(2))
+    latents = noise(kind, 2).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = oracle_sample(kind, model, schedule, latents, text, pooled)
+        enable_cache(model, schedule)
+        got = euler(kind, model, latents, text, pooled, STEPS)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_deepcopy_of_a_cached_model_is_independent():
+    kind = "wan"
+    model = tiny(kind)
+    handle = enable_cache(model, CacheSchedule.fora(STEPS, len(units(model)), 2))
+    clone = copy.deepcopy(model)
+    assert clone._harmonica_cache is not handle
+    assert clone.blocks[0]._handle is clone._harmonica_cache
+    text, pooled = prompts(1)
+    with torch.no_grad():
+        a = euler(kind, model, noise(kind, 1), text, pooled, STEPS)
+        b = euler(kind, clone, noise(kind, 1), text, pooled, STEPS)
+    assert torch.equal(a, b)
+    disable_cache(clone)
+    assert model.blocks[0]._handle is handle
+
+
+def test_unsupported_transformer_names_the_families_and_how_to_add_one():
+    class Custom(torch.nn.Module):
+        pass
+
+    with pytest.raises(UnsupportedModelError) as err:
+        enable_cache(Custom(), CacheSchedule.full(2, 2))
+    message = str(err.value)
+    for name in ("DiTTransformer2DModel", "FluxTransformer2DModel", "SD3Transformer2DModel", "Wan"):
+        assert name in message
+    assert "adapter" in message and "BlockAdapter" in message
+
+
+def test_wan_per_token_timesteps_are_refused():
+    model = tiny("wan")
+    enable_cache(model, CacheSchedule.full(1, len(units(model))))
+    text, _ = prompts(1)
+    x = noise("wan", 1)
+    tokens = 2 * 4 * 4
+    with torch.no_grad(), pytest.raises(UnsupportedModelError, match="per-token timesteps"):
+        model(hidden_states=x, timestep=torch.full((1, tokens), 900.0), encoder_hidden_states=text)
+
+
+@pytest.mark.parametrize("needed", [(True,) * 6, (False,) * 2 + (True,) * 4, (False,) * 3 + (True,) * 3])
+def test_project_chunks_matches_the_full_projection(needed):
+    linear = torch.nn.Linear(7, 6 * 5)
+    emb = torch.randn(3, 7)
+    expected = linear(emb).chunk(6, dim=1)
+    for chunk, want, live in zip(project_chunks(linear, emb, 6, needed), expected, needed, strict=True):
+        if live:
+            torch.testing.assert_close(chunk, want, **FP32)
+        else:
+            assert chunk is None
