@@ -1,4 +1,4 @@
-"""Tiny random FLUX.1, SD3 and Wan transformers, a flow-matching Euler loop for each, and an
+"""Tiny random FLUX.1, SD3, Wan and Qwen-Image transformers, a flow-matching Euler loop for each, and an
 independent METHOD.md §1 oracle that replays recorded unit outputs on the unpatched models."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
 )
 
-FAMILIES = ("flux", "sd3", "wan")
+FAMILIES = ("flux", "sd3", "wan", "qwen")
 TEXT_TOKENS = 5
 TEXT_DIM = 24
 POOLED_DIM = 16
@@ -52,6 +53,17 @@ def tiny(kind: str, num_layers: int = 2, seed: int = 0):
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         )
+    elif kind == "qwen":
+        model = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4 * CHANNELS,
+            out_channels=CHANNELS,
+            num_layers=num_layers,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TEXT_DIM,
+            axes_dims_rope=(4, 6, 6),
+        )
     else:
         model = WanTransformer3DModel(
             patch_size=(1, 2, 2),
@@ -75,6 +87,8 @@ def noise(kind: str, batch: int, side: int = 4, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if kind == "flux":
         return torch.randn(batch, side * side, 2 * CHANNELS, generator=g)
+    if kind == "qwen":
+        return torch.randn(batch, side * side, 4 * CHANNELS, generator=g)
     if kind == "sd3":
         return torch.randn(batch, CHANNELS, 2 * side, 2 * side, generator=g)
     return torch.randn(batch, CHANNELS, 2, 2 * side, 2 * side, generator=g)
@@ -110,6 +124,17 @@ def predict(kind: str, model, x: torch.Tensor, t: torch.Tensor, text, pooled) ->
     if kind == "sd3":
         return model(
             hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep
+        ).sample
+    if kind == "qwen":
+        side = int(x.shape[1] ** 0.5)
+        mask = torch.ones(x.shape[0], text.shape[1], dtype=torch.long)
+        mask[:, -1] = 0  # a padded prompt token, so the attention mask matters
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=mask,
+            timestep=timestep / 1000,
+            img_shapes=[(1, side, side)] * x.shape[0],
         ).sample
     return model(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
 
@@ -162,6 +187,14 @@ def unit_outputs(kind: str, model) -> list[tuple[str, torch.nn.Module, int | Non
             units.append((f"blocks.{i}.ff", block.ff, None))
             if not block.context_pre_only:
                 units.append((f"blocks.{i}.ff_context", block.ff_context, None))
+    elif kind == "qwen":
+        for i, block in enumerate(model.transformer_blocks):
+            units += [
+                (f"blocks.{i}.attn", block.attn, 0),
+                (f"blocks.{i}.attn_context", block.attn, 1),
+                (f"blocks.{i}.img_mlp", block.img_mlp, None),
+                (f"blocks.{i}.txt_mlp", block.txt_mlp, None),
+            ]
     else:
         for i, block in enumerate(model.blocks):
             units += [

@@ -1,5 +1,5 @@
-"""The adapters beyond DiT/PixArt on tiny random FLUX.1, SD3 (with SD3.5 dual attention) and Wan
-transformers, sampled with a flow-matching Euler loop."""
+"""The adapters beyond DiT/PixArt on tiny random FLUX.1, SD3 (with SD3.5 dual attention), Wan and
+Qwen-Image transformers, sampled with a flow-matching Euler loop."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def oracle_sample(kind, model, schedule, latents, text, pooled, guidance=1.0):
 
 
 def guidance_of(kind: str) -> float:
-    # FLUX.1 is guidance-distilled (no CFG batch); SD3 and Wan sample with true CFG.
+    # FLUX.1 is guidance-distilled (no CFG batch); SD3, Wan and Qwen-Image sample with true CFG.
     return 1.0 if kind == "flux" else 3.0
 
 
@@ -255,7 +255,7 @@ def test_compiled_flux_steps_fullgraph_match_eager():
     assert torch.equal(got, again)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "wan"])
+@pytest.mark.parametrize("kind", ["sd3", "wan", "qwen"])
 def test_bf16_matches_replay_oracle(kind):
     model = tiny(kind).to(torch.bfloat16)
     schedule = CacheSchedule.fora(STEPS, len(units(model)), 2)
@@ -291,7 +291,13 @@ def test_unsupported_transformer_names_the_families_and_how_to_add_one():
     with pytest.raises(UnsupportedModelError) as err:
         enable_cache(Custom(), CacheSchedule.full(2, 2))
     message = str(err.value)
-    for name in ("DiTTransformer2DModel", "FluxTransformer2DModel", "SD3Transformer2DModel", "Wan"):
+    for name in (
+        "DiTTransformer2DModel",
+        "FluxTransformer2DModel",
+        "SD3Transformer2DModel",
+        "Wan",
+        "QwenImage",
+    ):
         assert name in message
     assert "adapter" in message and "BlockAdapter" in message
 

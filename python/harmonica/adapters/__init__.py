@@ -19,7 +19,12 @@ ADAPTERS: list[BlockAdapter] = [BasicBlockAdapter()]
 """The registered adapters, tried in order."""
 
 # The other built-in families, each skipped if the installed diffusers lacks its classes.
-for _module, _name in (("flux", "FluxAdapter"), ("sd3", "SD3Adapter"), ("wan", "WanAdapter")):
+for _module, _name in (
+    ("flux", "FluxAdapter"),
+    ("sd3", "SD3Adapter"),
+    ("wan", "WanAdapter"),
+    ("qwenimage", "QwenImageAdapter"),
+):
     try:
         ADAPTERS.append(getattr(importlib.import_module(f"{__name__}.{_module}"), _name)())
     except ImportError:

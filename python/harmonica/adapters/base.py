@@ -50,6 +50,7 @@ __all__ = [
     "UnsupportedModelError",
     "as_row",
     "call_argument",
+    "joint_attention_flops",
     "plain_layer_norm_eps",
     "project_chunks",
     "runs_plainly",
@@ -163,6 +164,26 @@ def plain_layer_norm_eps(norm: nn.Module) -> float | None:
 def shape_of(value: Any) -> Any:
     """A tensor's shape as a tuple, or the type name of anything else (for error messages)."""
     return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def joint_attention_flops(per_module: dict[str, int], attention: str) -> tuple[int, int]:
+    """FLOPs of a joint attention's image and text units (diffusers' ``added_kv_proj_dim`` layout).
+
+    Each stream owns its own projections (``to_q/k/v``, ``to_out`` and ``add_q/k/v_proj``,
+    ``to_add_out``); the shared core (scores and weighted sum over all tokens) is split by queries,
+    i.e. in the ratio of the two query projections (both ``D -> D``, so image N : text L).
+    ``attention`` is the attention module's path in ``per_module``.
+    """
+
+    def flops(name: str) -> int:
+        return int(per_module.get(f"{attention}.{name}", 0))
+
+    image = sum(flops(m) for m in ("to_q", "to_k", "to_v", "to_out"))
+    text = sum(flops(m) for m in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+    core = int(per_module.get(attention, 0)) - image - text
+    q_image, q_text = flops("to_q"), flops("add_q_proj")
+    image_core = round(core * q_image / (q_image + q_text)) if q_image + q_text else core // 2
+    return image + image_core, text + core - image_core
 
 
 class CallState:

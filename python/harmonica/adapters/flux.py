@@ -42,6 +42,7 @@ from .base import (
     UnsupportedModelError,
     as_row,
     call_argument,
+    joint_attention_flops,
     plain_layer_norm_eps,
     project_chunks,
     shape_of,
@@ -282,13 +283,5 @@ class FluxAdapter(BlockAdapter):
             return int(per_module.get(path, 0)) - flops("norm")  # all but the adaLN projection
         if branch in ("ff", "ff_context"):
             return flops(branch)
-        image = sum(flops(f"attn.{m}") for m in ("to_q", "to_k", "to_v", "to_out"))
-        text = sum(flops(f"attn.{m}") for m in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
-        core = flops("attn") - image - text
-        # The joint core (scores and weighted sum) split by queries: image N / text L of N + L tokens,
-        # which is the ratio of the two query projections (both D -> D).
-        q_image, q_text = flops("attn.to_q"), flops("attn.add_q_proj")
-        share = q_image / (q_image + q_text) if q_image + q_text else 0.5
-        if branch == "attn":
-            return image + round(core * share)
-        return text + core - round(core * share)
+        image, text = joint_attention_flops(per_module, f"{path}.attn")
+        return image if branch == "attn" else text

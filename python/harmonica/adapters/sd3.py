@@ -34,6 +34,7 @@ from .base import (
     UnsupportedModelError,
     as_row,
     call_argument,
+    joint_attention_flops,
     plain_layer_norm_eps,
     shape_of,
 )
@@ -256,13 +257,7 @@ class SD3Adapter(BlockAdapter):
 
         if branch not in ("attn", "attn_context"):
             return flops(branch)
-        image = sum(flops(f"attn.{m}") for m in ("to_q", "to_k", "to_v", "to_out"))
-        text = sum(flops(f"attn.{m}") for m in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
-        core = flops("attn") - image - text
-        if block.context_pre_only:  # the last block's text outputs are unused: all of it is the image unit's
-            return flops("attn") if branch == "attn" else 0
-        q_image, q_text = flops("attn.to_q"), flops("attn.add_q_proj")
-        share = q_image / (q_image + q_text) if q_image + q_text else 0.5
-        if branch == "attn":
-            return image + round(core * share)
-        return text + core - round(core * share)
+        if block.context_pre_only:  # the last block's text outputs are unused: it is all the image unit's
+            return flops("attn")
+        image, text = joint_attention_flops(per_module, f"{path}.attn")
+        return image if branch == "attn" else text
