@@ -1,5 +1,6 @@
-"""Tiny random FLUX.1, SD3, Wan and Qwen-Image transformers, a flow-matching Euler loop for each, and an
-independent METHOD.md §1 oracle that replays recorded unit outputs on the unpatched models."""
+"""Tiny random FLUX.1, FLUX.2, SD3, Wan and Qwen-Image transformers, a flow-matching Euler loop
+for each, and an independent METHOD.md §1 oracle that replays recorded unit outputs on the
+unpatched models."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import functools
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
 )
 
-FAMILIES = ("flux", "sd3", "wan", "qwen")
+FAMILIES = ("flux", "sd3", "wan", "qwen", "flux2")
 TEXT_TOKENS = 5
 TEXT_DIM = 24
 POOLED_DIM = 16
@@ -53,6 +55,18 @@ def tiny(kind: str, num_layers: int = 2, seed: int = 0):
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         )
+    elif kind == "flux2":
+        model = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=2 * CHANNELS,
+            num_layers=num_layers,
+            num_single_layers=num_layers,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TEXT_DIM,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+        )
     elif kind == "qwen":
         model = QwenImageTransformer2DModel(
             patch_size=2,
@@ -85,7 +99,7 @@ def tiny(kind: str, num_layers: int = 2, seed: int = 0):
 def noise(kind: str, batch: int, side: int = 4, seed: int = 0) -> torch.Tensor:
     """Initial latents with ``side x side`` image tokens (Wan: 2 frames of them)."""
     g = torch.Generator().manual_seed(seed)
-    if kind == "flux":
+    if kind in ("flux", "flux2"):
         return torch.randn(batch, side * side, 2 * CHANNELS, generator=g)
     if kind == "qwen":
         return torch.randn(batch, side * side, 4 * CHANNELS, generator=g)
@@ -100,12 +114,15 @@ def prompts(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g), torch.randn(batch, POOLED_DIM, generator=g)
 
 
-def _flux_ids(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _flux_ids(tokens: int, axes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     side = int(tokens**0.5)
-    img_ids = torch.zeros(tokens, 3)
+    img_ids = torch.zeros(tokens, axes)
     img_ids[:, 1] = torch.arange(tokens) // side
     img_ids[:, 2] = torch.arange(tokens) % side
-    return img_ids, torch.zeros(TEXT_TOKENS, 3)
+    txt_ids = torch.zeros(TEXT_TOKENS, axes)
+    if axes == 4:  # FLUX.2 numbers text tokens along its last axis
+        txt_ids[:, 3] = torch.arange(TEXT_TOKENS)
+    return img_ids, txt_ids
 
 
 def predict(kind: str, model, x: torch.Tensor, t: torch.Tensor, text, pooled) -> torch.Tensor:
@@ -118,6 +135,16 @@ def predict(kind: str, model, x: torch.Tensor, t: torch.Tensor, text, pooled) ->
             encoder_hidden_states=text,
             pooled_projections=pooled,
             timestep=timestep / 1000,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+        ).sample
+    if kind == "flux2":  # guidance-distilled: the guidance scale is an input
+        img_ids, txt_ids = _flux_ids(x.shape[1], axes=4)
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=text,
+            timestep=timestep / 1000,
+            guidance=torch.full_like(timestep, 4.0),
             img_ids=img_ids,
             txt_ids=txt_ids,
         ).sample
@@ -167,7 +194,7 @@ def unit_outputs(kind: str, model) -> list[tuple[str, torch.nn.Module, int | Non
     structure, independently of harmonica's adapters. ``output index`` picks one stream of a joint
     attention's ``(image, text)`` output; None for a module with one output."""
     units = []
-    if kind == "flux":
+    if kind in ("flux", "flux2"):
         for i, block in enumerate(model.transformer_blocks):
             units += [
                 (f"blocks.{i}.attn", block.attn, 0),
@@ -176,7 +203,9 @@ def unit_outputs(kind: str, model) -> list[tuple[str, torch.nn.Module, int | Non
                 (f"blocks.{i}.ff_context", block.ff_context, None),
             ]
         for j, block in enumerate(model.single_transformer_blocks):
-            units.append((f"single_blocks.{j}.joint", block.proj_out, None))
+            # FLUX.1: proj_out(cat(attn, mlp)); FLUX.2: one parallel attention + MLP module
+            branch = block.proj_out if kind == "flux" else block.attn
+            units.append((f"single_blocks.{j}.joint", branch, None))
     elif kind == "sd3":
         for i, block in enumerate(model.transformer_blocks):
             units.append((f"blocks.{i}.attn", block.attn, 0))

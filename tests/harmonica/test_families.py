@@ -1,5 +1,5 @@
-"""The adapters beyond DiT/PixArt on tiny random FLUX.1, SD3 (with SD3.5 dual attention), Wan and
-Qwen-Image transformers, sampled with a flow-matching Euler loop."""
+"""The adapters beyond DiT/PixArt on tiny random FLUX.1, FLUX.2, SD3 (with SD3.5 dual attention), Wan
+and Qwen-Image transformers, sampled with a flow-matching Euler loop."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def oracle_sample(kind, model, schedule, latents, text, pooled, guidance=1.0):
 
 
 def guidance_of(kind: str) -> float:
-    # FLUX.1 is guidance-distilled (no CFG batch); SD3, Wan and Qwen-Image sample with true CFG.
-    return 1.0 if kind == "flux" else 3.0
+    # FLUX is guidance-distilled (no CFG batch); SD3, Wan and Qwen-Image sample with true CFG.
+    return 1.0 if kind in ("flux", "flux2") else 3.0
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

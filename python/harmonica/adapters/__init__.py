@@ -24,6 +24,7 @@ for _module, _name in (
     ("sd3", "SD3Adapter"),
     ("wan", "WanAdapter"),
     ("qwenimage", "QwenImageAdapter"),
+    ("flux2", "Flux2Adapter"),
 ):
     try:
         ADAPTERS.append(getattr(importlib.import_module(f"{__name__}.{_module}"), _name)())
