@@ -38,12 +38,14 @@ would be missing or wrong.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,6 +84,9 @@ HANDLE_ATTR = "_harmonica_cache"
 """Attribute of the transformer that holds its :class:`CacheHandle` while caching is enabled."""
 
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_BRANCH_STATE = ("_buffers", "_older", "_layout")
+"""CacheHandle attributes that hold one CFG branch's caches (swapped together between branches)."""
 
 MultiBranch = Callable[[], Sequence[torch.Tensor]]
 """One module call that feeds several units, returning one output per unit (in their order)."""
@@ -152,6 +157,13 @@ class CacheHandle:
         self._coefficients: torch.Tensor | None = None
         self._step_coefficients: torch.Tensor | None = None
         self._layout: tuple[Any, ...] | None = None
+        # Pipelines that run classifier-free guidance as separate calls (Wan, Qwen-Image, FLUX's true
+        # CFG) make several calls per step on the same latents: call `branch` of the step. Each branch
+        # has its own caches (its _BRANCH_STATE attributes, swapped in by _switch_branch).
+        self._branch = 0
+        self._active_branch = 0
+        self._branch_states: dict[int, tuple[Any, ...]] = {}
+        self._last_input: Any = None
         # What disable_cache undoes, kept as plain references (not closures) so that a deepcopy of
         # a cached model or pipeline gets a handle that undoes its own copy.
         self._original_class: type[nn.Module] = type(transformer)
@@ -163,6 +175,7 @@ class CacheHandle:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_call_lock")  # locks neither copy nor pickle; a copy gets its own
+        state["_last_input"] = None  # a weak reference to the last call's latents
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -191,9 +204,18 @@ class CacheHandle:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes currently held by cache buffers, forecast histories included (0 before step 0 and
-        after a reset)."""
-        held = [b for b in self._buffers if b is not None] + [b for older in self._older for b in older]
+        """Bytes currently held by cache buffers, forecast histories included, of every CFG branch
+        (0 before step 0 and after a reset)."""
+        states = [
+            (self._buffers, self._older),
+            *((state[0], state[1]) for state in self._branch_states.values()),
+        ]
+        held = [
+            b
+            for buffers, older in states
+            for b in itertools.chain(buffers, itertools.chain.from_iterable(older))
+            if b is not None
+        ]
         return sum(b.numel() * b.element_size() for b in held)
 
     @torch.compiler.disable
@@ -212,6 +234,10 @@ class CacheHandle:
         self._older = [[] for _ in range(self._schedule.num_units)]
         self._coefficients = self._step_coefficients = None
         self._layout = None
+        self._branch = 0
+        self._active_branch = 0
+        self._branch_states = {}
+        self._last_input = None
         self._embeddings.end_call()
 
     def computes(self, unit: int) -> bool:
@@ -356,6 +382,8 @@ class CacheHandle:
                 "(one transformer call per step, CFG batched). A new generation starts by itself when "
                 "the timestep goes back up (or call handle.reset())"
             )
+        if self._branch != self._active_branch:
+            self._switch_branch()
         layout = self._layout_of(model, args, kwargs)
         if self._step == 0:
             self._allocate(layout)
@@ -393,9 +421,37 @@ class CacheHandle:
             and _starts_over(self._last_timestep, timestep)
         ):
             self.reset()
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if self._step and self._repeats_step(hidden_states, timestep):
+            self._step -= 1  # another call of the step just made: its next branch
+            self._branch += 1
+        else:
+            self._branch = 0
         if self._step == 0:
             self._owner = thread
         self._last_timestep = timestep
+        self._last_input = weakref.ref(hidden_states) if isinstance(hidden_states, torch.Tensor) else None
+
+    def _repeats_step(self, hidden_states: Any, timestep: Any) -> bool:
+        """Whether this call is another call of the previous call's step (CFG run as separate calls):
+        the same latents tensor object at the same timestep. A loop's next step has new latents."""
+        last = self._last_input() if self._last_input is not None else None
+        return last is not None and last is hidden_states and _same_timestep(self._last_timestep, timestep)
+
+    def _switch_branch(self) -> None:
+        """Make the current call's branch's caches the active ones (see ``_branch``)."""
+        self._branch_states[self._active_branch] = tuple(getattr(self, name) for name in _BRANCH_STATE)
+        state = self._branch_states.pop(self._branch, None)
+        if state is None:
+            if self._step:
+                raise CacheStateError(
+                    f"step {self._step} made more transformer calls than step 0 of this generation; a "
+                    "pipeline that runs CFG as separate calls must make the same calls at every step"
+                )
+            state = ([None] * self._schedule.num_units, [[] for _ in range(self._schedule.num_units)], None)
+        for name, value in zip(_BRANCH_STATE, state, strict=True):
+            setattr(self, name, value)
+        self._active_branch = self._branch
 
     @torch.compiler.disable
     def _end_step(self) -> None:
@@ -592,6 +648,18 @@ def _starts_over(previous: Any, timestep: Any) -> bool:
     return _first_value(timestep) > _first_value(previous)
 
 
+def _same_timestep(previous: Any, timestep: Any) -> bool:
+    """Whether two calls' timesteps are equal (the same element of one array, or equal values)."""
+    if previous is None or timestep is None:
+        return False
+    if previous is timestep:
+        return True
+    a, b = _scalar_view(previous), _scalar_view(timestep)
+    if a is not None and b is not None and a[0] == b[0]:
+        return a[1] == b[1]
+    return _first_value(timestep) == _first_value(previous)
+
+
 def _first_value(t: Any) -> float:
     """A timestep's value on the host (a device read only off the fast paths of _starts_over)."""
     if isinstance(t, torch.Tensor):
@@ -601,41 +669,65 @@ def _first_value(t: Any) -> float:
 
 def enable_cache(
     pipe_or_transformer: Any,
-    schedule_or_router: CacheSchedule | Router,
+    schedule_or_router: CacheSchedule | Router | tuple[Any, Any] | dict[str, Any],
     *,
     threshold: float = 0.1,
     cache_dtype: torch.dtype | None = None,
-) -> CacheHandle:
+) -> CacheHandle | tuple[CacheHandle, CacheHandle]:
     """Make a supported diffusers transformer (or a pipeline holding one) skip units per a schedule.
 
     Args:
         pipe_or_transformer: a transformer of a supported family (``harmonica.models.SUPPORTED_MODELS``:
-            DiT, PixArt, ...), or a pipeline with one as ``.transformer`` (then
-            ``pipe.scheduler.set_timesteps`` also resets the step counter at the start of every
-            pipeline call and checks its step count).
+            DiT, PixArt, FLUX.1, FLUX.2, SD3, Wan, Qwen-Image), or a pipeline with one as
+            ``.transformer`` (then ``pipe.scheduler.set_timesteps`` also resets the step counter at the
+            start of every pipeline call and checks its step count). A pipeline with a second
+            transformer (Wan 2.2's ``transformer_2`` for the low-noise steps) caches both.
         schedule_or_router: a :class:`CacheSchedule` ``[T, U]`` with U = ``len(harmonica.units(model))``,
-            or a :class:`Router` (checked against the model's fingerprint, then thresholded).
+            or a :class:`Router` (checked against the model's fingerprint, then thresholded). For a
+            two-transformer pipeline, one per transformer: ``(for_transformer, for_transformer_2)`` or a
+            dict with those keys, each with as many steps as its transformer runs (:func:`stage_steps`).
+            A step is one transformer call, or several calls on the same latents at the same timestep
+            (CFG run as separate calls), each of which keeps its own caches.
         threshold: a router's inference threshold τ: unit computed iff ``sigmoid(logit) > τ``.
         cache_dtype: dtype of the cache buffers and forecast histories (e.g. ``torch.bfloat16`` under
             an fp32 model to halve their memory); None stores them in the activations' dtype. float16
             only under float16 activations (its range cannot hold fp32/bf16 ones: refused at step 0).
 
     Returns:
-        The :class:`CacheHandle`, also at ``transformer._harmonica_cache`` until :func:`disable_cache`.
+        The :class:`CacheHandle`, also at ``transformer._harmonica_cache`` until :func:`disable_cache`
+        (a pair of them for a two-transformer pipeline).
 
     Raises:
-        UnsupportedModelError: the model or one of its blocks cannot be cached exactly.
+        UnsupportedModelError: the model or one of its blocks cannot be cached exactly; the message
+            names the supported families and how to add an adapter.
         RouterMismatchError: the router was made for a model of another shape.
-        ScheduleMismatchError: the schedule's unit count differs from the model's.
+        ScheduleMismatchError: the schedule's unit count differs from the model's (at a pipeline call:
+            its step count differs from the steps the transformer runs).
         CacheStateError: caching is already enabled on this transformer.
     """
-    transformer = transformer_of(pipe_or_transformer)
-    model_class = supported_class(transformer)
     if cache_dtype is not None and cache_dtype not in _CACHE_DTYPES:
         raise TypeError(
             f"cache_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {cache_dtype}"
         )
+    stages = _two_stage_transformers(pipe_or_transformer)
+    if stages is not None:
+        return _enable_two_stages(pipe_or_transformer, stages, schedule_or_router, threshold, cache_dtype)
+    transformer = transformer_of(pipe_or_transformer)
+    handle = _new_handle(transformer, schedule_or_router, threshold, cache_dtype, pipe_or_transformer)
+    attach_handle(pipe_or_transformer, handle)
+    return handle
 
+
+def _new_handle(
+    transformer: nn.Module,
+    schedule_or_router: Any,
+    threshold: float,
+    cache_dtype: torch.dtype | None,
+    pipe_or_transformer: Any,
+    name: str = "",
+) -> CacheHandle:
+    """A checked CacheHandle for ``transformer`` (``name``: its pipeline attribute, for messages)."""
+    model_class = supported_class(transformer)
     if isinstance(schedule_or_router, Router):
         schedule_or_router.check_model(transformer)
         _warn_on_other_sampler(schedule_or_router, pipe_or_transformer)
@@ -646,17 +738,109 @@ def enable_cache(
         raise TypeError(f"expected a CacheSchedule or a Router, got {type(schedule_or_router).__name__}")
     unit_names = units(transformer)
     if schedule.num_units != len(unit_names):
+        which = f" for {name}" if name else ""
         raise ScheduleMismatchError(
-            f"the schedule has {schedule.num_units} units but {model_class.__name__} with "
+            f"the schedule{which} has {schedule.num_units} units but {model_class.__name__} with "
             f"{len(adapter_for(transformer).blocks(transformer))} blocks has {len(unit_names)}; build it "
             "with num_units=len(harmonica.units(model))"
         )
-
     # Discover the op backends now (it imports the extensions), not inside a compiled first step.
     available_backends()
-    handle = CacheHandle(transformer, schedule, cache_dtype=cache_dtype)
-    attach_handle(pipe_or_transformer, handle)
-    return handle
+    return CacheHandle(transformer, schedule, cache_dtype=cache_dtype)
+
+
+# -- pipelines with two transformers (Wan 2.2 A14B: `transformer` for the high-noise steps,
+# `transformer_2` for the low-noise ones, switching at boundary_ratio * num_train_timesteps) --
+
+_STAGE_NAMES = ("transformer", "transformer_2")
+
+
+def _two_stage_transformers(pipe: Any) -> tuple[nn.Module, nn.Module] | None:
+    if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is None:
+        return None
+    return pipe.transformer, pipe.transformer_2
+
+
+def _enable_two_stages(
+    pipe: Any,
+    stages: tuple[nn.Module, nn.Module],
+    schedules: Any,
+    threshold: float,
+    cache_dtype: torch.dtype | None,
+) -> tuple[CacheHandle, CacheHandle]:
+    """One handle per transformer, each with its own schedule; one pipeline step is one call of the
+    transformer that serves it, so each schedule has as many steps as its transformer runs."""
+    if isinstance(schedules, dict):
+        unknown = set(schedules) - set(_STAGE_NAMES)
+        if unknown or len(schedules) != 2:
+            keys = sorted(schedules)
+            raise TypeError(
+                f"pass schedules as {{'transformer': ..., 'transformer_2': ...}}, got keys {keys}"
+            )
+        schedules = tuple(schedules[name] for name in _STAGE_NAMES)
+    if not isinstance(schedules, (tuple, list)) or len(schedules) != 2:
+        raise TypeError(
+            "this pipeline has two transformers (transformer for the high-noise steps, transformer_2 for "
+            "the low-noise ones): pass one schedule or router for each, as a pair (for_transformer, "
+            "for_transformer_2) or a dict with those keys; each sized for the steps its transformer runs "
+            "(harmonica.cache.stage_steps(pipe, num_inference_steps))"
+        )
+    for name, transformer in zip(_STAGE_NAMES, stages, strict=True):
+        if transformer.__dict__.get(HANDLE_ATTR) is not None:
+            raise CacheStateError(f"caching is already enabled on {name}; call disable_cache() first")
+    handles = tuple(
+        _new_handle(transformer, schedule, threshold, cache_dtype, pipe, name)
+        for name, transformer, schedule in zip(_STAGE_NAMES, stages, schedules, strict=True)
+    )
+    for transformer, handle in zip(stages, handles, strict=True):
+        attach_handle(transformer, handle)
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None:
+        check = _StageSteps(pipe, handles)
+        for handle in handles:
+            handle._scheduler_hook = _ResetOnSetTimesteps(scheduler, handle, check)
+            scheduler.set_timesteps = handle._scheduler_hook
+    return handles
+
+
+def stage_steps(pipe: Any, num_inference_steps: int | None = None) -> tuple[int, int]:
+    """How many of a two-transformer pipeline's steps each transformer runs: ``(transformer,
+    transformer_2)``, from its scheduler's timesteps (set for ``num_inference_steps`` if given) and
+    its ``boundary_ratio``, as the pipeline chooses (``t >= boundary`` runs ``transformer``)."""
+    scheduler = pipe.scheduler
+    if num_inference_steps is not None:
+        scheduler = copy.deepcopy(scheduler)
+        type(scheduler).set_timesteps(scheduler, num_inference_steps)
+    timesteps = [float(t) for t in scheduler.timesteps]
+    ratio = pipe.config.get("boundary_ratio") if hasattr(pipe, "config") else None
+    if ratio is None:
+        return len(timesteps), 0
+    boundary = ratio * scheduler.config.num_train_timesteps
+    high = sum(t >= boundary for t in timesteps)
+    return high, len(timesteps) - high
+
+
+class _StageSteps:
+    """Checks, when a pipeline sets its timesteps, that each transformer's schedule has as many steps
+    as that transformer will run (naming both transformers' sizes otherwise)."""
+
+    def __init__(self, pipe: Any, handles: tuple[CacheHandle, CacheHandle]) -> None:
+        self.pipe = pipe
+        self.handles = handles
+
+    def __call__(self, handle: CacheHandle) -> None:
+        runs = stage_steps(self.pipe)
+        sizes = tuple(h._schedule.num_steps for h in self.handles)
+        if all(size == run for size, run in zip(sizes, runs, strict=True) if run):
+            return
+        total = sum(runs)
+        swapped = " (the two schedules look swapped)" if sizes == runs[::-1] else ""
+        raise ScheduleMismatchError(
+            f"this pipeline's {total} steps run {runs[0]} on transformer and {runs[1]} on transformer_2 "
+            f"(boundary_ratio {self.pipe.config.get('boundary_ratio')}), but the schedules have {sizes[0]} "
+            f"steps (transformer) and {sizes[1]} steps (transformer_2){swapped}; make each transformer's "
+            "schedule for the steps it runs (harmonica.cache.stage_steps(pipe, num_inference_steps))"
+        )
 
 
 def attach_handle(pipe_or_transformer: Any, handle: CacheHandle) -> None:
@@ -697,7 +881,16 @@ def disable_cache(pipe_or_transformer: Any) -> None:
 
     A no-op when caching is not enabled.
     """
-    transformer = transformer_of(pipe_or_transformer)
+    stages = _two_stage_transformers(pipe_or_transformer)
+    if stages is not None:
+        # The later stage's scheduler hook wraps the earlier one's: unwrap in reverse order.
+        for transformer in reversed(stages):
+            _disable(transformer)
+        return
+    _disable(transformer_of(pipe_or_transformer))
+
+
+def _disable(transformer: nn.Module) -> None:
     handle = transformer.__dict__.get(HANDLE_ATTR)
     if handle is None:
         return
@@ -719,9 +912,13 @@ class _ResetOnSetTimesteps:
     """Replaces ``scheduler.set_timesteps`` (called once at the start of every diffusers pipeline
     call): sets the timesteps as before, then resets the cache handle and checks the step count."""
 
-    def __init__(self, scheduler: Any, handle: CacheHandle) -> None:
+    def __init__(
+        self, scheduler: Any, handle: CacheHandle, check: Callable[[CacheHandle], None] | None = None
+    ) -> None:
         self.scheduler = scheduler
         self.handle = handle
+        # A two-transformer pipeline's handles check their share of the steps instead of all of them.
+        self.check = check
         # A set_timesteps already patched on the instance by someone else is chained and restored.
         self.previous = scheduler.__dict__.get("set_timesteps")
 
@@ -740,7 +937,10 @@ class _ResetOnSetTimesteps:
         else:
             result = type(self.scheduler).set_timesteps(self.scheduler, *args, **kwargs)
         handle.reset()
-        handle._check_num_steps(len(self.scheduler.timesteps))
+        if self.check is None:
+            handle._check_num_steps(len(self.scheduler.timesteps))
+        else:
+            self.check(handle)
         handle._by_scheduler = True
         return result
 

@@ -166,15 +166,31 @@ def predict(kind: str, model, x: torch.Tensor, t: torch.Tensor, text, pooled) ->
     return model(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
 
 
-def euler(kind: str, model, latents, text, pooled, num_steps: int, guidance: float = 1.0) -> torch.Tensor:
+def euler(
+    kind: str,
+    model,
+    latents,
+    text,
+    pooled,
+    num_steps: int,
+    guidance: float = 1.0,
+    separate_cfg: bool = False,
+) -> torch.Tensor:
     """A bare flow-matching Euler loop (``FlowMatchEulerDiscreteScheduler``), one transformer call per
     step; ``guidance > 1`` is true classifier-free guidance with the batch doubled (zero prompt as the
-    unconditional half)."""
+    unconditional half), or with ``separate_cfg`` two calls per step on the same latents (conditional
+    first), as diffusers' Wan, Qwen-Image and FLUX true-CFG pipelines make them."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(num_steps)
     x = latents
     batch = x.shape[0]
     cfg = guidance > 1
+    if cfg and separate_cfg:
+        for t in scheduler.timesteps:
+            cond = predict(kind, model, x, t, text, pooled)
+            uncond = predict(kind, model, x, t, torch.zeros_like(text), torch.zeros_like(pooled))
+            x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+        return x
     if cfg:
         text, pooled = (
             torch.cat([text, torch.zeros_like(text)]),
@@ -237,10 +253,11 @@ class ReplayOracle:
     reused its output (one stream of it, for a joint attention) is replaced by the output recorded
     the last time it was computed; diffusers' own block code applies the current gate and residual."""
 
-    def __init__(self, kind: str, model, compute: torch.Tensor) -> None:
+    def __init__(self, kind: str, model, compute: torch.Tensor, calls_per_step: int = 1) -> None:
         self.compute = compute.tolist()
-        self.step = -1
-        self.cache: dict[int, torch.Tensor] = {}
+        self.calls_per_step = calls_per_step  # CFG as separate calls: each call its own cache
+        self.call = -1
+        self.cache: dict[tuple[int, int], torch.Tensor] = {}
         self.hooks = [model.register_forward_pre_hook(self._next_step)]
         per_module: dict[torch.nn.Module, list[tuple[int, int | None]]] = {}
         self.names = []
@@ -255,14 +272,15 @@ class ReplayOracle:
             hook.remove()
 
     def _next_step(self, module, args) -> None:
-        self.step += 1
+        self.call += 1
 
     def _replay(self, picks, module, args, output):
         parts = list(output) if isinstance(output, tuple) else [output]
+        step, branch = divmod(self.call, self.calls_per_step)
         for k, index in picks:
             i = 0 if index is None else index
-            if self.compute[self.step][k]:
-                self.cache[k] = parts[i].detach().clone()
+            if self.compute[step][k]:
+                self.cache[branch, k] = parts[i].detach().clone()
             else:
-                parts[i] = self.cache[k]
+                parts[i] = self.cache[branch, k]
         return tuple(parts) if isinstance(output, tuple) else parts[0]

@@ -14,7 +14,7 @@ import harmonica_kernels as hk
 from harmonica import CacheSchedule, disable_cache, enable_cache, units
 from harmonica.adapters import adapter_for
 from harmonica.adapters.base import project_chunks
-from harmonica.cache import CacheStateError
+from harmonica.cache import CacheStateError, ScheduleMismatchError
 from harmonica.models import UnsupportedModelError, fingerprint, flop_profile
 
 from .family_models import FAMILIES, ReplayOracle, euler, noise, predict, prompts, tiny, unit_outputs
@@ -37,10 +37,10 @@ def random_schedule(num_units: int, seed: int = 0, steps: int = STEPS) -> CacheS
     return CacheSchedule.from_mask(mask)
 
 
-def oracle_sample(kind, model, schedule, latents, text, pooled, guidance=1.0):
-    oracle = ReplayOracle(kind, model, schedule.compute)
+def oracle_sample(kind, model, schedule, latents, text, pooled, guidance=1.0, separate_cfg=False):
+    oracle = ReplayOracle(kind, model, schedule.compute, calls_per_step=2 if separate_cfg else 1)
     try:
-        return euler(kind, model, latents, text, pooled, schedule.num_steps, guidance)
+        return euler(kind, model, latents, text, pooled, schedule.num_steps, guidance, separate_cfg)
     finally:
         oracle.remove()
 
@@ -90,6 +90,27 @@ def test_euler_loop_matches_replay_oracle(kind, schedule_name):
         got = euler(kind, model, latents, text, pooled, STEPS, guidance)
     assert handle.step == STEPS
     torch.testing.assert_close(got, expected, **FP32)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_cfg_as_two_calls_per_step_keeps_a_cache_per_call(kind):
+    """Pipelines that call the transformer for the conditional and unconditional halves separately,
+    on the same latents at the same timestep: one step, two branches, each with its own caches."""
+    model = tiny(kind)
+    schedule = random_schedule(len(units(model)), seed=7)
+    text, pooled = prompts(2)
+    with torch.no_grad():
+        expected = oracle_sample(kind, model, schedule, noise(kind, 2), text, pooled, 3.0, separate_cfg=True)
+        handle = enable_cache(model, schedule)
+        got = euler(kind, model, noise(kind, 2), text, pooled, STEPS, 3.0, separate_cfg=True)
+        assert handle.step == STEPS
+        again = euler(kind, model, noise(kind, 2), text, pooled, STEPS, 3.0, separate_cfg=True)
+        batched = euler(
+            kind, model, noise(kind, 2), text, pooled, STEPS, 3.0
+        )  # a new generation, CFG batched
+    torch.testing.assert_close(got, expected, **FP32)
+    assert torch.equal(got, again)
+    torch.testing.assert_close(batched, got, **FP32)  # same maths, one call per step
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -322,3 +343,82 @@ def test_project_chunks_matches_the_full_projection(needed):
             torch.testing.assert_close(chunk, want, **FP32)
         else:
             assert chunk is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan 2.2: two transformers in one pipeline
+
+
+def wan22_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,  # latents out: no decoder needed
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny("wan", seed=0),
+        transformer_2=tiny("wan", seed=1),
+        boundary_ratio=0.875,
+    )
+
+
+def wan22_call(pipe, steps: int = 6, guidance: float = 1.0):
+    text, _ = prompts(1)
+    return pipe(
+        prompt_embeds=text,
+        negative_prompt_embeds=torch.zeros_like(text),
+        num_inference_steps=steps,
+        height=32,
+        width=32,
+        num_frames=5,
+        guidance_scale=guidance,  # > 1: the pipeline makes two transformer calls per step
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_wan22_one_schedule_per_transformer_matches_replay_oracle(guidance):
+    from harmonica.cache import stage_steps
+
+    pipe = wan22_pipeline()
+    high, low = stage_steps(pipe, 6)
+    assert (high, low) == (2, 4)
+    num_units = len(units(pipe.transformer))
+    schedules = (CacheSchedule.full(high, num_units), random_schedule(num_units, seed=6, steps=low))
+    calls = 2 if guidance > 1 else 1
+    with torch.no_grad():
+        oracles = [ReplayOracle("wan", pipe.transformer, schedules[0].compute, calls)]
+        oracles.append(ReplayOracle("wan", pipe.transformer_2, schedules[1].compute, calls))
+        expected = wan22_call(pipe, guidance=guidance)
+        for oracle in oracles:
+            oracle.remove()
+        handles = enable_cache(pipe, schedules)
+        got = wan22_call(pipe, guidance=guidance)
+        assert [h.step for h in handles] == [high, low]
+        again = wan22_call(pipe, guidance=guidance)
+    torch.testing.assert_close(got, expected, **FP32)
+    assert torch.equal(got, again)
+    disable_cache(pipe)
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+    for transformer in (pipe.transformer, pipe.transformer_2):
+        assert "_harmonica_cache" not in transformer.__dict__
+        assert not any("Cached" in type(b).__name__ for b in transformer.blocks)
+
+
+def test_wan22_schedules_for_the_wrong_transformer_are_refused_with_both_sizes():
+    pipe = wan22_pipeline()
+    num_units = len(units(pipe.transformer))
+    swapped = {
+        "transformer": CacheSchedule.fora(4, num_units, 2),
+        "transformer_2": CacheSchedule.fora(2, num_units, 2),
+    }
+    enable_cache(pipe, swapped)
+    sizes = r"2 on transformer and 4 on transformer_2.*4 steps.*2 steps.*swapped"
+    with torch.no_grad(), pytest.raises(ScheduleMismatchError, match=sizes):
+        wan22_call(pipe)
+    disable_cache(pipe)
+    with pytest.raises(TypeError, match="two transformers.*one schedule or router for each"):
+        enable_cache(pipe, CacheSchedule.fora(6, num_units, 2))
+    assert "_harmonica_cache" not in pipe.transformer.__dict__
