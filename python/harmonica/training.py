@@ -62,6 +62,7 @@ from harmonica_kernels import available_backends, cached_gated_residual, routed_
 
 from ._checks import check_output_dir, digest_module, digest_tensors, scheduler_key
 from ._io import atomic_write
+from .adapters import adapter_for
 from .cache import CacheHandle, CacheStateError, _as_row, attach_handle, disable_cache
 from .models import fingerprint, supported_class, transformer_of, units
 from .router import LOGIT_BOUND, Router
@@ -304,6 +305,11 @@ class _Conditioning:
     channels: int
     size: int
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the initial noise."""
+        return (self.channels, self.size, self.size)
+
     def draw(self, generator: torch.Generator, batch: int) -> Any: ...
 
     def shard(self, cond: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -409,6 +415,77 @@ class _PromptConditioning(_Conditioning):
         return out.sample[:, : self.channels].float()
 
 
+class _FlowConditioning(_Conditioning):
+    """Text-conditioned flow-matching families (FLUX.1/.2, SD3, Wan, Qwen-Image): prompts drawn from a
+    pool of prompt embeddings ``[P, L, C]`` (with pooled embeddings ``[P, D]`` for FLUX.1 and SD3),
+    CFG batched against a negative embedding (zeros by default), and the transformer called as the
+    family's pipeline calls it (its adapter's ``predict``: velocity prediction)."""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_pooled_prompt_embeds: torch.Tensor | None,
+        latent_size: int,
+        distilled_guidance: float | None,
+    ) -> None:
+        adapter = adapter_for(transformer)
+        name = type(transformer).__name__
+        if prompt_embeds is None or prompt_embeds.dim() != 3:
+            got = None if prompt_embeds is None else tuple(prompt_embeds.shape)
+            raise ValueError(
+                f"{name} conditions are drawn from a pool of prompt embeddings: pass prompt_embeds "
+                f"[P, L, C] (e.g. from the pipeline's encode_prompt), got {got}"
+            )
+        if pooled_prompt_embeds is not None and pooled_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+            raise ValueError("pooled_prompt_embeds must have one row per prompt_embeds row")
+        if not isinstance(latent_size, int) or latent_size < 1:
+            raise ValueError(f"latent_size (image tokens per side) must be an int >= 1, got {latent_size!r}")
+        self.adapter = adapter
+        self.shape = adapter.noise_shape(transformer, latent_size)
+        self.embeds = prompt_embeds
+        self.pooled = pooled_prompt_embeds
+        self.negative = (
+            negative_prompt_embeds[:1]
+            if negative_prompt_embeds is not None
+            else torch.zeros_like(prompt_embeds[:1])
+        )
+        if tuple(self.negative.shape[1:]) != tuple(prompt_embeds.shape[1:]):
+            raise ValueError(
+                f"negative_prompt_embeds must be [1, {prompt_embeds.shape[1]}, {prompt_embeds.shape[2]}], "
+                f"got {tuple(negative_prompt_embeds.shape)}"
+            )
+        self.negative_pooled = None
+        if pooled_prompt_embeds is not None:
+            self.negative_pooled = (
+                negative_pooled_prompt_embeds[:1]
+                if negative_pooled_prompt_embeds is not None
+                else torch.zeros_like(pooled_prompt_embeds[:1])
+            )
+        self.guidance = distilled_guidance
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def draw(self, generator: torch.Generator, batch: int) -> torch.Tensor:
+        return torch.randint(0, self.embeds.shape[0], (batch,), generator=generator)
+
+    def call(self, model, x, t, cond, cfg):
+        dtype = next(model.parameters()).dtype
+        emb = self.embeds[cond].to(x.device, dtype)
+        pooled = None if self.pooled is None else self.pooled[cond].to(x.device, dtype)
+        if cfg:
+            x = torch.cat([x, x])
+            emb = torch.cat([emb, self.negative.to(x.device, dtype).expand_as(emb)])
+            if pooled is not None:
+                pooled = torch.cat([pooled, self.negative_pooled.to(x.device, dtype).expand_as(pooled)])
+        timestep = t.reshape(1).to(x.device).expand(x.shape[0])
+        return self.adapter.predict(model, x.to(dtype), timestep, emb, pooled, self.guidance).float()
+
+
 def _conditioning_for(
     transformer: nn.Module,
     class_labels: torch.Tensor | None,
@@ -416,7 +493,21 @@ def _conditioning_for(
     prompt_attention_mask: torch.Tensor | None,
     negative_prompt_embeds: torch.Tensor | None,
     negative_prompt_attention_mask: torch.Tensor | None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    latent_size: int = 32,
+    distilled_guidance: float | None = None,
 ) -> _Conditioning:
+    if supported_class(transformer).__name__ not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        return _FlowConditioning(
+            transformer,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            latent_size,
+            distilled_guidance,
+        )
     if supported_class(transformer).__name__ == "PixArtTransformer2DModel":
         if prompt_embeds is None:
             raise ValueError(
@@ -500,8 +591,7 @@ class _Setup:
 
 
 def _noise(setup: _Setup, generator: torch.Generator, batch: int) -> torch.Tensor:
-    c, s = setup.conditioning.channels, setup.conditioning.size
-    return torch.randn(batch, c, s, s, generator=generator)
+    return torch.randn(batch, *setup.conditioning.sample_shape, generator=generator)
 
 
 def _predict(setup: _Setup, x: torch.Tensor, t: torch.Tensor, cond: Any, step: int) -> torch.Tensor:
@@ -517,7 +607,12 @@ def _start(setup: _Setup, num_steps: int) -> torch.Tensor:
 
 def _advance(setup: _Setup, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     eps = _guide(pred, setup.guidance_scale, setup.cfg)
-    return setup.scheduler.step(eps, t, x, return_dict=False)[0]
+    scheduler = setup.scheduler
+    if hasattr(scheduler, "_init_step_index"):
+        # Schedulers that count their steps (flow-matching Euler) find the step from t instead: λ's
+        # sampling runs restart mid-trajectory.
+        scheduler._step_index = None
+    return scheduler.step(eps, t, x, return_dict=False)[0]
 
 
 @torch.no_grad()
@@ -656,6 +751,10 @@ def train_router(
     prompt_attention_mask: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_prompt_attention_mask: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    latent_size: int = 32,
+    distilled_guidance: float | None = None,
     data: Any = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = True,
@@ -706,7 +805,15 @@ def train_router(
         class_labels: DiT: the classes to draw from (default: all).
         prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask:
             PixArt: a pool of text-encoder outputs ``[P, L, caption_channels]`` to draw prompts from,
-            and the unconditional embedding for CFG (default: zeros).
+            and the unconditional embedding for CFG (default: zeros). FLUX.1/.2, SD3, Wan, Qwen-Image
+            (flow matching, e.g. with ``FlowMatchEulerDiscreteScheduler``): ``prompt_embeds``
+            ``[P, L, C]`` and the negative embedding for true CFG (``guidance_scale > 1``).
+        pooled_prompt_embeds, negative_pooled_prompt_embeds: FLUX.1 and SD3: the pooled embeddings
+            ``[P, D]`` of the same prompts (default: zeros).
+        latent_size: flow-matching families: image tokens per side of the trained resolution
+            (FLUX at 512 px: 32).
+        distilled_guidance: guidance-distilled FLUX: the guidance the model is conditioned on
+            (default 3.5 for FLUX.1, 4.0 for FLUX.2); use ``guidance_scale=1`` with it.
         data: L2C only: real samples in the model's input space, a tensor ``[N, C, H, W]``, a pair
             ``(samples, class_labels)`` or a path (:func:`load_samples`). Default for the reference
             model: its training digits.
@@ -770,6 +877,10 @@ def train_router(
         prompt_attention_mask,
         negative_prompt_embeds,
         negative_prompt_attention_mask,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        latent_size,
+        distilled_guidance,
     )
 
     samples = labels = None
@@ -959,7 +1070,7 @@ def _draw(setup: _Setup, generator: torch.Generator, batch: int) -> tuple[torch.
     cond = setup.conditioning.draw(generator, batch)
     noise = _noise(setup, generator, batch)
     rows = setup.group.shard(batch)
-    x = noise[rows].to(setup.device) * setup.scheduler.init_noise_sigma
+    x = noise[rows].to(setup.device) * getattr(setup.scheduler, "init_noise_sigma", 1.0)  # flow matching: 1
     return x, setup.conditioning.shard(cond, rows)
 
 

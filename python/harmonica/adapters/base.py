@@ -324,6 +324,27 @@ class BlockAdapter:
         including children); ``path`` is the block's path. Default: the submodule named ``branch``."""
         return int(per_module.get(f"{path}.{branch}", 0))
 
+    # -- sampling conventions (router training and sampling on text-conditioned flow-matching models) --
+
+    def noise_shape(self, model: nn.Module, side: int) -> tuple[int, ...]:
+        """Per-sample shape of the initial latents with ``side x side`` image tokens."""
+        raise NotImplementedError(f"{self.family}: no text-conditioned sampling convention")
+
+    def predict(
+        self,
+        model: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        guidance: float | None = None,
+    ) -> Any:
+        """One transformer call as the family's diffusers pipeline makes it: the model's prediction
+        (a flow-matching velocity) for ``latents`` at the scheduler's ``timestep`` (one per sample, in
+        the scheduler's 0-1000 scale) with prompt embeddings ``[B, L, C]`` (and pooled ``[B, P]``
+        where the family takes them; ``guidance``: a guidance-distilled model's guidance scale)."""
+        raise NotImplementedError(f"{self.family}: no text-conditioned sampling convention")
+
     def fingerprint_extra(self, model: nn.Module) -> dict[str, Any]:
         """Family-specific fingerprint keys (recorded, not compared)."""
         return {}

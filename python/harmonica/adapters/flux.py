@@ -66,6 +66,19 @@ def _refuse_extra_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return outputs
 
 
+def grid_ids(tokens: int, text_tokens: int, axes: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX's position ids for a square grid of ``tokens`` image tokens (row, column on axes 1, 2)
+    and ``text_tokens`` text tokens (zeros; FLUX.2 numbers them on its last axis)."""
+    side = int(round(tokens**0.5))
+    index = torch.arange(tokens, device=device)
+    img_ids = torch.zeros(tokens, axes, device=device)
+    img_ids[:, 1], img_ids[:, 2] = index // side, index % side
+    txt_ids = torch.zeros(text_tokens, axes, device=device)
+    if axes == 4:
+        txt_ids[:, 3] = torch.arange(text_tokens, device=device)
+    return img_ids, txt_ids
+
+
 class CachedFluxDoubleBlock(CachedBlock):
     """``FluxTransformerBlock.forward`` with its four units applied through the handle."""
 
@@ -272,6 +285,36 @@ class FluxAdapter(BlockAdapter):
         if config.guidance_embeds:
             inputs["guidance"] = torch.zeros(1)
         return inputs
+
+    def noise_shape(self, model: nn.Module, side: int) -> tuple[int, ...]:
+        return (side * side, int(model.config.in_channels))
+
+    def predict(
+        self,
+        model: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        guidance: float | None = None,
+    ) -> Any:
+        config = model.config
+        batch, tokens = latents.shape[:2]
+        img_ids, txt_ids = grid_ids(tokens, prompt_embeds.shape[1], 3, latents.device)
+        if pooled is None:
+            pooled = latents.new_zeros(batch, config.pooled_projection_dim)
+        kwargs: dict[str, Any] = {}
+        if config.guidance_embeds:
+            kwargs["guidance"] = latents.new_full((batch,), 3.5 if guidance is None else guidance)
+        return model(
+            hidden_states=latents,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            timestep=timestep / 1000,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            **kwargs,
+        ).sample
 
     def unit_flops(
         self, per_module: dict[str, int], path: str, list_name: str, block: nn.Module, branch: str

@@ -29,7 +29,7 @@ from .base import (
     joint_attention_flops,
     plain_layer_norm_eps,
 )
-from .flux import DOUBLE, NATIVE_TOKENS, SINGLE, CachedFluxDoubleBlock, FluxAdapter
+from .flux import DOUBLE, NATIVE_TOKENS, SINGLE, CachedFluxDoubleBlock, FluxAdapter, grid_ids
 
 if TYPE_CHECKING:
     from ..cache import CacheHandle
@@ -208,6 +208,31 @@ class Flux2Adapter(FluxAdapter):
         if config.guidance_embeds:
             inputs["guidance"] = torch.zeros(1)
         return inputs
+
+    def predict(
+        self,
+        model: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        guidance: float | None = None,
+    ) -> Any:
+        batch, tokens = latents.shape[:2]
+        img_ids, txt_ids = grid_ids(
+            tokens, prompt_embeds.shape[1], len(model.config.axes_dims_rope), latents.device
+        )
+        kwargs: dict[str, Any] = {}
+        if model.config.guidance_embeds:
+            kwargs["guidance"] = latents.new_full((batch,), 4.0 if guidance is None else guidance)
+        return model(
+            hidden_states=latents,
+            encoder_hidden_states=prompt_embeds,
+            timestep=timestep / 1000,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            **kwargs,
+        ).sample
 
     def unit_flops(
         self, per_module: dict[str, int], path: str, list_name: str, block: nn.Module, branch: str

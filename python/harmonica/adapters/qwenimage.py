@@ -198,6 +198,28 @@ class QwenImageAdapter(BlockAdapter):
             "img_shapes": [(1, NATIVE_SIDE, NATIVE_SIDE)],
         }
 
+    def noise_shape(self, model: nn.Module, side: int) -> tuple[int, ...]:
+        return (side * side, int(model.config.in_channels))
+
+    def predict(
+        self,
+        model: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        guidance: float | None = None,
+    ) -> Any:
+        batch, tokens = latents.shape[:2]
+        side = int(round(tokens**0.5))
+        return model(
+            hidden_states=latents,
+            encoder_hidden_states=prompt_embeds,
+            encoder_hidden_states_mask=torch.ones(batch, prompt_embeds.shape[1], device=latents.device),
+            timestep=timestep / 1000,
+            img_shapes=[(1, side, side)] * batch,
+        ).sample
+
     def unit_flops(
         self, per_module: dict[str, int], path: str, list_name: str, block: nn.Module, branch: str
     ) -> int:

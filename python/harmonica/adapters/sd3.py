@@ -249,6 +249,28 @@ class SD3Adapter(BlockAdapter):
             "timestep": torch.zeros(1),
         }
 
+    def noise_shape(self, model: nn.Module, side: int) -> tuple[int, ...]:
+        patch = int(model.config.patch_size)
+        return (int(model.config.in_channels), side * patch, side * patch)
+
+    def predict(
+        self,
+        model: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        guidance: float | None = None,
+    ) -> Any:
+        if pooled is None:
+            pooled = latents.new_zeros(latents.shape[0], model.config.pooled_projection_dim)
+        return model(
+            hidden_states=latents,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            timestep=timestep,
+        ).sample
+
     def unit_flops(
         self, per_module: dict[str, int], path: str, list_name: str, block: nn.Module, branch: str
     ) -> int:

@@ -136,6 +136,21 @@ class WanAdapter(BlockAdapter):
         p_t, p_h, p_w = model.config.patch_size
         return batch, (frames // p_t) * (height // p_h) * (width // p_w), None
 
+    def noise_shape(self, model: nn.Module, side: int) -> tuple[int, ...]:
+        _, p_h, p_w = model.config.patch_size
+        return (int(model.config.in_channels), 1, side * p_h, side * p_w)  # one latent frame: an image
+
+    def predict(
+        self,
+        model: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        guidance: float | None = None,
+    ) -> Any:
+        return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=prompt_embeds).sample
+
     def native_tokens(self, model: nn.Module) -> int:
         p_t, p_h, p_w = model.config.patch_size
         frames, height, width = _native_latents(model)

@@ -1,0 +1,88 @@
+"""Router training on the flow-matching families (tiny random FLUX.1, FLUX.2, SD3, Wan, Qwen-Image):
+FlowMatchEulerDiscreteScheduler (velocity prediction), prompt-embedding pools, true CFG and FLUX's
+guidance-distilled conditioning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from harmonica import Router, disable_cache, enable_cache, train_router, units
+from harmonica.cache import attach_handle
+from harmonica.training import _FlowConditioning, _Group, _RoutedHandle, _sample, _Setup
+
+from .family_models import FAMILIES, euler, noise, prompts, tiny
+
+STEPS = 4
+
+
+def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _train(kind: str, **overrides):
+    text, pooled = prompts(3)
+    settings = dict(
+        num_steps=STEPS,
+        iterations=2 * (STEPS - 1),
+        batch_size=2,
+        guidance_scale=1.0 if kind.startswith("flux") else 3.0,  # FLUX is guidance-distilled
+        prompt_embeds=text,
+        pooled_prompt_embeds=pooled if kind in ("flux", "sd3") else None,
+        latent_size=4,
+        lambda_every=2,
+        progress=False,
+    )
+    settings.update(overrides)
+    model = tiny(kind)
+    return model, train_router(model, flow_scheduler(), **settings)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_router_trains_on_flow_matching_and_enables(kind, tmp_path):
+    model, result = _train(kind, target_cur=0.3)
+    router = result.router
+    assert router.logits.shape == (STEPS, len(units(model)))
+    assert router.sampler["class"] == "FlowMatchEulerDiscreteScheduler"
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["lambda_mean"]) for r in result.history)
+    path = tmp_path / "router.safetensors"
+    router.save(path)
+    loaded = Router.load(path, model=model)
+    text, pooled = prompts(1)
+    with torch.no_grad():
+        enable_cache(model, loaded)
+        euler(kind, model, noise(kind, 1), text, pooled, STEPS)
+    disable_cache(model)
+
+
+def test_flow_sampling_in_training_restarts_mid_trajectory_at_the_right_step():
+    """λ's sampling runs restart from a stored state at step k: a flow-matching Euler scheduler (which
+    counts its steps) must step from sigma_k there, so a restarted run equals the uninterrupted one."""
+    kind = "sd3"
+    model = tiny(kind)
+    text, pooled = prompts(2)
+    handle = _RoutedHandle(model, STEPS, 0.1)
+    attach_handle(model, handle)
+    conditioning = _FlowConditioning(model, text, pooled, None, None, 4, None)
+    setup = _Setup(model, handle, flow_scheduler(), conditioning, True, 3.0, torch.device("cpu"), _Group())
+    x = torch.randn(2, *conditioning.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond = torch.tensor([1, 0])
+    probabilities = torch.ones(STEPS, len(units(model)))
+    states = {}
+    full = _sample(
+        setup, x, cond, probabilities, lambda i: False, on_step=lambda i, s: states.setdefault(i, s)
+    )
+    timesteps = setup.scheduler.timesteps.clone()
+    restarted = _sample(setup, states[2], cond, probabilities, lambda i: False, start=2, timesteps=timesteps)
+    torch.testing.assert_close(restarted, full, rtol=1e-5, atol=1e-5)
+    disable_cache(model)
+
+
+def test_flow_families_need_a_prompt_pool():
+    with pytest.raises(ValueError, match="pool of prompt embeddings: pass prompt_embeds"):
+        train_router(tiny("wan"), flow_scheduler(), num_steps=STEPS, iterations=1, progress=False)
+    with pytest.raises(ValueError, match="latent_size"):
+        _train("wan", latent_size=0)
