@@ -94,6 +94,10 @@ def search_schedule(
     prompt_attention_mask: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_prompt_attention_mask: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    latent_size: int = 32,
+    distilled_guidance: float | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Search a cache schedule on final-sample error at one or more target cache usage ratios.
@@ -124,7 +128,9 @@ def search_schedule(
         batch_size: noise samples (one class or prompt each, drawn from ``seed``) the errors are
             measured on; CFG doubles the transformer batch.
         guidance_scale: CFG scale as at inference.
-        class_labels, prompt_embeds, …: the conditions to draw from, as for :func:`train_router`.
+        class_labels, prompt_embeds, …: the conditions to draw from, as for :func:`train_router`
+            (with ``pooled_prompt_embeds``, ``latent_size`` and ``distilled_guidance`` for the
+            flow-matching families).
         progress: a tqdm bar over the flipped-entry runs.
 
     Returns:
@@ -173,6 +179,10 @@ def search_schedule(
         prompt_attention_mask,
         negative_prompt_embeds,
         negative_prompt_attention_mask,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        latent_size,
+        distilled_guidance,
     )
     handle = _RoutedHandle(transformer, num_steps, write_threshold=0.5)
     setup = _Setup(

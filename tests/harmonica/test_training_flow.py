@@ -86,3 +86,25 @@ def test_flow_families_need_a_prompt_pool():
         train_router(tiny("wan"), flow_scheduler(), num_steps=STEPS, iterations=1, progress=False)
     with pytest.raises(ValueError, match="latent_size"):
         _train("wan", latent_size=0)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_schedule_search_on_flow_matching(kind):
+    from harmonica import search_schedule
+
+    model = tiny(kind)
+    text, pooled = prompts(3)
+    result = search_schedule(
+        model,
+        flow_scheduler(),
+        num_steps=STEPS,
+        target_cur=0.25,
+        batch_size=2,
+        guidance_scale=1.0 if kind == "flux" else 3.0,
+        prompt_embeds=text,
+        pooled_prompt_embeds=pooled,
+        latent_size=4,
+        progress=False,
+    )
+    assert result.schedule.cache_usage_ratio == pytest.approx(0.25)
+    assert result.schedule.num_units == len(units(model))
