@@ -398,6 +398,7 @@ def _workload(
     seed: int,
 ) -> _Workload:
     name, transformer, scheduler, vae, is_reference = _load(model, scheduler)
+    _check_class_or_pixart(transformer)
     is_dit = supported_class(transformer).__name__ == "DiTTransformer2DModel"
     classifier, labels, conditions = None, None, None
 
@@ -1182,3 +1183,14 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
+
+
+def _check_class_or_pixart(transformer: nn.Module) -> None:
+    """This path conditions DiT on class labels and PixArt on caption embeddings; the flow-matching
+    families (FLUX, SD3, Wan, Qwen-Image) are cached through enable_cache on their own pipelines."""
+    name = supported_class(transformer).__name__
+    if name not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        raise ValueError(
+            f"this command samples DiT and PixArt models; {name} is supported by enable_cache on its "
+            "diffusers pipeline, and by train_router / search_schedule with prompt_embeds"
+        )

@@ -313,6 +313,7 @@ def sample_images(
         if vae is not None and device is not None:
             vae.to(device=device)
     steps = num_inference_steps
+    _check_class_or_pixart(transformer)
     is_dit = supported_class(transformer).__name__ == "DiTTransformer2DModel"
     labels = None
     if is_dit:
@@ -528,3 +529,14 @@ def _save_grid(sets: list[torch.Tensor], output_space: str, path: Path) -> None:
     image = Image.fromarray(np.ascontiguousarray(array[..., 0] if array.shape[2] == 1 else array))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def _check_class_or_pixart(transformer: torch.nn.Module) -> None:
+    """This path conditions DiT on class labels and PixArt on caption embeddings; the flow-matching
+    families (FLUX, SD3, Wan, Qwen-Image) are cached through enable_cache on their own pipelines."""
+    name = supported_class(transformer).__name__
+    if name not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        raise ValueError(
+            f"this command samples DiT and PixArt models; {name} is supported by enable_cache on its "
+            "diffusers pipeline, and by train_router / search_schedule with prompt_embeds"
+        )

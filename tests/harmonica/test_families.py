@@ -422,3 +422,12 @@ def test_wan22_schedules_for_the_wrong_transformer_are_refused_with_both_sizes()
     with pytest.raises(TypeError, match="two transformers.*one schedule or router for each"):
         enable_cache(pipe, CacheSchedule.fora(6, num_units, 2))
     assert "_harmonica_cache" not in pipe.transformer.__dict__
+
+
+def test_compare_and_sample_name_what_they_drive():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from harmonica.compare import compare
+
+    with pytest.raises(ValueError, match="samples DiT and PixArt.*enable_cache on its diffusers pipeline"):
+        compare(tiny("sd3"), scheduler=FlowMatchEulerDiscreteScheduler(), num_inference_steps=STEPS)
