@@ -253,11 +253,23 @@ class ReplayOracle:
     reused its output (one stream of it, for a joint attention) is replaced by the output recorded
     the last time it was computed; diffusers' own block code applies the current gate and residual."""
 
-    def __init__(self, kind: str, model, compute: torch.Tensor, calls_per_step: int = 1) -> None:
+    def __init__(
+        self,
+        kind: str,
+        model,
+        compute: torch.Tensor,
+        calls_per_step: int = 1,
+        orders: torch.Tensor | None = None,
+        coefficients: torch.Tensor | None = None,
+    ) -> None:
         self.compute = compute.tolist()
         self.calls_per_step = calls_per_step  # CFG as separate calls: each call its own cache
+        # Forecast entries (order > 0): c0 + a (c0 - c1) + b (c0 - 2 c1 + c2) from the last computed
+        # outputs c0, c1, c2 and the given per-entry coefficients (a, b).
+        self.orders = orders.tolist() if orders is not None else None
+        self.coefficients = coefficients
         self.call = -1
-        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.cache: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.hooks = [model.register_forward_pre_hook(self._next_step)]
         per_module: dict[torch.nn.Module, list[tuple[int, int | None]]] = {}
         self.names = []
@@ -280,7 +292,15 @@ class ReplayOracle:
         for k, index in picks:
             i = 0 if index is None else index
             if self.compute[step][k]:
-                self.cache[branch, k] = parts[i].detach().clone()
-            else:
-                parts[i] = self.cache[branch, k]
+                self.cache.setdefault((branch, k), []).insert(0, parts[i].detach().clone())
+                continue
+            history = self.cache[branch, k]
+            order = self.orders[step][k] if self.orders is not None else 0
+            if order == 0:
+                parts[i] = history[0]
+                continue
+            a, b = self.coefficients[step, k].tolist()
+            c0, c1 = history[0].double(), history[1].double()
+            c2 = history[2].double() if order == 2 else c1
+            parts[i] = (c0 + a * (c0 - c1) + b * (c0 - 2 * c1 + c2)).to(history[0].dtype)
         return tuple(parts) if isinstance(output, tuple) else parts[0]

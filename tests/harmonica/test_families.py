@@ -114,6 +114,32 @@ def test_cfg_as_two_calls_per_step_keeps_a_cache_per_call(kind):
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("order", [1, 2])
+def test_forecast_schedules_match_replay_oracle(kind, order):
+    """Forecasting (issue 14) lives in the CacheHandle; every family's units go through it, the joint
+    attentions' two streams and CFG run as separate calls included."""
+    model = tiny(kind)
+    steps = 7
+    schedule = CacheSchedule.fora(steps, len(units(model)), 2, order=order)
+    assert schedule.forecasts
+    text, pooled = prompts(2)
+    latents = noise(kind, 2)
+    separate = kind != "flux"
+    guidance = 3.0 if separate else 1.0
+    oracle = ReplayOracle(
+        kind, model, schedule.compute, 2 if separate else 1, schedule.orders, schedule.coefficients
+    )
+    with torch.no_grad():
+        try:
+            expected = euler(kind, model, latents, text, pooled, steps, guidance, separate_cfg=separate)
+        finally:
+            oracle.remove()
+        enable_cache(model, schedule)
+        got = euler(kind, model, latents, text, pooled, steps, guidance, separate_cfg=separate)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_random_masks_match_replay_oracle(kind):
     model = tiny(kind)
     num_units = len(units(model))
