@@ -11,7 +11,11 @@ Adding a family is one file in this package: a :class:`BlockAdapter` subclass wi
 ``family``, ``model_classes``, ``block_lists``, :meth:`~BlockAdapter.block_units`,
 :meth:`~BlockAdapter.cached_block`, :meth:`~BlockAdapter.tokens`, and for FLOP profiles
 :meth:`~BlockAdapter.example_inputs` / :meth:`~BlockAdapter.native_tokens` (plus
-:meth:`~BlockAdapter.unit_flops` when a unit is not exactly one submodule), and one
+:meth:`~BlockAdapter.unit_flops` when a unit is not exactly one submodule), for router training on
+a text-conditioned family :meth:`~BlockAdapter.noise_shape` / :meth:`~BlockAdapter.predict` (the
+transformer call as its pipeline makes it), optionally :meth:`~BlockAdapter.check_block`,
+:meth:`~BlockAdapter.unit_stream` (image / text / joint tokens) and
+:meth:`~BlockAdapter.call_state`, and one
 :class:`CachedBlock` subclass whose ``forward`` reproduces the diffusers block with each unit
 applied through the handle's per-unit methods only:
 
