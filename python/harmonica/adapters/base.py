@@ -55,10 +55,12 @@ __all__ = [
     "as_row",
     "call_argument",
     "joint_attention_flops",
+    "mlp_norm",
     "plain_layer_norm_eps",
     "project_chunks",
     "runs_plainly",
     "shape_of",
+    "with_mlp_input",
 ]
 
 Branch = Callable[[], torch.Tensor]
@@ -163,6 +165,27 @@ def plain_layer_norm_eps(norm: nn.Module) -> float | None:
     if type(norm) in (nn.LayerNorm, FP32LayerNorm) and norm.weight is None and norm.bias is None:
         return float(norm.eps)
     return None
+
+
+def mlp_norm(
+    runs: bool, eps: float | None, shift: torch.Tensor | None, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The ``norms`` entry of :meth:`CacheHandle.unit_residuals` for a residual followed by an MLP:
+    fuse its LayerNorm + modulation only when the MLP runs and its LayerNorm is plain (``eps``)."""
+    return (shift, scale, eps) if runs and eps is not None else None
+
+
+def with_mlp_input(
+    result: Any, runs: bool, norm: nn.Module, shift: torch.Tensor | None, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, h)`` from a residual's result: the residual stream, and the MLP's input
+    ``norm(x) * (1 + scale) + shift`` (fused already, computed here for an affine norm, or None
+    when the MLP is reused)."""
+    if isinstance(result, tuple):
+        return result
+    if not runs:
+        return result, None
+    return result, norm(result) * (1 + as_row(scale)) + as_row(shift)
 
 
 def shape_of(value: Any) -> Any:

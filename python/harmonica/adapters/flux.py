@@ -40,12 +40,13 @@ from .base import (
     BlockAdapter,
     CachedBlock,
     UnsupportedModelError,
-    as_row,
     call_argument,
     joint_attention_flops,
+    mlp_norm,
     plain_layer_norm_eps,
     project_chunks,
     shape_of,
+    with_mlp_input,
 )
 
 if TYPE_CHECKING:
@@ -127,14 +128,14 @@ class CachedFluxDoubleBlock(CachedBlock):
             joint_attention_kwargs or {},
         )
         norms = (
-            self._norm(ff_runs, self._eps, shift_mlp, scale_mlp),
-            self._norm(context_ff_runs, self._context_eps, c_shift_mlp, c_scale_mlp),
+            mlp_norm(ff_runs, self._eps, shift_mlp, scale_mlp),
+            mlp_norm(context_ff_runs, self._context_eps, c_shift_mlp, c_scale_mlp),
         )
         image, text = handle.unit_residuals(
             (attn, attn_context), (x, c), (gate_msa, c_gate_msa), attention, norms
         )
-        x, h = self._split(image, ff_runs, self.norm2, shift_mlp, scale_mlp)
-        c, hc = self._split(text, context_ff_runs, self.norm2_context, c_shift_mlp, c_scale_mlp)
+        x, h = with_mlp_input(image, ff_runs, self.norm2, shift_mlp, scale_mlp)
+        c, hc = with_mlp_input(text, context_ff_runs, self.norm2_context, c_shift_mlp, c_scale_mlp)
         x = handle.unit_residual(ff, x, gate_mlp, functools.partial(self.ff, h))
         c = handle.unit_residual(ff_context, c, c_gate_mlp, functools.partial(self.ff_context, hc))
         if c.dtype == torch.float16:
@@ -156,24 +157,6 @@ class CachedFluxDoubleBlock(CachedBlock):
             hidden_states=h, encoder_hidden_states=hc, image_rotary_emb=image_rotary_emb, **kwargs
         )
         return _refuse_extra_outputs(outputs)
-
-    @staticmethod
-    def _norm(
-        runs: bool, eps: float | None, shift: torch.Tensor | None, scale: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """The fused norm for unit_residuals: only when the MLP runs and its LayerNorm is plain."""
-        return (shift, scale, eps) if runs and eps is not None else None
-
-    @staticmethod
-    def _split(
-        result: Any, runs: bool, norm: nn.Module, shift: torch.Tensor | None, scale: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x, h)`` from a unit_residuals entry: fused, computed here (affine norm), or not needed."""
-        if isinstance(result, tuple):
-            return result
-        if not runs:
-            return result, None
-        return result, norm(result) * (1 + as_row(scale)) + as_row(shift)
 
 
 class CachedFluxSingleBlock(CachedBlock):

@@ -27,9 +27,11 @@ from .base import (
     CachedBlock,
     UnsupportedModelError,
     joint_attention_flops,
+    mlp_norm,
     plain_layer_norm_eps,
+    with_mlp_input,
 )
-from .flux import DOUBLE, NATIVE_TOKENS, SINGLE, CachedFluxDoubleBlock, FluxAdapter, grid_ids
+from .flux import DOUBLE, NATIVE_TOKENS, SINGLE, FluxAdapter, grid_ids
 
 if TYPE_CHECKING:
     from ..cache import CacheHandle
@@ -91,16 +93,14 @@ class CachedFlux2DoubleBlock(CachedBlock):
             self._attention, x, c, (shift_msa, scale_msa, c_shift_msa, c_scale_msa), image_rotary_emb, kwargs
         )
         norms = (
-            CachedFluxDoubleBlock._norm(ff_runs, self._eps, shift_mlp, scale_mlp),
-            CachedFluxDoubleBlock._norm(context_ff_runs, self._context_eps, c_shift_mlp, c_scale_mlp),
+            mlp_norm(ff_runs, self._eps, shift_mlp, scale_mlp),
+            mlp_norm(context_ff_runs, self._context_eps, c_shift_mlp, c_scale_mlp),
         )
         image, text = handle.unit_residuals(
             (attn, attn_context), (x, c), (gate_msa, c_gate_msa), attention, norms
         )
-        x, h = CachedFluxDoubleBlock._split(image, ff_runs, self.norm2, shift_mlp, scale_mlp)
-        c, hc = CachedFluxDoubleBlock._split(
-            text, context_ff_runs, self.norm2_context, c_shift_mlp, c_scale_mlp
-        )
+        x, h = with_mlp_input(image, ff_runs, self.norm2, shift_mlp, scale_mlp)
+        c, hc = with_mlp_input(text, context_ff_runs, self.norm2_context, c_shift_mlp, c_scale_mlp)
         x = handle.unit_residual(ff, x, gate_mlp, functools.partial(self.ff, h))
         c = handle.unit_residual(ff_context, c, c_gate_mlp, functools.partial(self.ff_context, hc))
         if c.dtype == torch.float16:

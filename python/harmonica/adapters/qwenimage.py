@@ -30,11 +30,12 @@ from .base import (
     UnsupportedModelError,
     call_argument,
     joint_attention_flops,
+    mlp_norm,
     plain_layer_norm_eps,
     project_chunks,
     shape_of,
+    with_mlp_input,
 )
-from .flux import CachedFluxDoubleBlock
 
 if TYPE_CHECKING:
     from ..cache import CacheHandle
@@ -108,12 +109,12 @@ class CachedQwenImageBlock(CachedBlock):
             joint_attention_kwargs or {},
         )
         norms = (
-            CachedFluxDoubleBlock._norm(mlp_runs, self._eps, shift2, scale2),
-            CachedFluxDoubleBlock._norm(txt_mlp_runs, self._context_eps, c_shift2, c_scale2),
+            mlp_norm(mlp_runs, self._eps, shift2, scale2),
+            mlp_norm(txt_mlp_runs, self._context_eps, c_shift2, c_scale2),
         )
         image, text = handle.unit_residuals((attn, attn_context), (x, c), (gate1, c_gate1), attention, norms)
-        x, h = CachedFluxDoubleBlock._split(image, mlp_runs, self.img_norm2, shift2, scale2)
-        c, hc = CachedFluxDoubleBlock._split(text, txt_mlp_runs, self.txt_norm2, c_shift2, c_scale2)
+        x, h = with_mlp_input(image, mlp_runs, self.img_norm2, shift2, scale2)
+        c, hc = with_mlp_input(text, txt_mlp_runs, self.txt_norm2, c_shift2, c_scale2)
         x = handle.unit_residual(mlp, x, gate2, functools.partial(self.img_mlp, h))
         c = handle.unit_residual(txt_mlp, c, c_gate2, functools.partial(self.txt_mlp, hc))
         if c.dtype == torch.float16:

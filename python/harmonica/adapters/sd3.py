@@ -32,11 +32,11 @@ from .base import (
     BlockAdapter,
     CachedBlock,
     UnsupportedModelError,
-    as_row,
     call_argument,
     joint_attention_flops,
     plain_layer_norm_eps,
     shape_of,
+    with_mlp_input,
 )
 from .base import project_chunks as _project
 
@@ -132,11 +132,11 @@ class CachedJointBlock(CachedBlock):
                 )
             else:
                 image = handle.unit_residual(ids["attn2"], image, gate2, attn2)
-        x, h = _with_input(image, ff_runs, self.norm2, shift_mlp, scale_mlp)
+        x, h = with_mlp_input(image, ff_runs, self.norm2, shift_mlp, scale_mlp)
         x = handle.unit_residual(ids["ff"], x, gate_mlp, functools.partial(self._mlp, self.ff, h))
         if not text_units:
             return None, x
-        c, hc = _with_input(text, context_ff_runs, self.norm2_context, c_shift_mlp, c_scale_mlp)
+        c, hc = with_mlp_input(text, context_ff_runs, self.norm2_context, c_shift_mlp, c_scale_mlp)
         c = handle.unit_residual(
             ids["ff_context"], c, c_gate_mlp, functools.partial(self._mlp, self.ff_context, hc)
         )
@@ -170,17 +170,6 @@ class CachedJointBlock(CachedBlock):
         if chunk_size is not None:
             return _chunked_feed_forward(ff, h, self._original._chunk_dim, chunk_size)
         return ff(h)
-
-
-def _with_input(
-    result: Any, runs: bool, norm: nn.Module, shift: torch.Tensor | None, scale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(x, h)``: the residual stream and (if its MLP runs) the MLP's modulated LayerNorm input."""
-    if isinstance(result, tuple):
-        return result
-    if not runs:
-        return result, None
-    return result, norm(result) * (1 + as_row(scale)) + as_row(shift)
 
 
 class SD3Adapter(BlockAdapter):
