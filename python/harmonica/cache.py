@@ -944,6 +944,14 @@ class _ResetOnSetTimesteps:
         handle._by_scheduler = True
         return result
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # Pipelines inspect set_timesteps for the arguments it takes (FLUX's and Qwen-Image's pass
+        # sigmas= and mu= only where it accepts them): answer for the wrapped method.
+        if self.previous is not None:
+            return inspect.signature(self.previous)
+        return inspect.signature(type(self.scheduler).set_timesteps.__get__(self.scheduler))
+
     def unwrap(self) -> None:
         if self.previous is None:
             del self.scheduler.set_timesteps
