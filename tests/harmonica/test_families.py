@@ -302,7 +302,7 @@ def test_compiled_flux_steps_fullgraph_match_eager():
     assert torch.equal(got, again)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "wan", "qwen"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_bf16_matches_replay_oracle(kind):
     model = tiny(kind).to(torch.bfloat16)
     schedule = CacheSchedule.fora(STEPS, len(units(model)), 2)
