@@ -282,21 +282,23 @@ def test_one_stream_of_a_joint_attention_computed_alone():
     torch.testing.assert_close(got, expected, **FP32)
 
 
-def test_compiled_flux_steps_fullgraph_match_eager():
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_compiled_steps_fullgraph_match_eager(kind):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    kind = "flux"
     model = tiny(kind, num_layers=1)
     handle = enable_cache(model, CacheSchedule.fora(STEPS, len(units(model)), 2))
     text, pooled = prompts(2)
+    # FLUX: CFG as two calls per step (two branches of caches); the others: CFG batched
+    separate = kind == "flux"
     with torch.no_grad():
-        eager = euler(kind, model, noise(kind, 2), text, pooled, STEPS)
+        eager = euler(kind, model, noise(kind, 2), text, pooled, STEPS, 3.0, separate_cfg=separate)
         counter = CompileCounterWithBackend("eager")
         compiled = torch.compile(model, backend=counter, fullgraph=True)
         handle.reset()
-        got = euler(kind, compiled, noise(kind, 2), text, pooled, STEPS)
-        again = euler(kind, compiled, noise(kind, 2), text, pooled, STEPS)
+        got = euler(kind, compiled, noise(kind, 2), text, pooled, STEPS, 3.0, separate_cfg=separate)
+        again = euler(kind, compiled, noise(kind, 2), text, pooled, STEPS, 3.0, separate_cfg=separate)
     assert counter.frame_count == 2  # one graph per distinct schedule row
     torch.testing.assert_close(got, eager, rtol=0, atol=0)
     assert torch.equal(got, again)
