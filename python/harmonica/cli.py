@@ -141,14 +141,14 @@ def _fit(args: argparse.Namespace) -> None:
     import torch
 
     from .forecast import fit_forecast
-    from .models import load_local, units
+    from .models import units
     from .router import Router
     from .schedule import CacheSchedule
     from .search import schedule_router
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    transformer, scheduler = load_local(args.model, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
+    transformer, scheduler = _load_model(args.model, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
     if args.router:
         router = Router.load(args.router, model=transformer)
         wrong = router.steps_mismatch(args.steps)
