@@ -221,6 +221,7 @@ def _compare(args: argparse.Namespace) -> None:
         n_per_class=args.n_per_class,
         num_samples=args.num_samples,
         prompt_embeds=prompt_embeds,
+        latent_size=args.latent_size,
         batch_size=args.batch_size,
         timing_repeats=args.timing_repeats,
         seed=args.seed,
@@ -260,6 +261,7 @@ def _sample(args: argparse.Namespace) -> None:
             guidance_scale=args.guidance,
             class_labels=None if args.labels is None else _class_ids(args.labels),
             prompt_embeds=load_prompt_embeds(args.prompt_embeds) if args.prompt_embeds else None,
+            latent_size=args.latent_size,
             num_images=args.num,
             seed=args.seed,
             batch_size=args.batch_size,
@@ -531,8 +533,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=20, help="sampling steps")
     c.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     c.add_argument("--n-per-class", type=int, default=10, help="reference model: samples per digit")
-    c.add_argument("--num-samples", type=int, default=None, help="another DiT: evaluation samples")
-    c.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [N, L, C]")
+    c.add_argument(
+        "--num-samples", type=int, default=None, help="another DiT, or flow models: evaluation samples"
+    )
+    c.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [N, L, C] (and optionally "
+        "pooled_prompt_embeds [N, D], negative_prompt_embeds, negative_pooled_prompt_embeds)",
+    )
+    c.add_argument(
+        "--latent-size",
+        type=int,
+        default=None,
+        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
+    )
     c.add_argument("--batch-size", type=int, default=10, help="images per sampling call and timed batch")
     c.add_argument("--timing-repeats", type=int, default=3, help="paired timing rounds per method")
     c.add_argument("--seed", type=int, default=0)
@@ -564,7 +579,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IDS",
         help="DiT class ids, e.g. 0,3,7 (default: reference 0..9; another DiT: --num (8) random ids)",
     )
-    s.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [N, L, C]")
+    s.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [N, L, C] (and optionally "
+        "pooled_prompt_embeds [N, D], negative_prompt_embeds, negative_pooled_prompt_embeds)",
+    )
+    s.add_argument(
+        "--latent-size",
+        type=int,
+        default=None,
+        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
+    )
     s.add_argument("--num", type=int, default=None, help="images when --labels is not given (cycles prompts)")
     s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     s.add_argument("--batch-size", type=int, default=10, help="images per sampling call")

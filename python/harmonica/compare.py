@@ -269,12 +269,155 @@ def prompt_conditions(transformer: nn.Module, prompt_embeds: Mapping[str, torch.
     }
 
 
-def seeded_noise(transformer: nn.Module, count: int, seed: int) -> torch.Tensor:
-    """The initial noise of ``count`` samples, ``[count, in_channels, size, size]`` from a CPU
+def seeded_noise(
+    transformer: nn.Module, count: int, seed: int, sample_shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The initial noise of ``count`` samples, ``[count, in_channels, size, size]`` (or
+    ``[count, *sample_shape]``: a flow-matching family's latents, see :class:`FlowSetup`) from a CPU
     generator seeded with ``seed``: the convention ``compare`` and ``harmonica sample`` share."""
     config = transformer.config
-    size = config.sample_size
-    return torch.randn(count, config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    if sample_shape is None:
+        size = config.sample_size
+        sample_shape = (config.in_channels, size, size)
+    return torch.randn(count, *sample_shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -- flow-matching families (FLUX.1/.2, SD3, Wan, Qwen-Image) ---------------------------------------
+
+_CLASS_OR_CAPTION = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+
+
+def is_flow_family(transformer: nn.Module) -> bool:
+    """Whether ``transformer`` is one of the text-conditioned flow-matching families (FLUX.1/.2, SD3,
+    Wan, Qwen-Image) rather than DiT (class labels) or PixArt (captions, DDPM-type samplers)."""
+    return supported_class(transformer).__name__ not in _CLASS_OR_CAPTION
+
+
+def default_latent_size(transformer: nn.Module) -> int:
+    """Image tokens per side when none is given: SD3's native ``sample_size / patch_size``, else 32
+    (FLUX at 512 px; as :func:`harmonica.train_router`)."""
+    config = transformer.config
+    if supported_class(transformer).__name__ == "SD3Transformer2DModel":
+        return int(config.sample_size) // int(config.patch_size)
+    return 32
+
+
+@dataclass
+class FlowSetup:
+    """How a flow-matching family is sampled here: the conditioning of router training
+    (:class:`harmonica.training._FlowConditioning`: prompt pool, CFG batching, the family's
+    transformer call), whether CFG is true CFG (``cfg``; FLUX models with a guidance embedding are
+    conditioned on the guidance scale instead), and the per-sample latent shape."""
+
+    conditioning: Any
+    cfg: bool
+    sample_shape: tuple[int, ...]
+    note: str
+
+
+def flow_setup(
+    transformer: nn.Module,
+    scheduler: Any,
+    prompt_embeds: Mapping[str, torch.Tensor] | None,
+    guidance_scale: float,
+    latent_size: int | None,
+) -> FlowSetup:
+    """Conditioning for a FLUX/SD3/Wan/Qwen-Image transformer from a prompt-embedding pool.
+
+    ``prompt_embeds``: ``{"prompt_embeds": [P, L, C]}`` and optionally ``pooled_prompt_embeds``
+    ``[P, D]`` (FLUX.1, SD3), ``negative_prompt_embeds`` ``[1, L, C]``,
+    ``negative_pooled_prompt_embeds`` ``[1, D]`` (default zeros). Raises ValueError naming the fix
+    when they are missing or do not fit the model, or when the scheduler is not a flow-matching one.
+    """
+    from .training import _FlowConditioning
+
+    kind = type(transformer).__name__
+    config = transformer.config
+    prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+    if not (type(scheduler).__name__.startswith("FlowMatch") or prediction == "flow_prediction"):
+        raise ValueError(
+            f"{kind} predicts a flow-matching velocity: sample it with FlowMatchEulerDiscreteScheduler "
+            f"(or another flow_prediction scheduler), got {type(scheduler).__name__}"
+        )
+    if prompt_embeds is None or "prompt_embeds" not in prompt_embeds:
+        raise ValueError(
+            f"{kind} is text-conditioned: pass prompt_embeds={{'prompt_embeds': [P, L, C], ...}} "
+            "(CLI: --prompt-embeds FILE.safetensors with a tensor 'prompt_embeds', and "
+            "'pooled_prompt_embeds' [P, D] for FLUX.1 / SD3; encode the prompts once with the "
+            "pipeline's encode_prompt)"
+        )
+    text = prompt_embeds["prompt_embeds"]
+    width = getattr(config, "joint_attention_dim", None) or getattr(config, "text_dim", None)
+    if text.dim() != 3 or text.shape[0] == 0 or (width is not None and text.shape[-1] != width):
+        raise ValueError(
+            f"prompt_embeds must be [P, L, {width or 'C'}] for this {kind}, got {tuple(text.shape)}; "
+            "encode the prompts with this model's text encoder(s)"
+        )
+    pooled = prompt_embeds.get("pooled_prompt_embeds")
+    pooled_width = getattr(config, "pooled_projection_dim", None)
+    if pooled is not None and (
+        pooled.dim() != 2 or pooled.shape[0] != text.shape[0] or pooled.shape[-1] != pooled_width
+    ):
+        raise ValueError(
+            f"pooled_prompt_embeds must be [{text.shape[0]}, {pooled_width}] for this {kind}, "
+            f"got {tuple(pooled.shape)}"
+        )
+    if latent_size is None:
+        latent_size = default_latent_size(transformer)
+    distilled = bool(getattr(config, "guidance_embeds", False))
+    conditioning = _FlowConditioning(
+        transformer,
+        text,
+        pooled if pooled_width is not None else None,
+        prompt_embeds.get("negative_prompt_embeds"),
+        prompt_embeds.get("negative_pooled_prompt_embeds"),
+        latent_size,
+        guidance_scale if distilled else None,
+    )
+    note = (
+        f"guidance-distilled: guidance {guidance_scale:g} is an input of the model (no CFG call)"
+        if distilled
+        else ("true CFG, batched into one call per step" if guidance_scale > 1 else "no CFG")
+    )
+    return FlowSetup(
+        conditioning, not distilled and guidance_scale > 1, tuple(conditioning.sample_shape), note
+    )
+
+
+def _flow_sampler(
+    transformer: nn.Module, scheduler: Any, steps: int, guidance: float, setup: FlowSetup
+) -> Callable[..., torch.Tensor]:
+    """A bare flow-matching loop (the pipelines', without text encoding and decoding): velocity from
+    the conditioning's transformer call, CFG batched into it, then ``scheduler.step``.
+
+    ``conditions``: ``[B]`` row indices into the prompt pool."""
+    from .training import _guide
+
+    @torch.no_grad()
+    def run(noise: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        param = next(transformer.parameters())
+        latents = noise.to(param.device, torch.float32)
+        scheduler.set_timesteps(steps, device=param.device)
+        for t in scheduler.timesteps:
+            velocity = setup.conditioning.call(transformer, latents, t, rows, setup.cfg)
+            latents = scheduler.step(_guide(velocity, guidance, setup.cfg), t, latents, return_dict=False)[0]
+        return latents
+
+    return run
+
+
+def latents_as_images(latents: torch.Tensor) -> torch.Tensor:
+    """Flow-family latents laid out as ``[B, C, H, W]`` images (for PSNR/SSIM and the PNG grid):
+    packed tokens ``[B, N, C]`` (FLUX, Qwen-Image) as a square grid, video latents
+    ``[B, C, F, H, W]`` (Wan) with their frames stacked vertically."""
+    if latents.dim() == 3:
+        batch, tokens, channels = latents.shape
+        side = math.isqrt(tokens)
+        rows = side if side * side == tokens else 1
+        return latents.transpose(1, 2).reshape(batch, channels, rows, tokens // rows)
+    if latents.dim() == 5:
+        return latents.flatten(2, 3)
+    return latents
 
 
 def _dit_sampler(
@@ -354,7 +497,8 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
         folder = Path(model)
         transformer, folder_scheduler = load_local(folder)  # pipeline or transformer folder, no downloads
         vae = None
-        if (folder / "vae" / "config.json").is_file():
+        # The flow families' VAEs (FLUX's packed latents, Wan's 3D VAE) are not decoded: latents out.
+        if (folder / "vae" / "config.json").is_file() and not is_flow_family(transformer):
             from diffusers import AutoencoderKL
 
             vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval()
@@ -364,10 +508,10 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
         supported_class(transformer)
         scheduler = scheduler or getattr(model, "scheduler", None)
         if scheduler is None:
-            raise ValueError(
-                "a bare transformer needs its sampler: pass scheduler=... (e.g. a DDIMScheduler)"
-            )
-        return type(transformer).__name__, transformer.eval(), scheduler, getattr(model, "vae", None), False
+            example = "FlowMatchEulerDiscreteScheduler" if is_flow_family(transformer) else "a DDIMScheduler"
+            raise ValueError(f"a bare transformer needs its sampler: pass scheduler=... (e.g. {example})")
+        vae = None if is_flow_family(transformer) else getattr(model, "vae", None)
+        return type(transformer).__name__, transformer.eval(), scheduler, vae, False
     raise ValueError(
         f"model must be None, a folder path, a pipeline or a transformer; got {type(model).__name__}"
     )
@@ -396,13 +540,26 @@ def _workload(
     prompt_embeds: Mapping[str, torch.Tensor] | None,
     batch_size: int,
     seed: int,
+    latent_size: int | None = None,
 ) -> _Workload:
     name, transformer, scheduler, vae, is_reference = _load(model, scheduler)
-    _check_class_or_pixart(transformer)
     is_dit = supported_class(transformer).__name__ == "DiTTransformer2DModel"
     classifier, labels, conditions = None, None, None
+    sample_shape = None
+    if latent_size is not None and not is_flow_family(transformer):
+        raise ValueError(
+            f"latent_size applies to the flow-matching families (FLUX, SD3, Wan, Qwen-Image); "
+            f"{type(transformer).__name__} samples at its sample_size"
+        )
 
-    if is_dit:
+    if is_flow_family(transformer):
+        setup = flow_setup(transformer, scheduler, prompt_embeds, guidance_scale, latent_size)
+        prompts = setup.conditioning.embeds.shape[0]
+        count = num_samples or prompts
+        conditions = torch.arange(count) % prompts  # rows of the prompt pool, cycled
+        sampler = _flow_sampler(transformer, scheduler, num_inference_steps, guidance_scale, setup)
+        sample_shape = setup.sample_shape
+    elif is_dit:
         num_classes = null_class_id(transformer)
         if class_labels is not None:
             labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
@@ -430,8 +587,8 @@ def _workload(
         classifier = load_classifier()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    noise = seeded_noise(transformer, count, seed)
-    calibration = seeded_noise(transformer, min(batch_size, count), seed + 1)
+    noise = seeded_noise(transformer, count, seed, sample_shape)
+    calibration = seeded_noise(transformer, min(batch_size, count), seed + 1, sample_shape)
     batches = [slice(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
     return _Workload(
         name=name,
@@ -443,7 +600,7 @@ def _workload(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         sampler=sampler,
-        decode=_decoder(vae) if vae is not None else None,
+        decode=_decoder(vae) if vae is not None else (latents_as_images if sample_shape else None),
         classifier=classifier,
         labels=labels,
         calibration_noise=calibration,
@@ -882,6 +1039,7 @@ def compare(
     num_samples: int | None = None,
     class_labels: Sequence[int] | torch.Tensor | None = None,
     prompt_embeds: Mapping[str, torch.Tensor] | None = None,
+    latent_size: int | None = None,
     batch_size: int = 10,
     timing_repeats: int = 3,
     seed: int = 0,
@@ -892,10 +1050,12 @@ def compare(
     """Sweep caching methods on one model and sampler; measure each against the uncached model.
 
     Args:
-        model: None (the reference digits DiT), a local diffusers pipeline folder or DiT/PixArt model
-            folder (:func:`harmonica.models.load_local`; nothing is downloaded), or a pipeline or
-            transformer object.
-        scheduler: the sampler; default: the folder's or pipeline's (a bare transformer needs one).
+        model: None (the reference digits DiT), a local diffusers pipeline folder or model folder of
+            any supported family (:func:`harmonica.models.load_local`; nothing is downloaded), or a
+            pipeline or transformer object. FLUX.1/.2, SD3, Wan and Qwen-Image are sampled with a
+            flow-matching loop from a prompt-embedding pool; their latents are not VAE-decoded.
+        scheduler: the sampler; default: the folder's or pipeline's (a bare transformer needs one;
+            the flow-matching families a flow-matching one, e.g. ``FlowMatchEulerDiscreteScheduler``).
         methods: None (:data:`DEFAULT_SWEEP`), a ``{family: [value, ...]}`` sweep (see
             :func:`method_from_spec`), or :class:`harmonica.peers.Method` objects.
         routers: trained router files, ``{label: path}`` or a list of paths (label = file stem); each
@@ -907,7 +1067,14 @@ def compare(
         prompt_embeds: a PixArt model: ``{"prompt_embeds": [N, L, C], "prompt_attention_mask": [N, L],
             "negative_prompt_embeds": [1, L, C], "negative_prompt_attention_mask": [1, L]}``
             (encode the prompts once with the pipeline's text encoder; masks default to all ones,
-            the negative embedding to zeros).
+            the negative embedding to zeros). FLUX.1/.2, SD3, Wan, Qwen-Image:
+            ``{"prompt_embeds": [P, L, C], "pooled_prompt_embeds": [P, D] (FLUX.1, SD3; default
+            zeros), "negative_prompt_embeds": [1, L, C], "negative_pooled_prompt_embeds": [1, D]}``,
+            ``num_samples`` (default P) cycling through the prompts. CFG: true CFG batched into one
+            call per step (the negative prompt, default zeros, as the unconditional half); a FLUX
+            model with a guidance embedding takes ``guidance_scale`` as that input instead.
+        latent_size: flow-matching families: image tokens per side (default: SD3's native size,
+            else 32).
         batch_size: images per sampling call; the first evaluation batch is also the timed batch.
         timing_repeats: paired timing rounds per method (median reported).
         seed: seed of the evaluation noise (the MagCache calibration uses ``seed + 1``).
@@ -962,6 +1129,7 @@ def compare(
         prompt_embeds=prompt_embeds,
         batch_size=batch_size,
         seed=seed,
+        latent_size=latent_size,
     )
     transformer = work.transformer
     for m in method_list:  # routers: fail on a bad file or step count before any sampling
@@ -1015,7 +1183,14 @@ def compare(
             method.prepare(transformer, run)
             row.settings = dict(method.settings)
             chunks, executed = [], []
-            attachment = method.attach(transformer, run)
+            try:
+                attachment = method.attach(transformer, run)
+            except Exception as err:  # noqa: BLE001 - a peer that cannot be installed on this model
+                if method.origin == "ours":
+                    raise
+                row.status = f"unavailable: {type(err).__name__}: {err}"
+                bar.update()
+                continue
             try:
                 with torch.inference_mode():
                     for i in range(len(work.batches)):
@@ -1064,7 +1239,15 @@ def compare(
         row.ideal_speedup = _ideal_speedup(transformer, executed[0])
         if isinstance(method, (Fora, EvenSteps, RouterMethod)):
             row.cache_usage_ratio = method.schedule(transformer, steps).cache_usage_ratio
-            if abs(row.cache_usage_ratio - row.skipped_share) * total > 0.5:  # counts, not float noise
+            # A joint attention (FLUX, SD3, Qwen-Image) runs both streams when either is computed, so
+            # a schedule that computes one stream alone measures less skipped than its CUR.
+            joint = is_flow_family(transformer) and row.skipped_share < row.cache_usage_ratio
+            if joint:
+                row.note = (
+                    f"schedule CUR {row.cache_usage_ratio:.1%}: a joint attention runs both streams when "
+                    "either is computed"
+                )
+            if abs(row.cache_usage_ratio - row.skipped_share) * total > 0.5 and not joint:
                 row.status = (
                     f"engine mismatch: schedule CUR {row.cache_usage_ratio:.4f} but "
                     f"{row.skipped_share:.4f} measured"
@@ -1106,6 +1289,7 @@ def compare(
         "num_samples": int(work.noise.shape[0]),
         "seed": seed,
         "output_space": work.output_space,
+        "sample_shape": list(work.noise.shape[1:]),
         "timing_batch": work.batches[0].stop - work.batches[0].start,
         "timing_repeats": timing_repeats,
         "device": _device_name(transformer),
@@ -1183,14 +1367,3 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
-
-
-def _check_class_or_pixart(transformer: nn.Module) -> None:
-    """This path conditions DiT on class labels and PixArt on caption embeddings; the flow-matching
-    families (FLUX, SD3, Wan, Qwen-Image) are cached through enable_cache on their own pipelines."""
-    name = supported_class(transformer).__name__
-    if name not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
-        raise ValueError(
-            f"this command samples DiT and PixArt models; {name} is supported by enable_cache on its "
-            "diffusers pipeline, and by train_router / search_schedule with prompt_embeds"
-        )

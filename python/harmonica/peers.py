@@ -48,6 +48,7 @@ import copy
 import importlib.util
 import io
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -55,6 +56,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from .adapters import adapter_for
 from .cache import disable_cache, enable_cache
 from .models import units
 from .router import Router
@@ -300,6 +302,7 @@ class _DiffusersHookAttachment(Attachment):
         self._hooks_before = {id(r): set(r.hooks) for r in _registries(transformer)}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._current_timestep = 0
+        self._timestep_scale = adapter_for(transformer).timestep_scale
         self._registry_cls = HookRegistry
 
     def record_timestep(self) -> Callable[[], int]:
@@ -309,7 +312,10 @@ class _DiffusersHookAttachment(Attachment):
             timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
             if isinstance(timestep, torch.Tensor):
                 timestep = timestep.flatten()[0].item()
-            self._current_timestep = int(timestep) if timestep is not None else 0
+            # in the scheduler's 0-1000 scale (FLUX and Qwen-Image are called with t / 1000)
+            self._current_timestep = (
+                int(round(timestep * self._timestep_scale)) if timestep is not None else 0
+            )
 
         self._handles.append(self._transformer.register_forward_pre_hook(pre_hook, with_kwargs=True))
         return lambda: self._current_timestep
@@ -355,6 +361,26 @@ def _diffusers_attachment(
 _UNIT_PATTERN = r"transformer_blocks\.\d+\.(attn1|attn2|ff)"
 
 
+def unit_module_pattern(transformer: nn.Module) -> str:
+    """A regex (``re.fullmatch`` on module paths) for the modules of every unit of ``transformer``:
+    the branch's own submodule (a joint attention once, for both its streams), or for a branch that
+    is not one submodule (FLUX's single-block joint branch) the block's children it runs."""
+    adapter = adapter_for(transformer)
+    children: dict[str, list[str]] = {}
+    for list_name, _, _, block in adapter.blocks(transformer):
+        names = children.setdefault(list_name, [])
+        for branch in adapter.block_units(list_name, block):
+            if isinstance(getattr(block, branch, None), nn.Module):
+                found = [branch]
+            else:
+                modules = adapter.unit_modules(list_name, block, branch)
+                found = [n for n, c in block.named_children() if any(c is m for m in modules)]
+            names += [n for n in found if n not in names]
+    return "|".join(
+        rf"{re.escape(list_name)}\.\d+\.({'|'.join(names)})" for list_name, names in children.items() if names
+    )
+
+
 @dataclass
 class FirstBlockCache(Method):
     """diffusers FirstBlockCache: skip blocks 2…L of a step when block 1's residual barely changed.
@@ -384,7 +410,8 @@ class TaylorSeer(Method):
     """diffusers TaylorSeerCache: full compute every ``cache_interval`` steps, Taylor-forecast between.
 
     ``cache_identifiers=None`` keeps diffusers' default module patterns, which match nothing on a
-    DiT/PixArt block; the default here names the units (``attn1``, ``attn2``, ``ff``) explicitly.
+    DiT/PixArt block; the default here names the units (``attn1``, ``attn2``, ``ff``) explicitly,
+    and on the other families the units' modules (:func:`unit_module_pattern`).
     Taylor factors are kept in float32 (diffusers' default bf16 would add rounding error of its own
     to an fp32 model).
     """
@@ -405,8 +432,19 @@ class TaylorSeer(Method):
             "cache_identifiers": self.cache_identifiers,
         }
 
+    def prepare(self, transformer: nn.Module, run: RunInfo) -> None:
+        # The default names DiT's units; another family's units are named from its adapter.
+        from .adapters.basic import BasicBlockAdapter
+
+        if self.cache_identifiers == [_UNIT_PATTERN] and not isinstance(
+            adapter_for(transformer), BasicBlockAdapter
+        ):
+            self.cache_identifiers = [unit_module_pattern(transformer)]
+
     def attach(self, transformer: nn.Module, run: RunInfo) -> Attachment:
         from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+        self.prepare(transformer, run)
 
         def config(_: Any) -> Any:
             return TaylorSeerCacheConfig(
@@ -658,8 +696,10 @@ FAMILIES: dict[str, type[Method]] = {
 class UnitCounter:
     """Records which units executed at each transformer call, from hooks on the units' own layers.
 
-    A unit (``attn1``, ``attn2`` or ``ff`` of a block) counts as executed in a call if any of its
-    parametrised leaf modules (the q/k/v/out projections, the MLP linears) ran. Hooking the leaves
+    A unit (``attn1``, ``attn2`` or ``ff`` of a DiT block; the modules its adapter's
+    ``unit_modules`` names in other families) counts as executed in a call if any of its
+    parametrised leaf modules (the q/k/v/out projections, the MLP linears) ran. The two streams of
+    a joint attention (FLUX, SD3, Qwen-Image) run together: computing either runs both. Hooking the leaves
     rather than the unit module matters: diffusers' PAB and TaylorSeer hooks replace the unit's
     ``forward`` and answer from cache *inside* the unit's ``__call__``, so a hook on the unit itself
     would fire on skipped steps too.
@@ -678,17 +718,20 @@ class UnitCounter:
         self._rows = []
         index = {name: k for k, name in enumerate(self.unit_names)}
         self._handles.append(self._transformer.register_forward_pre_hook(self._new_call))
-        for i, block in enumerate(self._transformer.transformer_blocks):
-            for branch in ("attn1", "attn2", "ff"):
-                module = getattr(block, branch, None)
-                if module is None:
-                    continue
-                k = index[f"blocks.{i}.{branch}"]
-                leaves = [m for m in module.modules() if not m._modules and any(True for _ in m.parameters())]
+        adapter = adapter_for(self._transformer)
+        for list_name, prefix, i, block in adapter.blocks(self._transformer):
+            for branch in adapter.block_units(list_name, block):
+                name = f"{prefix}.{i}.{branch}"
+                leaves = [
+                    m
+                    for module in adapter.unit_modules(list_name, block, branch)
+                    for m in module.modules()
+                    if not m._modules and any(True for _ in m.parameters(recurse=False))
+                ]
                 if not leaves:
-                    raise ValueError(f"unit blocks.{i}.{branch} has no parametrised layer to count")
+                    raise ValueError(f"unit {name} has no parametrised layer to count")
                 for leaf in leaves:
-                    self._handles.append(leaf.register_forward_hook(self._marker(k)))
+                    self._handles.append(leaf.register_forward_hook(self._marker(index[name])))
         return self
 
     def __exit__(self, *exc: object) -> None:

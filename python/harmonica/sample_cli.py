@@ -32,10 +32,14 @@ from .cache import ScheduleMismatchError, disable_cache, enable_cache
 from .compare import (
     _decoder,
     _dit_sampler,
+    _flow_sampler,
     _load,
     _pixart_sampler,
     _take,
     _Workload,
+    flow_setup,
+    is_flow_family,
+    latents_as_images,
     prompt_conditions,
     seeded_noise,
 )
@@ -221,6 +225,7 @@ def sample_images(
     guidance_scale: float = 1.5,
     class_labels: Any = None,
     prompt_embeds: dict[str, torch.Tensor] | None = None,
+    latent_size: int | None = None,
     num_images: int | None = None,
     seed: int = 0,
     batch_size: int = 10,
@@ -234,9 +239,13 @@ def sample_images(
     """Sample images, uncached or with a cache (a router or FORA); optionally write a PNG grid and tensors.
 
     Args:
-        model: None (the reference digits DiT), a local diffusers pipeline or DiT/PixArt transformer
-            folder, or a pipeline or transformer object (a bare transformer needs ``scheduler``).
-        scheduler: the sampler; default: the folder's or pipeline's.
+        model: None (the reference digits DiT), a local diffusers pipeline or transformer folder of any
+            supported family, or a pipeline or transformer object (a bare transformer needs
+            ``scheduler``). FLUX.1/.2, SD3, Wan and Qwen-Image are sampled with a flow-matching loop
+            from a prompt-embedding pool (as :func:`harmonica.compare.compare`); their latents are
+            returned undecoded.
+        scheduler: the sampler; default: the folder's or pipeline's (flow-matching families: a
+            flow-matching one such as ``FlowMatchEulerDiscreteScheduler``).
         router: a trained router file (or :class:`Router`) for this model and step count, applied at
             ``threshold`` τ. Mutually exclusive with ``fora``.
         fora: FORA interval N >= 2 (every unit computed on steps ``t % N == 0``, reused otherwise).
@@ -248,7 +257,12 @@ def sample_images(
         prompt_embeds: PixArt: ``{"prompt_embeds": [N, L, C]}`` and optionally
             ``prompt_attention_mask``, ``negative_prompt_embeds``, ``negative_prompt_attention_mask``
             (as :func:`harmonica.compare.compare`); one image per prompt, or ``num_images`` cycling
-            through them.
+            through them. FLUX.1/.2, SD3, Wan, Qwen-Image: ``prompt_embeds`` ``[P, L, C]`` and
+            optionally ``pooled_prompt_embeds`` ``[P, D]``, ``negative_prompt_embeds``,
+            ``negative_pooled_prompt_embeds`` (:func:`harmonica.compare.flow_setup`); true CFG batched
+            into one call per step, or FLUX's guidance embedding set to ``guidance_scale``.
+        latent_size: flow-matching families: image tokens per side (default: SD3's native size,
+            else 32).
         num_images: how many images when ``class_labels`` is not given.
         seed: seed of the initial noise (see the module docstring).
         batch_size: images per sampling call.
@@ -263,8 +277,9 @@ def sample_images(
 
     Returns:
         ``(images, result)``: ``images`` float32 ``[N, C, H, W]`` on the CPU, in [-1, 1] for pixel
-        models (the reference model, or a pipeline with a VAE), the raw latents otherwise; and a
-        :class:`SampleResult`.
+        models (the reference model, or a pipeline with a VAE), the raw latents otherwise (a flow
+        family's latents laid out as images by :func:`harmonica.compare.latents_as_images`; the
+        tensor file keeps them as sampled under ``latents``); and a :class:`SampleResult`.
 
     Raises:
         ValueError: bad settings or inputs (labels outside the classes, FORA N < 2, both a router and
@@ -313,17 +328,38 @@ def sample_images(
         if vae is not None and device is not None:
             vae.to(device=device)
     steps = num_inference_steps
-    _check_class_or_pixart(transformer)
     is_dit = supported_class(transformer).__name__ == "DiTTransformer2DModel"
+    is_flow = is_flow_family(transformer)
     labels = None
-    if is_dit:
+    sample_shape = None
+    notes: list[str] = []
+    if latent_size is not None and not is_flow:
+        raise ValueError(
+            "latent_size (--latent-size) applies to the flow-matching families (FLUX, SD3, Wan, "
+            f"Qwen-Image); {type(transformer).__name__} samples at its sample_size"
+        )
+    if is_flow:
+        if class_labels is not None:
+            raise ValueError(
+                f"{type(transformer).__name__} is text-conditioned: it takes prompt embeddings "
+                "(--prompt-embeds), not class labels"
+            )
+        setup = flow_setup(transformer, scheduler, prompt_embeds, guidance_scale, latent_size)
+        prompts = setup.conditioning.embeds.shape[0]
+        count = num_images or prompts
+        conditions: Any = torch.arange(count) % prompts  # rows of the prompt pool, cycled
+        sampler = _flow_sampler(transformer, scheduler, steps, guidance_scale, setup)
+        warm_sampler = _flow_sampler(transformer, scheduler, min(2, steps), guidance_scale, setup)
+        sample_shape = setup.sample_shape
+        notes.append(setup.note)
+    elif is_dit:
         if prompt_embeds is not None:
             raise ValueError(
                 f"{type(transformer).__name__} is class-conditional: pass class labels (--labels), "
                 "not prompt embeddings"
             )
         labels = _labels(transformer, class_labels, num_images, is_reference, seed)
-        conditions: Any = labels
+        conditions = labels
         sampler = _dit_sampler(transformer, scheduler, steps, guidance_scale, clamp=is_reference)
         warm_sampler = _dit_sampler(transformer, scheduler, min(2, steps), guidance_scale, clamp=is_reference)
         count = len(labels)
@@ -338,7 +374,7 @@ def sample_images(
         warm_sampler = _pixart_sampler(transformer, scheduler, min(2, steps), guidance_scale)
         count = conditions["prompt_embeds"].shape[0]
 
-    noise = seeded_noise(transformer, count, seed)
+    noise = seeded_noise(transformer, count, seed, sample_shape)
     work = _Workload(
         name=name,
         transformer=transformer,
@@ -349,12 +385,11 @@ def sample_images(
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         sampler=sampler,
-        decode=_decoder(vae) if vae is not None else None,
+        decode=_decoder(vae) if vae is not None else (latents_as_images if is_flow else None),
         labels=labels,
         output_space="pixels" if is_reference or vae is not None else "latents",
     )
 
-    notes: list[str] = []
     num_units = len(units(transformer))
     if router is not None:
         loaded = router if isinstance(router, Router) else Router.load(router, model=transformer)
@@ -529,14 +564,3 @@ def _save_grid(sets: list[torch.Tensor], output_space: str, path: Path) -> None:
     image = Image.fromarray(np.ascontiguousarray(array[..., 0] if array.shape[2] == 1 else array))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-
-
-def _check_class_or_pixart(transformer: torch.nn.Module) -> None:
-    """This path conditions DiT on class labels and PixArt on caption embeddings; the flow-matching
-    families (FLUX, SD3, Wan, Qwen-Image) are cached through enable_cache on their own pipelines."""
-    name = supported_class(transformer).__name__
-    if name not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
-        raise ValueError(
-            f"this command samples DiT and PixArt models; {name} is supported by enable_cache on its "
-            "diffusers pipeline, and by train_router / search_schedule with prompt_embeds"
-        )

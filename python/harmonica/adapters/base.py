@@ -55,6 +55,7 @@ __all__ = [
     "as_row",
     "call_argument",
     "joint_attention_flops",
+    "joint_attention_modules",
     "mlp_norm",
     "plain_layer_norm_eps",
     "project_chunks",
@@ -213,6 +214,18 @@ def joint_attention_flops(per_module: dict[str, int], attention: str) -> tuple[i
     return image + image_core, text + core - image_core
 
 
+def joint_attention_modules(attention: nn.Module, stream: str) -> tuple[nn.Module, ...]:
+    """The layers of a joint attention (diffusers' ``added_kv_proj_dim`` layout) that serve one stream:
+    :data:`TEXT` the ``add_*`` projections, ``to_add_out`` and ``norm_added_*``; :data:`IMAGE` the
+    others. Both streams' layers run whenever the attention runs (they attend jointly)."""
+    text = stream == TEXT
+    return tuple(
+        module
+        for name, module in attention.named_children()
+        if name.startswith(("add_", "to_add_", "norm_added_")) == text
+    )
+
+
 class CallState:
     """Per-transformer-call state an adapter may keep (e.g. DiT's shared conditioning embedding).
 
@@ -275,6 +288,9 @@ class BlockAdapter:
     """The diffusers transformer classes this adapter caches."""
     block_lists: tuple[tuple[str, str], ...] = (("transformer_blocks", "blocks"),)
     """``(model attribute, unit-name prefix)`` of each block list the model runs, in order."""
+    timestep_scale: float = 1.0
+    """Scheduler timestep (0–1000) per unit of the transformer's ``timestep`` input: 1000 for
+    families whose pipelines pass ``t / 1000`` (FLUX, Qwen-Image)."""
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_classes)
@@ -333,6 +349,13 @@ class BlockAdapter:
             for list_name, _, _, block in self.blocks(model)
             for branch in self.block_units(list_name, block)
         )
+
+    def unit_modules(self, list_name: str, block: nn.Module, branch: str) -> tuple[nn.Module, ...]:
+        """The modules that run when unit ``branch`` of ``block`` (original or cached) is computed, for
+        counting what ran (:class:`harmonica.peers.UnitCounter` hooks their parametrised layers).
+        Default: the submodule named ``branch``."""
+        module = getattr(block, branch, None)
+        return () if module is None else (module,)
 
     # -- FLOP profiles (harmonica.models.flop_profile), run on a meta-device copy --
 

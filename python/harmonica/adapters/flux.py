@@ -42,6 +42,7 @@ from .base import (
     UnsupportedModelError,
     call_argument,
     joint_attention_flops,
+    joint_attention_modules,
     mlp_norm,
     plain_layer_norm_eps,
     project_chunks,
@@ -215,6 +216,7 @@ class FluxAdapter(BlockAdapter):
     family = "FLUX.1 (FluxTransformerBlock, FluxSingleTransformerBlock)"
     model_classes = (FluxTransformer2DModel,)
     block_lists = ((DOUBLE, "blocks"), (SINGLE, "single_blocks"))
+    timestep_scale = 1000.0
 
     def block_units(self, list_name: str, block: nn.Module) -> tuple[str, ...]:
         return ("attn", "attn_context", "ff", "ff_context") if list_name == DOUBLE else ("joint",)
@@ -223,6 +225,17 @@ class FluxAdapter(BlockAdapter):
         if list_name == SINGLE:
             return JOINT
         return TEXT if branch.endswith("_context") else IMAGE
+
+    def unit_modules(self, list_name: str, block: nn.Module, branch: str) -> tuple[nn.Module, ...]:
+        if list_name == SINGLE:
+            return self.single_unit_modules(block)
+        if branch in ("attn", "attn_context"):
+            return joint_attention_modules(block.attn, self.unit_stream(list_name, branch))
+        return super().unit_modules(list_name, block, branch)
+
+    def single_unit_modules(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        """The single block's joint branch: everything but its adaLN projection."""
+        return (block.proj_mlp, block.attn, block.proj_out)
 
     def check_block(self, list_name: str, block: nn.Module) -> None:
         expected = FluxTransformerBlock if list_name == DOUBLE else FluxSingleTransformerBlock

@@ -192,6 +192,9 @@ class Flux2Adapter(FluxAdapter):
         cls = CachedFlux2DoubleBlock if list_name == DOUBLE else CachedFlux2SingleBlock
         return cls(block, handle, unit_ids, (list_name, index))
 
+    def single_unit_modules(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        return (block.attn,)  # one parallel attention + MLP module
+
     def width(self, model: nn.Module) -> int:
         return int(model.config.num_attention_heads * model.config.attention_head_dim)
 

@@ -30,6 +30,7 @@ from .base import (
     UnsupportedModelError,
     call_argument,
     joint_attention_flops,
+    joint_attention_modules,
     mlp_norm,
     plain_layer_norm_eps,
     project_chunks,
@@ -150,6 +151,7 @@ class QwenImageAdapter(BlockAdapter):
 
     family = "Qwen-Image (QwenImageTransformerBlock)"
     model_classes = (QwenImageTransformer2DModel,)
+    timestep_scale = 1000.0
     block_lists = (("transformer_blocks", "blocks"),)
 
     def block_units(self, list_name: str, block: nn.Module) -> tuple[str, ...]:
@@ -157,6 +159,11 @@ class QwenImageAdapter(BlockAdapter):
 
     def unit_stream(self, list_name: str, branch: str) -> str:
         return TEXT if branch in ("attn_context", "txt_mlp") else IMAGE
+
+    def unit_modules(self, list_name: str, block: nn.Module, branch: str) -> tuple[nn.Module, ...]:
+        if branch in ("attn", "attn_context"):
+            return joint_attention_modules(block.attn, self.unit_stream(list_name, branch))
+        return super().unit_modules(list_name, block, branch)
 
     def check_block(self, list_name: str, block: nn.Module) -> None:
         if type(block) is not QwenImageTransformerBlock:

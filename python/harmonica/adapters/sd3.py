@@ -34,6 +34,7 @@ from .base import (
     UnsupportedModelError,
     call_argument,
     joint_attention_flops,
+    joint_attention_modules,
     plain_layer_norm_eps,
     shape_of,
     with_mlp_input,
@@ -187,6 +188,11 @@ class SD3Adapter(BlockAdapter):
 
     def unit_stream(self, list_name: str, branch: str) -> str:
         return TEXT if branch.endswith("_context") else IMAGE
+
+    def unit_modules(self, list_name: str, block: nn.Module, branch: str) -> tuple[nn.Module, ...]:
+        if branch in ("attn", "attn_context"):
+            return joint_attention_modules(block.attn, self.unit_stream(list_name, branch))
+        return super().unit_modules(list_name, block, branch)
 
     def check_block(self, list_name: str, block: nn.Module) -> None:
         if type(block) is not JointTransformerBlock:

@@ -1,0 +1,291 @@
+"""``harmonica compare`` and ``harmonica sample`` on the flow-matching families (tiny random FLUX.1 and
+Wan; SD3 for the conditioning checks): a flow-matching Euler loop over a prompt-embedding pool, true
+CFG batched into one call (or FLUX's guidance embedding), FORA / forecasting through the engine and
+diffusers' hooks as peers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from harmonica import CacheSchedule, units
+from harmonica.cli import main
+from harmonica.compare import compare, flow_setup, latents_as_images, method_from_spec
+from harmonica.sample_cli import sample_images
+
+from .family_models import euler, prompts, tiny
+
+STEPS = 6
+SIDE = 4  # image tokens per side
+
+
+def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _pool(kind: str, count: int = 3) -> dict[str, torch.Tensor]:
+    text, pooled = prompts(count)
+    pool = {"prompt_embeds": text}
+    if kind in ("flux", "sd3"):
+        pool["pooled_prompt_embeds"] = pooled
+    return pool
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan", "sd3"])
+def test_uncached_sampler_is_the_flow_matching_euler_loop(kind):
+    """compare's sampler equals an independent Euler loop with the batch doubled for true CFG (zero
+    prompt as the unconditional half): the conditioning is the family's pipeline call."""
+    model = tiny(kind)
+    pool = _pool(kind, 2)
+    setup = flow_setup(model, _scheduler(), pool, 3.0, SIDE)
+    noise = torch.randn(2, *setup.sample_shape, generator=torch.Generator().manual_seed(0))
+    from harmonica.compare import _flow_sampler
+
+    ours = _flow_sampler(model, _scheduler(), STEPS, 3.0, setup)(noise, torch.arange(2))
+    text, pooled = prompts(2)
+    expected = euler(kind, model, noise, text, pooled, STEPS, guidance=3.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_compare_fora_forecast_and_peers(kind):
+    model = tiny(kind)
+    methods = [
+        method_from_spec("fora", 2),
+        method_from_spec("forecast", "2"),
+        method_from_spec("fbcache", 0.2),
+        method_from_spec("magcache", 0.24),
+        method_from_spec("pab", 2),
+        method_from_spec("taylorseer", "2"),
+    ]
+    report = compare(
+        model,
+        scheduler=_scheduler(),
+        methods=methods,
+        prompt_embeds=_pool(kind),
+        latent_size=SIDE,
+        num_inference_steps=STEPS,
+        guidance_scale=2.0,
+        batch_size=2,
+        timing_repeats=1,
+        progress=False,
+        verbose=False,
+    )
+    num_units = len(units(model))
+    assert report.context["model_class"] == type(model).__name__
+    assert report.context["num_units"] == num_units and report.context["num_samples"] == 3
+    assert report.context["output_space"] == "latents"
+    baseline = report.rows[0]
+    assert baseline.method == "uncached" and baseline.psnr is None and baseline.mse == 0
+
+    for label, order in (("FORA N=2", 0), ("forecast N=2 order 2", 2)):
+        row = report.row(label)
+        assert row.status == "ok", (label, row.status)
+        schedule = CacheSchedule.fora(STEPS, num_units, 2, order=order)
+        assert row.cache_usage_ratio == pytest.approx(schedule.cache_usage_ratio)
+        assert row.skipped_share == pytest.approx(schedule.cache_usage_ratio)  # counted by hooks
+        assert row.ideal_speedup > 1 and row.measured_speedup is not None
+        assert row.psnr is not None and math.isfinite(row.psnr) and row.psnr > 20
+        assert len(row.executed) == STEPS and len(row.executed[0]) == num_units
+    # peers run through diffusers' hooks, or say why not; none crashes the sweep
+    for row in report.rows[3:]:
+        assert row.status in ("ok", "skipped nothing") or row.status.startswith(
+            ("unavailable:", "failed:")
+        ), row.status
+        if row.status == "ok":
+            assert 0 < row.skipped_share < 1 and row.psnr is not None
+    # TaylorSeer names this family's unit modules (DiT's attn1/attn2/ff patterns would miss Wan)
+    assert report.row("TaylorSeer N=2").status == "ok"
+    assert report.row("TaylorSeer N=2").skipped_share > 0
+
+
+def test_compare_reports_a_peer_it_cannot_install_as_unavailable():
+    """cache-dit refuses SD3's transformer (or is not installed): the row says so, the sweep goes on."""
+    model = tiny("sd3")
+    report = compare(
+        model,
+        scheduler=_scheduler(),
+        methods={"fora": ["2"], "dbcache": ["0.1"]},
+        prompt_embeds=_pool("sd3"),
+        latent_size=SIDE,
+        num_inference_steps=4,
+        batch_size=3,
+        timing_repeats=1,
+        progress=False,
+        verbose=False,
+    )
+    assert report.row("FORA N=2").status == "ok"
+    assert report.row("DBCache F1B0 τ=0.1").status.startswith("unavailable:")
+
+
+def test_flux_guidance_embedding_is_the_guidance_scale():
+    """A guidance-distilled FLUX gets ``guidance_scale`` as its guidance input: one call per step of
+    the batch itself (no CFG doubling), and the scale changes the samples."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    pool = _pool("flux", 2)
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        low, result = sample_images(
+            model,
+            scheduler=_scheduler(),
+            prompt_embeds=pool,
+            latent_size=SIDE,
+            num_inference_steps=3,
+            guidance_scale=2.0,
+            progress=False,
+        )
+    finally:
+        hook.remove()
+    assert calls == [2, 2, 2]
+    assert any("guidance-distilled" in n for n in result.notes)
+    high, _ = sample_images(
+        model,
+        scheduler=_scheduler(),
+        prompt_embeds=pool,
+        latent_size=SIDE,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        progress=False,
+    )
+    assert not torch.equal(low, high)
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_sample_images_fora_forecast_with_compare_uncached(kind, tmp_path):
+    model = tiny(kind)
+    png, tensors = tmp_path / "grid.png", tmp_path / "samples.safetensors"
+    images, result = sample_images(
+        model,
+        scheduler=_scheduler(),
+        fora=2,
+        order=2,
+        prompt_embeds=_pool(kind, 2),
+        latent_size=SIDE,
+        num_images=3,
+        num_inference_steps=STEPS,
+        guidance_scale=2.0,
+        batch_size=2,
+        compare_uncached=True,
+        out=png,
+        save_tensor=tensors,
+        progress=False,
+    )
+    schedule = CacheSchedule.fora(STEPS, len(units(model)), 2, order=2)
+    assert result.cache_usage_ratio == pytest.approx(schedule.cache_usage_ratio)
+    assert result.method == "FORA N=2 forecast order 2"
+    assert result.output_space == "latents" and result.num_images == 3
+    assert images.dim() == 4 and images.shape[0] == 3
+    assert math.isfinite(result.psnr) and result.psnr > 20
+    assert result.measured_speedup is not None
+    assert Image.open(png).size[0] > 0
+    with safe_open(str(tensors), "pt") as f:
+        assert {"samples", "latents", "uncached", "uncached_latents"} <= set(f.keys())
+        latents = f.get_tensor("latents")
+    setup = flow_setup(model, _scheduler(), _pool(kind, 2), 2.0, SIDE)
+    assert tuple(latents.shape) == (3, *setup.sample_shape)
+    torch.testing.assert_close(latents_as_images(latents), images)
+    # the third image cycles back to the first prompt: same prompt, other noise
+    uncached, _ = sample_images(
+        model,
+        scheduler=_scheduler(),
+        prompt_embeds=_pool(kind, 2),
+        latent_size=SIDE,
+        num_images=3,
+        num_inference_steps=STEPS,
+        guidance_scale=2.0,
+        batch_size=2,
+        progress=False,
+    )
+    torch.testing.assert_close(uncached, result.uncached)
+
+
+def test_sample_cli_on_a_flux_pipeline_folder(tmp_path, capsys):
+    model = tiny("flux")
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    _scheduler().save_pretrained(tmp_path / "pipe" / "scheduler")
+    save_file(_pool("flux", 2), str(tmp_path / "prompts.safetensors"))
+    out = tmp_path / "flux.png"
+    argv = [
+        "sample",
+        "--model",
+        str(tmp_path / "pipe"),
+        "--prompt-embeds",
+        str(tmp_path / "prompts.safetensors"),
+        "--latent-size",
+        "4",
+        "--steps",
+        "4",
+        "--fora",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert out.is_file()
+    text = capsys.readouterr().out
+    assert "FluxTransformer2DModel" in text and "FORA N=2" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scheduler": DDIMScheduler()}, "FlowMatchEulerDiscreteScheduler"),
+        ({"prompt_embeds": None}, "prompt_embeds"),
+        ({"prompt_embeds": {"prompt_embeds": torch.zeros(2, 5, 7)}}, r"\[P, L, 24\]"),
+        (
+            {
+                "prompt_embeds": {
+                    "prompt_embeds": torch.zeros(2, 5, 24),
+                    "pooled_prompt_embeds": torch.zeros(2, 3),
+                }
+            },
+            "pooled_prompt_embeds",
+        ),
+        ({"class_labels": [1]}, "not class labels"),
+    ],
+)
+def test_bad_input_on_a_flow_family(kwargs, match):
+    settings = {
+        "scheduler": _scheduler(),
+        "prompt_embeds": _pool("flux"),
+        "latent_size": SIDE,
+        "progress": False,
+    }
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        sample_images(tiny("flux", num_layers=1), num_inference_steps=2, **settings)
+
+
+def test_bare_flow_transformer_needs_a_scheduler_and_latent_size_is_for_flow_models():
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
+        compare(
+            tiny("wan", num_layers=1), methods={"fora": ["2"]}, prompt_embeds=_pool("wan"), progress=False
+        )
+    from .tiny_models import tiny_dit
+
+    with pytest.raises(ValueError, match="latent_size"):
+        sample_images(tiny_dit(), scheduler=DDIMScheduler(), latent_size=4, progress=False)
