@@ -12,6 +12,19 @@ diffusers pipelines do), random weights (they time the same as trained ones). Mo
   10 steps, fp32;
 - ``smoke``: 2-block models of width 32, 4 steps (CI: it only has to run).
 
+Flow-matching families (random weights, the family's pipeline call through its adapter's
+``predict``, a flow-matching Euler loop with ``FlowMatchEulerDiscreteScheduler``'s sigmas, shift 3):
+
+- ``cpu``: a FLUX.1-shaped model (4 double + 8 single blocks, FLUX's 1:2 ratio, width 384, 16×16 =
+  256 packed latent tokens of 64 channels, 64 T5-width (4096) text tokens, guidance-distilled as
+  FLUX.1-dev: the guidance scale is an input, no CFG rows), batch 2; and a Wan-2.1-shaped model
+  (12 blocks, width 384, FFN 1536, one frame of 32×32×16 latents → 256 tokens, cross-attention to 64
+  umT5-width text tokens), batch 2 + true CFG batched; 10 steps, fp32;
+- ``smoke``: the same structures at width 32, 16 tokens, 4 steps.
+
+Their FLOPs (and so the FLOP-ideal speedups) are counted on one call at the benchmark's own
+resolution (:func:`harmonica.models.call_flop_profile`), not at the families' native 1024² size.
+
 Variants: ``uncached`` (the unpatched diffusers model), ``full`` (``CacheSchedule.full``: the
 engine's own overhead), ``fora2`` / ``fora3`` (FORA N=2 / N=3), ``forecast3`` (FORA N=3 with order-2
 forecasting: 3 warm-up steps, history of 3 outputs per unit) and ``mask37`` (a
@@ -58,12 +71,20 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import (
+    DDIMScheduler,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    WanTransformer3DModel,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import harmonica_kernels as hk
 from harmonica import CacheSchedule, disable_cache, enable_cache, units
-from harmonica.models import DEFAULT_TEXT_TOKENS, flop_profile, tie_dit_embedders
+from harmonica.adapters import adapter_for
+from harmonica.models import DEFAULT_TEXT_TOKENS, call_flop_profile, flop_profile, tie_dit_embedders
 
 from .conftest import bench_size, timed
 
@@ -80,6 +101,14 @@ class Setup:
     guidance: float
     rounds: int
     text_tokens: int = 0
+    latent_side: int = 0
+    """Flow-matching families: image tokens per side."""
+    distilled: bool = False
+    """FLUX with a guidance embedding: ``guidance`` is a model input, no CFG rows."""
+
+    @property
+    def flow(self) -> bool:
+        return self.cls not in (DiTTransformer2DModel, PixArtTransformer2DModel)
 
 
 def _dit(heads: int, head_dim: int, layers: int, sample: int) -> dict[str, Any]:
@@ -108,6 +137,41 @@ def _pixart(heads: int, head_dim: int, layers: int, sample: int, caption: int) -
     )
 
 
+def _flux(heads: int, head_dim: int, double: int, single: int, channels: int, text: int, pooled: int) -> dict:
+    """FLUX.1's structure (guidance-distilled, as FLUX.1-dev); rotary axes split as FLUX's 16/56/56."""
+    third = head_dim * 7 // 16 // 2 * 2
+    return dict(
+        patch_size=1,
+        in_channels=channels,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=text,
+        pooled_projection_dim=pooled,
+        guidance_embeds=True,
+        axes_dims_rope=(head_dim - 2 * third, third, third),
+    )
+
+
+def _wan(heads: int, head_dim: int, layers: int, ffn: int, channels: int, text: int, freq: int) -> dict:
+    """Wan 2.1's text-to-video structure (affine cross-attention norm, RMS q/k norm across heads)."""
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=channels,
+        out_channels=channels,
+        text_dim=text,
+        freq_dim=freq,
+        ffn_dim=ffn,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+
+
 F32, BF16 = torch.float32, torch.bfloat16
 SETUPS: dict[str, tuple[Setup, ...]] = {
     "smoke": (
@@ -116,6 +180,12 @@ SETUPS: dict[str, tuple[Setup, ...]] = {
         Setup("pixart-tiny", "tiny PixArt (2 blocks, width 32, 16 tokens, 6 text tokens)",
               PixArtTransformer2DModel, _pixart(2, 16, 2, 8, 24), batch=1, steps=4, dtype=F32,
               guidance=4.5, rounds=1, text_tokens=6),
+        Setup("flux-tiny", "tiny FLUX.1 (2 double + 2 single blocks, width 32, 16 tokens, 6 text tokens)",
+              FluxTransformer2DModel, _flux(2, 16, 2, 2, 8, 24, 16), batch=1, steps=4, dtype=F32,
+              guidance=3.5, rounds=1, text_tokens=6, latent_side=4, distilled=True),
+        Setup("wan-tiny", "tiny Wan 2.1 (2 blocks, width 32, 16 tokens, 6 text tokens)",
+              WanTransformer3DModel, _wan(2, 16, 2, 64, 4, 24, 32), batch=1, steps=4, dtype=F32,
+              guidance=5.0, rounds=1, text_tokens=6, latent_side=4),
     ),
     "cpu": (
         Setup("dit-s-256", "DiT-S/2 256² (12 blocks, width 384, 256 tokens)", DiTTransformer2DModel,
@@ -123,6 +193,12 @@ SETUPS: dict[str, tuple[Setup, ...]] = {
         Setup("pixart-s-256", "PixArt-α-shaped S/2 256² (12 blocks, width 384, 256 tokens, 120 text tokens)",
               PixArtTransformer2DModel, _pixart(6, 64, 12, 32, 4096), batch=2, steps=10, dtype=F32,
               guidance=4.5, rounds=5, text_tokens=120),
+        Setup("flux-s-256", "FLUX.1-shaped S 256² (4 double + 8 single blocks, width 384, 256 tokens, "
+              "64 text tokens)", FluxTransformer2DModel, _flux(6, 64, 4, 8, 64, 4096, 768), batch=2,
+              steps=10, dtype=F32, guidance=3.5, rounds=5, text_tokens=64, latent_side=16, distilled=True),
+        Setup("wan-s-256", "Wan-2.1-shaped S 256² (12 blocks, width 384, 256 tokens, 64 text tokens)",
+              WanTransformer3DModel, _wan(6, 64, 12, 1536, 16, 4096, 256), batch=2, steps=10, dtype=F32,
+              guidance=5.0, rounds=5, text_tokens=64, latent_side=16),
     ),
     "gpu": (
         Setup("dit-xl-256", "DiT-XL/2 256² (28 blocks, width 1152, 256 tokens)", DiTTransformer2DModel,
@@ -185,11 +261,19 @@ class Bench:
         if setup.cls is DiTTransformer2DModel:
             tie_dit_embedders(model)  # the structure of the released DiT checkpoints
         self.model = model.to(device=device, dtype=setup.dtype).eval().requires_grad_(False)
+        self.uncached_graph: Any = None
+        self.uncached_output: torch.Tensor | None = None
+        self._twin: torch.nn.Module | None = None
+        self.num_units = len(units(self.model))
+        self.rows_per_call = setup.batch if setup.distilled else 2 * setup.batch
+        if setup.flow:
+            self._init_flow(setup, device)
+            return
         config = self.model.config
         self.channels = config.in_channels
         self.sample = config.sample_size
         self.tokens = (self.sample // config.patch_size) ** 2
-        self.num_units = len(units(self.model))
+        self.latent = [self.channels, self.sample, self.sample]
         self.text_tokens = setup.text_tokens or DEFAULT_TEXT_TOKENS
         self.profile = flop_profile(self.model, text_tokens=self.text_tokens)
 
@@ -220,14 +304,58 @@ class Bench:
                 "encoder_attention_mask": torch.ones(2 * B, setup.text_tokens, device=device),
                 "added_cond_kwargs": micro,
             }
-        self.uncached_graph: Any = None
-        self.uncached_output: torch.Tensor | None = None
-        self._twin: torch.nn.Module | None = None
+
+    def _init_flow(self, setup: Setup, device: str) -> None:
+        """Latents, prompts (CFG-batched against a zero prompt unless distilled), sigmas and the
+        FLOP profile of a flow-matching family at this resolution."""
+        model, B = self.model, setup.batch
+        config = model.config
+        self.adapter = adapter_for(model)
+        shape = self.adapter.noise_shape(model, setup.latent_side)
+        self.tokens = setup.latent_side**2
+        self.latent = list(shape)
+        self.text_tokens = setup.text_tokens
+        generator = torch.Generator().manual_seed(0)
+        on = dict(device=device, dtype=setup.dtype)
+        self.noise = torch.randn(B, *shape, generator=generator).to(**on)
+        width = getattr(config, "joint_attention_dim", None) or config.text_dim
+        text = torch.randn(B, setup.text_tokens, width, generator=generator)
+        pooled_dim = getattr(config, "pooled_projection_dim", None)
+        pooled = torch.randn(B, pooled_dim, generator=generator) if pooled_dim else None
+        if not setup.distilled:  # true CFG: the unconditional half is the zero prompt
+            text = torch.cat([text, torch.zeros_like(text)])
+            pooled = None if pooled is None else torch.cat([pooled, torch.zeros_like(pooled)])
+        self.text = text.to(**on)
+        self.pooled = None if pooled is None else pooled.to(**on)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        self.scheduler.set_timesteps(setup.steps)
+        self.sigmas = self.scheduler.sigmas.tolist()  # host floats: kernel arguments, no device reads
+        self.model_timesteps = self.scheduler.timesteps.to(device=device, dtype=setup.dtype)
+        self.profile = call_flop_profile(
+            model,
+            lambda: self.adapter.predict(
+                model,
+                self.noise[:1],
+                self.model_timesteps[:1],
+                self.text[:1],
+                None if self.pooled is None else self.pooled[:1],
+                self._distilled_guidance(),
+            ),
+            self.tokens,
+        )
+
+    def _distilled_guidance(self) -> float | None:
+        return self.setup.guidance if self.setup.distilled else None
 
     @property
     def group(self) -> str:
         s = self.setup
-        return f"{s.label}, {s.steps} DDIM steps, batch {s.batch}+CFG, {str(s.dtype)[6:]}"
+        if not s.flow:
+            return f"{s.label}, {s.steps} DDIM steps, batch {s.batch}+CFG, {str(s.dtype)[6:]}"
+        guidance = (
+            f"batch {s.batch}, guidance {s.guidance:g} as input" if s.distilled else f"batch {s.batch}+CFG"
+        )
+        return f"{s.label}, {s.steps} flow-matching Euler steps, {guidance}, {str(s.dtype)[6:]}"
 
     @torch.inference_mode()
     def generate(self, model: torch.nn.Module | None = None) -> torch.Tensor:
@@ -240,13 +368,37 @@ class Bench:
         return x
 
     def step(self, model: torch.nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
-        """Denoising step ``i`` of ``model`` from latents ``x`` (one CFG-batched call, DDIM update)."""
+        """Denoising step ``i`` of ``model`` from latents ``x`` (one CFG-batched call, DDIM update;
+        flow-matching families: the family's call, then the Euler update)."""
+        if self.setup.flow:
+            return self._flow_step(model, x, i)
         B, C = self.setup.batch, self.channels
         t_in = self.model_timesteps[i].expand(2 * B)
         out = model(torch.cat([x, x]), timestep=t_in, **self.conditions).sample
         cond, uncond = out[:, :C].split(B)  # learned sigma: the first C channels are epsilon
         t = self.scheduler.timesteps[i]
         return self.scheduler.step(uncond + self.setup.guidance * (cond - uncond), t, x).prev_sample
+
+    def _flow_step(self, model: torch.nn.Module, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``FlowMatchEulerDiscreteScheduler.step`` without its step counter (two loops run in
+        lockstep): ``x + (σ_{i+1} − σ_i) · v`` in fp32, v the (guided) velocity."""
+        setup = self.setup
+        cfg = not setup.distilled
+        t_in = self.model_timesteps[i].expand(self.rows_per_call)
+        x_in = torch.cat([x, x]) if cfg else x
+        v = self.adapter.predict(model, x_in, t_in, self.text, self.pooled, self._distilled_guidance())
+        if cfg:
+            cond, uncond = v.split(setup.batch)
+            v = uncond + setup.guidance * (cond - uncond)
+        return (x.float() + (self.sigmas[i + 1] - self.sigmas[i]) * v.float()).to(x.dtype)
+
+    def ideal_speedup(self, schedule: CacheSchedule) -> float:
+        """The schedule's FLOP-ideal speedup at this benchmark's resolution."""
+        if not self.setup.flow:
+            return schedule.ideal_speedup(self.model, text_tokens=self.text_tokens)
+        p = self.profile
+        computed = (schedule.compute.double() * torch.tensor(p.units, dtype=torch.float64)).sum().item()
+        return schedule.num_steps * p.total / (schedule.num_steps * p.always + computed)
 
     @torch.inference_mode()
     def generate_lockstep(self, cached: torch.nn.Module) -> tuple[torch.Tensor, float, float]:
@@ -324,7 +476,7 @@ class Bench:
         if schedule is not None:
             unit_flops = torch.tensor(p.units, dtype=torch.float64)
             per_row = self.setup.steps * p.always + (schedule.compute.double() * unit_flops).sum().item()
-        return int(2 * self.setup.batch * per_row)
+        return int(self.rows_per_call * per_row)
 
     def close(self) -> None:
         disable_cache(self.model)
@@ -368,6 +520,8 @@ def bench(request, device):
 @pytest.mark.parametrize(("mode", "variant"), [(m, v) for m in MODES for v in VARIANTS])
 def test_sampling(benchmark, recorder, bench, device, mode, variant):
     setup, model = bench.setup, bench.model
+    if setup.flow and variant == "mask37":
+        pytest.skip("mask37 is HarmoniCa's DiT-XL/2 usage figure; not run on the flow-matching families")
     schedule = make_schedule(variant, setup.steps, bench.num_units)
     benchmark.group = f"{bench.group} [{mode}]"
     base_seconds: list[float] = []
@@ -443,17 +597,17 @@ def test_sampling(benchmark, recorder, bench, device, mode, variant):
         "setup": setup.key,
         "model": setup.cls.__name__,
         "label": setup.label,
-        "blocks": len(model.transformer_blocks),
-        "width": int(model.inner_dim),
+        "blocks": len(adapter_for(model).blocks(model)),
+        "width": adapter_for(model).width(model),
         "tokens": bench.tokens,
         "text_tokens": setup.text_tokens or None,
         "units": bench.num_units,
-        "latent": [bench.channels, bench.sample, bench.sample],
+        "latent": bench.latent,
         "batch": setup.batch,
-        "cfg": True,
-        "rows_per_call": 2 * setup.batch,
+        "cfg": not setup.distilled,
+        "rows_per_call": bench.rows_per_call,
         "steps": setup.steps,
-        "sampler": "DDIM",
+        "sampler": "flow-matching Euler" if setup.flow else "DDIM",
         "dtype": str(setup.dtype)[6:],
         "device": device,
         "backend": hk.get_backend(device),
@@ -487,7 +641,7 @@ def test_sampling(benchmark, recorder, bench, device, mode, variant):
     else:
         row.update(baseline=True, speedup=1.0, speedup_vs="itself")
     if schedule is not None:
-        ideal = schedule.ideal_speedup(model, text_tokens=bench.text_tokens)
+        ideal = bench.ideal_speedup(schedule)
         row.update(ideal_speedup=ideal, pct_of_ideal=100 * row["speedup"] / ideal)
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
     recorder.add("e2e", row)

@@ -27,6 +27,7 @@ __all__ = [
     "SUPPORTED_MODELS",
     "FlopProfile",
     "UnsupportedModelError",
+    "call_flop_profile",
     "describe_fingerprint",
     "fingerprint",
     "fingerprint_mismatch",
@@ -185,19 +186,32 @@ def _flop_profile(cls: type[nn.Module], config_json: str, text_tokens: int) -> F
     adapter = adapter_for(meta_model)
     with torch.device("meta"):
         inputs = adapter.example_inputs(meta_model, text_tokens)
+    return _counted_profile(meta_model, lambda: meta_model(**inputs), adapter.native_tokens(meta_model))
+
+
+def _counted_profile(model: nn.Module, call: Any, tokens: int) -> FlopProfile:
+    adapter = adapter_for(model)
     counter = FlopCounterMode(display=False, depth=None)
     with counter, torch.no_grad():
-        meta_model(**inputs)
+        call()
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     unit_flops = []
-    for list_name, _, index, block in adapter.blocks(meta_model):
-        path = f"{cls.__name__}.{list_name}.{index}"
+    for list_name, _, index, block in adapter.blocks(model):
+        path = f"{type(model).__name__}.{list_name}.{index}"
         for branch in adapter.block_units(list_name, block):
             unit_flops.append(int(adapter.unit_flops(per_module, path, list_name, block, branch)))
     total = int(counter.get_total_flops())
-    return FlopProfile(
-        always=total - sum(unit_flops), units=tuple(unit_flops), tokens=adapter.native_tokens(meta_model)
-    )
+    return FlopProfile(always=total - sum(unit_flops), units=tuple(unit_flops), tokens=tokens)
+
+
+def call_flop_profile(model: nn.Module, call: Any, tokens: int) -> FlopProfile:
+    """Per-unit FLOPs of the transformer call ``call()`` makes on ``model`` (an unpatched model; one
+    sample, no CFG rows), e.g. at a benchmark's resolution rather than the native one that
+    :func:`flop_profile` counts; ``tokens`` is recorded as the profile's image-token count. Runs the
+    call once for real."""
+    if model.__dict__.get("_harmonica_cache") is not None:
+        raise ValueError("call_flop_profile counts the unpatched model: disable_cache() first")
+    return _counted_profile(model, call, tokens)
 
 
 def load_local(
