@@ -504,6 +504,11 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
             vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval()
         return folder.name, transformer, scheduler or folder_scheduler, vae, False
     if isinstance(model, nn.Module) or hasattr(model, "transformer"):
+        if getattr(model, "transformer_2", None) is not None:
+            raise ValueError(
+                "this pipeline runs two transformers (Wan 2.2's stages); compare and sample run one: "
+                "pass pipe.transformer or pipe.transformer_2 with scheduler=pipe.scheduler"
+            )
         transformer = getattr(model, "transformer", model)
         supported_class(transformer)
         scheduler = scheduler or getattr(model, "scheduler", None)
@@ -1064,6 +1069,8 @@ def compare(
             one transformer call per step).
         n_per_class: reference model: evaluation samples per digit (``10 · n_per_class`` in all).
         num_samples, class_labels: another DiT: the evaluation labels (default 16 random classes).
+            Flow-matching families: ``num_samples`` evaluation samples cycling through the prompts
+            (default: one per prompt).
         prompt_embeds: a PixArt model: ``{"prompt_embeds": [N, L, C], "prompt_attention_mask": [N, L],
             "negative_prompt_embeds": [1, L, C], "negative_prompt_attention_mask": [1, L]}``
             (encode the prompts once with the pipeline's text encoder; masks default to all ones,

@@ -266,5 +266,32 @@ def load_local(
     scheduler_type = getattr(diffusers, str(scheduler_class), None)
     if not (isinstance(scheduler_type, type) and issubclass(scheduler_type, SchedulerMixin)):
         raise ValueError(f"{scheduler_config} names an unknown scheduler class {scheduler_class!r}")
-    transformer = classes[class_name].from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
+    transformer = _from_pretrained(classes[class_name], model_dir, dtype).to(device).eval()
     return transformer, scheduler_type.from_config(json.loads(scheduler_config.read_text()))
+
+
+def _from_pretrained(cls: type[nn.Module], folder: Any, dtype: torch.dtype) -> nn.Module:
+    """``cls.from_pretrained(folder)``; for a class that keeps some modules in fp32 (Wan) without
+    accelerate installed, which diffusers then refuses (it needs ``low_cpu_mem_usage``), the model
+    is built from its config and its safetensors weights loaded strictly."""
+    import importlib.util
+
+    if getattr(cls, "_keep_in_fp32_modules", None) is None or importlib.util.find_spec("accelerate"):
+        return cls.from_pretrained(folder, torch_dtype=dtype)
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} has no .safetensors weights (install accelerate to load other formats)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    model = cls.from_config(cls.load_config(folder))
+    model.load_state_dict(state, strict=True)
+    keep = set(cls._keep_in_fp32_modules)
+    model.to(dtype)
+    if dtype != torch.float32:  # as diffusers: the named modules stay in fp32
+        for name, module in model.named_modules():
+            if keep & set(name.split(".")):
+                module.to(torch.float32)
+    return model

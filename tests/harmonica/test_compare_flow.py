@@ -289,3 +289,59 @@ def test_bare_flow_transformer_needs_a_scheduler_and_latent_size_is_for_flow_mod
 
     with pytest.raises(ValueError, match="latent_size"):
         sample_images(tiny_dit(), scheduler=DDIMScheduler(), latent_size=4, progress=False)
+
+
+def test_compare_cli_on_a_wan_transformer_folder(tmp_path, capsys):
+    folder = tmp_path / "wan"
+    tiny("wan", num_layers=1).save_pretrained(folder)
+    _scheduler().save_config(folder)  # scheduler_config.json beside the weights
+    save_file(_pool("wan", 2), str(tmp_path / "prompts.safetensors"))
+    argv = [
+        "compare",
+        "--model",
+        str(folder),
+        "--prompt-embeds",
+        str(tmp_path / "prompts.safetensors"),
+        "--latent-size",
+        "4",
+        "--steps",
+        "4",
+        "--methods",
+        "fora,pab",
+        "--sweep",
+        "fora=2",
+        "--sweep",
+        "pab=2",
+        "--timing-repeats",
+        "1",
+        "--out",
+        str(tmp_path / "report"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert "FORA N=2" in capsys.readouterr().out
+    assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_two_transformer_pipeline_is_refused_with_the_fix():
+    class TwoStages:
+        transformer = tiny("wan", num_layers=1)
+        transformer_2 = tiny("wan", num_layers=1)
+        scheduler = _scheduler()
+
+    with pytest.raises(ValueError, match="pipe.transformer or pipe.transformer_2"):
+        sample_images(TwoStages(), prompt_embeds=_pool("wan"), latent_size=SIDE, progress=False)
+
+
+def test_load_local_reads_a_wan_folder_exactly(tmp_path):
+    """Wan keeps modules in fp32, which diffusers' from_pretrained refuses without accelerate."""
+    from harmonica.models import load_local
+
+    model = tiny("wan", num_layers=1)
+    model.save_pretrained(tmp_path)
+    _scheduler().save_config(tmp_path)
+    loaded, scheduler = load_local(tmp_path)
+    assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    expected = model.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
