@@ -1227,7 +1227,10 @@ def compare(
         except Exception as err:  # noqa: BLE001 - one broken peer must not lose the whole sweep
             if method.origin == "ours":
                 raise
-            row.status = f"failed: {type(err).__name__}: {err}"
+            # diffusers' hooks assume their own block outputs, which some families' blocks do not
+            # return (FirstBlockCache on SD3's last block, on FLUX.2): the peer does not run there.
+            kind = f"unavailable on {type(transformer).__name__}" if is_flow_family(transformer) else "failed"
+            row.status = f"{kind}: {type(err).__name__}: {err}"
             bar.update()
             continue
 
