@@ -125,6 +125,10 @@ def fit_forecast(
     prompt_attention_mask: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_prompt_attention_mask: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    latent_size: int = 32,
+    distilled_guidance: float | None = None,
     progress: bool = True,
 ) -> ForecastFit:
     """Fit the forecast coefficients of ``schedule`` by least squares on one batch of its own run.
@@ -139,7 +143,8 @@ def fit_forecast(
         guidance_scale: CFG scale as at inference.
         ridge: μ relative to the mean diagonal of each entry's Gram matrix, pulling towards the
             step-distance rule's coefficients.
-        class_labels, prompt_embeds, …: the conditions to draw from, as for :func:`train_router`.
+        class_labels, prompt_embeds, …, latent_size, distilled_guidance: the conditions to draw from
+            and the flow-matching families' latent size and guidance, as for :func:`train_router`.
         progress: a tqdm bar over the steps.
 
     Returns:
@@ -185,6 +190,10 @@ def fit_forecast(
             prompt_attention_mask,
             negative_prompt_embeds,
             negative_prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            latent_size,
+            distilled_guidance,
         ),
         cfg=guidance_scale > 1,
         guidance_scale=guidance_scale,

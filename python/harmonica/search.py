@@ -115,10 +115,9 @@ def search_schedule(
             features of one step stay consistent), one step per round, then single units for a
             remainder smaller than a step; ``"unit"`` flips single units, ``rounds`` batches.
         forecast_order: 1 or 2: every reused entry is forecast at that order (as its history allows,
-            :meth:`CacheSchedule.with_forecast`, step-distance coefficients) while the costs are
-            measured, so the search places the computes where forecasting needs them; each cost is
-            then one whole sampling run (T forwards) with the engine. The result's schedule forecasts
-            0: plain reuse.
+            :meth:`CacheSchedule.with_forecast`) while the costs are measured, so the search places
+            the computes where forecasting needs them; each cost is then one whole sampling run (T
+            forwards) with the engine, and the result's schedules forecast. 0: plain reuse.
         fit_coefficients: with forecasting, every candidate schedule gets least-squares coefficients
             (:func:`harmonica.fit_forecast` on another batch than the errors are measured on: one
             more run per candidate, every unit computed) before its error is measured, so the search

@@ -108,3 +108,33 @@ def test_schedule_search_on_flow_matching(kind):
     )
     assert result.schedule.cache_usage_ratio == pytest.approx(0.25)
     assert result.schedule.num_units == len(units(model))
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_forecast_fit_and_search_on_flow_matching(kind):
+    from harmonica import CacheSchedule, fit_forecast, search_schedule
+
+    model = tiny(kind)
+    text, pooled = prompts(3)
+    conditions = dict(
+        guidance_scale=1.0 if kind == "flux" else 3.0,
+        prompt_embeds=text,
+        pooled_prompt_embeds=pooled if kind == "flux" else None,
+        latent_size=4,
+        progress=False,
+    )
+    steps = 6
+    schedule = CacheSchedule.fora(steps, len(units(model)), 2, order=2, warmup=1)
+    fit = fit_forecast(model, flow_scheduler(), schedule, batch_size=2, **conditions)
+    assert fit.schedule.compute.equal(schedule.compute) and fit.schedule.forecasts
+    assert not torch.equal(fit.schedule.coefficients, schedule.coefficients)
+    found = search_schedule(
+        model,
+        flow_scheduler(),
+        num_steps=steps,
+        target_cur=1 / 3,
+        forecast_order=1,
+        batch_size=2,
+        **conditions,
+    )
+    assert found.schedule.cache_usage_ratio == pytest.approx(1 / 3) and found.schedule.forecasts
