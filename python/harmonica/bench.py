@@ -38,6 +38,7 @@ _E2E_NAMES = {
     "full": "`CacheSchedule.full`",
     "fora2": "FORA N=2",
     "fora3": "FORA N=3",
+    "forecast3": "FORA N=3 + order-2 forecast",
     "mask37": "`from_mask`, CUR 37.5 %",
 }
 
