@@ -10,8 +10,8 @@ schedule itself:
     (a, b) = argmin Σ ‖y_t − c0 − a·d1 − b·d2‖² + μ·‖(a, b) − (a₀, b₀)‖²,  d1 = c0 − c1, d2 = c0 − 2c1 + c2
 
 over a batch of samples, where ``y_t`` is the unit's output at step t (computed for the fit only),
-the history is the one the cached run itself holds, and ``(a₀, b₀)`` are the rule's coefficients (a
-small ridge μ, relative to the Gram matrix's trace, keeps a nearly collinear history from producing
+the history is the one the cached run itself holds, and ``(a₀, b₀)`` are the rule's coefficients (the
+ridge μ, relative to the Gram matrix's mean diagonal, keeps a nearly collinear history from producing
 large coefficients). The fit runs step by step on the cached trajectory (each forecast uses its
 fitted coefficients before the next unit runs), so later entries are fitted on the inputs they will
 see at inference. Cost: one sampling run of the batch with every unit computed (the branches of
@@ -69,9 +69,8 @@ class _FittingHandle(CacheHandle):
     def __init__(self, transformer: Any, schedule: CacheSchedule, ridge: float) -> None:
         super().__init__(transformer, schedule)
         self.ridge = ridge
-        self.errors = torch.full(
-            (schedule.num_steps, schedule.num_units, 2), float("nan"), dtype=torch.float64
-        )
+        # (step, unit) -> (fitted, rule) squared errors, kept on the device until the run ends
+        self.errors: dict[tuple[int, int], torch.Tensor] = {}
 
     def _fit(self, unit: int, branch: Any) -> None:
         y = branch().double()
@@ -88,7 +87,7 @@ class _FittingHandle(CacheHandle):
         solution = torch.linalg.solve(gram + mu * eye, X.T @ target + mu * prior)
         rule_error = (target - X @ prior).square().sum()
         fit_error = (target - X @ solution).square().sum()
-        self.errors[self._step, unit] = torch.stack([fit_error, rule_error]).cpu()
+        self.errors[self._step, unit] = torch.stack([fit_error, rule_error])
         coefficients[: len(features)] = solution.to(coefficients.dtype)
 
     def computes(self, unit: int) -> bool:
@@ -233,5 +232,7 @@ def fit_on(
     orders = schedule.orders
     fitted[orders == 0] = 0
     fitted[..., 1][orders == 1] = 0
-    residual = (handle.errors[..., 0] / handle.errors[..., 1]).float()
+    residual = torch.full(schedule.compute.shape, float("nan"))
+    for (t, k), (fit_error, rule_error) in handle.errors.items():
+        residual[t, k] = (fit_error / rule_error).item()
     return ForecastFit(schedule.with_coefficients(fitted), schedule, residual, time.perf_counter() - began)
