@@ -29,7 +29,7 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -388,7 +388,6 @@ class _Runner:
         """Final-sample MSE change of flipping each eligible entry (compute → reuse when ``grow``), or
         each eligible entry of ``only``. With ``whole_steps`` a candidate is every flippable unit of
         one step, keyed ``(t, -1)``."""
-        wanted = None if only is None else set(only)
         setup = self.setup
         states: dict[int, tuple[torch.Tensor, list, Any]] = {}
 
@@ -399,23 +398,14 @@ class _Runner:
         setup.handle.reset()
         base = F.mse_loss(self._run(mask, 0, self.x, on_step=keep).double(), reference).item()
         costs = {}
-        for t in range(1, self.num_steps):
-            keys = [(t, -1)] if whole_steps else [(t, k) for k in range(mask.shape[1])]
-            for key in keys:
-                if wanted is not None and key not in wanted:
-                    continue
-                trial = _flipped(mask, key, grow)
-                if torch.equal(trial, mask):
-                    continue
-                if grow and max_age is not None and CacheSchedule(trial).max_age() > max_age:
-                    continue
-                x, buffers, scheduler = states[t]
-                setup.scheduler = copy.deepcopy(scheduler)
-                setup.handle.restore(buffers)
-                final = self._run(trial, t, x).double()
-                costs[key] = F.mse_loss(final, reference).item() - base
-                if bar is not None:
-                    bar.update(1)
+        for key, trial in _candidates(mask, grow=grow, max_age=max_age, whole_steps=whole_steps, only=only):
+            x, buffers, scheduler = states[key[0]]
+            setup.scheduler = copy.deepcopy(scheduler)
+            setup.handle.restore(buffers)
+            final = self._run(trial, key[0], x).double()
+            costs[key] = F.mse_loss(final, reference).item() - base
+            if bar is not None:
+                bar.update(1)
         return costs
 
 
@@ -488,22 +478,36 @@ class _EngineRunner:
         bar=None,
     ) -> dict[tuple[int, int], float]:
         """As :meth:`_Runner.flip_costs`, each candidate a whole run."""
-        wanted = None if only is None else set(only)
         base = F.mse_loss(self.final(mask), reference).item()
         costs = {}
-        for t in range(1, self.num_steps):
-            for key in [(t, -1)] if whole_steps else [(t, k) for k in range(mask.shape[1])]:
-                if wanted is not None and key not in wanted:
-                    continue
-                trial = _flipped(mask, key, grow)
-                if torch.equal(trial, mask):
-                    continue
-                if grow and max_age is not None and CacheSchedule(trial).max_age() > max_age:
-                    continue
-                costs[key] = F.mse_loss(self.final(trial), reference).item() - base
-                if bar is not None:
-                    bar.update(1)
+        for key, trial in _candidates(mask, grow=grow, max_age=max_age, whole_steps=whole_steps, only=only):
+            costs[key] = F.mse_loss(self.final(trial), reference).item() - base
+            if bar is not None:
+                bar.update(1)
         return costs
+
+
+def _candidates(
+    mask: torch.Tensor,
+    *,
+    grow: bool,
+    max_age: int | None,
+    whole_steps: bool,
+    only: list[tuple[int, int]] | None,
+) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+    """``(key, flipped mask)`` for every entry (or whole step, key ``(t, -1)``) of steps 1…T−1 that
+    may flip: it changes the mask, respects the age cap when growing, and is in ``only`` if given."""
+    wanted = None if only is None else set(only)
+    for t in range(1, mask.shape[0]):
+        for key in [(t, -1)] if whole_steps else [(t, k) for k in range(mask.shape[1])]:
+            if wanted is not None and key not in wanted:
+                continue
+            trial = _flipped(mask, key, grow)
+            if torch.equal(trial, mask):
+                continue
+            if grow and max_age is not None and CacheSchedule(trial).max_age() > max_age:
+                continue
+            yield key, trial
 
 
 def _flipped(mask: torch.Tensor, key: tuple[int, int], grow: bool) -> torch.Tensor:
