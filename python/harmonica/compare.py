@@ -25,6 +25,7 @@ nothing is downloaded). Results: a terminal table and, with ``out_dir``,
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from .peers import (
     DBCache,
     EvenSteps,
     FirstBlockCache,
+    FittedForecast,
     Fora,
     Forecast,
     MagCache,
@@ -82,6 +84,7 @@ __all__ = [
 DEFAULT_SWEEP: dict[str, tuple[str, ...]] = {
     "fora": ("2", "3", "4", "5"),
     "forecast": ("2", "3", "4"),
+    "fitted": ("2", "3", "4"),
     "fbcache": ("0.05", "0.1", "0.2"),
     "taylorseer": ("default", "2", "3", "4"),
     "magcache": ("0.03", "0.24", "0.24:5"),
@@ -118,6 +121,8 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     ==============  ======================================  ===========================================
     ``fora``        ``N`` (int ≥ 1)                         compute every unit on steps ``t % N == 0``
     ``forecast``    ``N`` or ``N:order`` (order 1–2)        FORA N with Taylor forecasting (default order 2)
+    ``fitted``      ``N`` or ``N:order``                    the same with coefficients fitted on this model
+                                                            (:func:`harmonica.fit_forecast`, other noise)
     ``steps``       usage (float in [0, 1))                 every unit reused on evenly spaced steps
     ``fbcache``     ``τ`` (float > 0)                       FirstBlockCache threshold
     ``taylorseer``  ``N`` or ``N:order``, or ``default``    cache interval (and Taylor order); ``default``
@@ -135,12 +140,15 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     if family == "fora":
         n = _number(family, text, int, 1, "pass the FORA interval N, e.g. 3")
         return Fora(f"FORA N={n}", interval=n)
-    if family == "forecast":
+    if family in ("forecast", "fitted"):
+        fitted = family == "fitted"
         hint = "pass the interval N (e.g. 2) or N:order (e.g. 3:1); order 1 or 2, default 2"
         n = _number(family, head, int, 1, hint)
         order = _number(family, tail, int, 1, hint) if tail else 2
         if order > 2:
-            raise ValueError(f"forecast: order {order} is not 1 or 2; {hint}")
+            raise ValueError(f"{family}: order {order} is not 1 or 2; {hint}")
+        if fitted:
+            return FittedForecast(f"fitted forecast N={n} order {order}", interval=n, order=order)
         return Forecast(f"forecast N={n} order {order}", interval=n, order=order)
     if family == "steps":
         usage = _number(family, text, float, 0.0, "pass a cache usage ratio in [0, 1), e.g. 0.35")
@@ -171,7 +179,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
         tau = _number(family, head, float, 1e-12, hint)
         fn = _number(family, tail, int, 1, hint) if tail else 1
         return DBCache(f"DBCache F{fn}B0 τ={tau:g}", threshold=tau, fn_compute_blocks=fn)
-    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps"}))
+    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps", "fitted"}))
     raise ValueError(f"unknown method family {family!r}; choose from {known} (routers: pass routers=...)")
 
 
@@ -218,6 +226,7 @@ class _Workload:
     labels: torch.Tensor | None = None
     calibration_noise: torch.Tensor | None = None
     output_space: str = "pixels"
+    fit_setup: Callable[[], Any] | None = None
 
     def generate(self, index: int, noise: torch.Tensor | None = None) -> torch.Tensor:
         part = self.batches[index]
@@ -590,6 +599,29 @@ def _workload(
         from .reference import load_classifier
 
         classifier = load_classifier()
+
+    def fit_setup() -> Any:
+        """The sampling set-up of router training for this workload's conditions (fitted forecasts)."""
+        from .training import _ClassConditioning, _Group, _PromptConditioning, _Setup
+
+        if is_flow_family(transformer):
+            conditioning, cfg = setup.conditioning, setup.cfg
+        elif is_dit:
+            conditioning, cfg = _ClassConditioning(transformer, labels.unique()), guidance_scale > 1
+        else:
+            conditioning = _PromptConditioning(
+                transformer,
+                conditions["prompt_embeds"],
+                conditions.get("prompt_attention_mask"),
+                conditions.get("negative_prompt_embeds"),
+                conditions.get("negative_prompt_attention_mask"),
+            )
+            cfg = guidance_scale > 1
+        device = next(transformer.parameters()).device
+        return _Setup(
+            transformer, None, copy.deepcopy(scheduler), conditioning, cfg, guidance_scale, device, _Group()
+        )
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     noise = seeded_noise(transformer, count, seed, sample_shape)
@@ -610,6 +642,7 @@ def _workload(
         labels=labels,
         calibration_noise=calibration,
         output_space="pixels" if is_reference or vae is not None else "latents",
+        fit_setup=fit_setup,
     )
 
 
@@ -865,6 +898,7 @@ def _matched_speedup(rows: list[MethodRow]) -> list[str]:
 _FAMILY_STYLE = {
     "FORA": ("tab:blue", "o"),
     "forecast": ("tab:cyan", "X"),
+    "fitted forecast": ("tab:olive", "P"),
     "router": ("tab:red", "*"),
     "FirstBlockCache": ("tab:orange", "s"),
     "TaylorSeer": ("tab:green", "^"),
@@ -1150,7 +1184,7 @@ def compare(
         with torch.inference_mode():
             work.generate(0, noise=work.calibration_noise)
 
-    run = RunInfo(num_inference_steps=steps, calibrate=calibrate)
+    run = RunInfo(num_inference_steps=steps, calibrate=calibrate, fit_setup=work.fit_setup, seed=seed + 2)
 
     bar = tqdm(total=1 + len(method_list), desc="compare", disable=not progress)
     bar.set_postfix_str("uncached")

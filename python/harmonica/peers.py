@@ -68,6 +68,7 @@ __all__ = [
     "DBCache",
     "FirstBlockCache",
     "Fora",
+    "FittedForecast",
     "Forecast",
     "MagCache",
     "Method",
@@ -89,11 +90,15 @@ class RunInfo:
     ``calibrate`` runs one uncached generation of the calibration batch on the (clean) transformer
     and returns nothing; a method that needs a calibration pass (MagCache) wraps it around its own
     calibration hooks. ``memo`` holds results shared by the methods of one run (the calibration).
+    ``fit_setup`` makes router training's sampling set-up for the run's model, sampler and conditions
+    (fitted forecasts draw their own noise from ``seed``).
     """
 
     num_inference_steps: int
     calibrate: Callable[[], None]
     memo: dict[str, Any] = field(default_factory=dict)
+    fit_setup: Callable[[], Any] | None = None
+    seed: int = 0
 
 
 class Attachment(abc.ABC):
@@ -184,6 +189,29 @@ class Forecast(Fora):
 
     def schedule(self, transformer: nn.Module, num_steps: int) -> CacheSchedule:
         return CacheSchedule.fora(num_steps, len(units(transformer)), self.interval, order=self.order)
+
+
+@dataclass
+class FittedForecast(Forecast):
+    """:class:`Forecast` with coefficients fitted on the compared model (:func:`harmonica.fit_forecast`
+    on 16 samples of noise drawn from the run's seed + 2, not the evaluation noise), once per run."""
+
+    family = "fitted forecast"
+    _fitted: CacheSchedule | None = field(default=None, init=False, repr=False)
+
+    def prepare(self, transformer: nn.Module, run: RunInfo) -> None:
+        from .forecast import DEFAULT_RIDGE, fit_on
+
+        if run.fit_setup is None:
+            raise ValueError("fitting forecasts needs the run's sampling set-up (RunInfo.fit_setup)")
+        rule = super().schedule(transformer, run.num_inference_steps)
+        fit = fit_on(run.fit_setup(), rule, batch_size=16, seed=run.seed, ridge=DEFAULT_RIDGE, progress=False)
+        self._fitted = fit.schedule
+
+    def schedule(self, transformer: nn.Module, num_steps: int) -> CacheSchedule:
+        if self._fitted is None or self._fitted.num_steps != num_steps:
+            raise RuntimeError("prepare() fits the forecast before the schedule is used")
+        return self._fitted
 
 
 @dataclass
@@ -680,6 +708,7 @@ class DBCache(Method):
 FAMILIES: dict[str, type[Method]] = {
     "fora": Fora,
     "forecast": Forecast,
+    "fitted": FittedForecast,
     "router": RouterMethod,
     "fbcache": FirstBlockCache,
     "taylorseer": TaylorSeer,

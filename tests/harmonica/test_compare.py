@@ -265,3 +265,19 @@ def test_dbcache_without_cache_dit_is_reported_unavailable(dit, monkeypatch):
     report = compare(dit, scheduler=ddim(), methods={"dbcache": [0.1], "fora": [2]}, **FAST)
     assert report.row("DBCache F1B0 τ=0.1").status.startswith("unavailable: cache-dit is not installed")
     assert report.row("DBCache F1B0 τ=0.1").skipped_share is None and report.row("FORA N=2").status == "ok"
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_pixart], ids=["dit", "pixart"])
+def test_fitted_forecast_fits_on_the_compared_model(make):
+    model = make(num_layers=3)
+    kwargs = dict(FAST)
+    if make is tiny_pixart:
+        g = torch.Generator().manual_seed(0)
+        kwargs["prompt_embeds"] = {
+            "prompt_embeds": torch.randn(2, TEXT_TOKENS, CAPTION_CHANNELS, generator=g)
+        }
+    report = compare(model, scheduler=ddim(), methods={"forecast": ["2"], "fitted": ["2"]}, **kwargs)
+    rule, fitted = report.row("forecast N=2 order 2"), report.row("fitted forecast N=2 order 2")
+    assert rule.status == fitted.status == "ok"
+    assert fitted.skipped_share == rule.skipped_share and fitted.family == "fitted forecast"
+    assert fitted.psnr != rule.psnr, "the fitted coefficients must change the samples"

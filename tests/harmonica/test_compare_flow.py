@@ -59,6 +59,7 @@ def test_compare_fora_forecast_and_peers(kind):
     methods = [
         method_from_spec("fora", 2),
         method_from_spec("forecast", "2"),
+        method_from_spec("fitted", "2"),
         method_from_spec("fbcache", 0.2),
         method_from_spec("magcache", 0.24),
         method_from_spec("pab", 2),
@@ -84,7 +85,7 @@ def test_compare_fora_forecast_and_peers(kind):
     baseline = report.rows[0]
     assert baseline.method == "uncached" and baseline.psnr is None and baseline.mse == 0
 
-    for label, order in (("FORA N=2", 0), ("forecast N=2 order 2", 2)):
+    for label, order in (("FORA N=2", 0), ("forecast N=2 order 2", 2), ("fitted forecast N=2 order 2", 2)):
         row = report.row(label)
         assert row.status == "ok", (label, row.status)
         schedule = CacheSchedule.fora(STEPS, num_units, 2, order=order)
@@ -94,7 +95,8 @@ def test_compare_fora_forecast_and_peers(kind):
         assert row.psnr is not None and math.isfinite(row.psnr) and row.psnr > 20
         assert len(row.executed) == STEPS and len(row.executed[0]) == num_units
     # peers run through diffusers' hooks, or say why not; none crashes the sweep
-    for row in report.rows[3:]:
+    assert report.row("fitted forecast N=2 order 2").psnr != report.row("forecast N=2 order 2").psnr
+    for row in report.rows[4:]:
         assert row.status in ("ok", "skipped nothing") or row.status.startswith("unavailable"), row.status
         if row.status == "ok":
             assert 0 < row.skipped_share < 1 and row.psnr is not None
