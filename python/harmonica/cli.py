@@ -176,8 +176,20 @@ def _fit(args: argparse.Namespace) -> None:
     )
 
 
-def _compare(args: argparse.Namespace) -> None:
+def _label_and_path(item: str) -> tuple[str, str]:
+    """``[LABEL=]PATH`` of ``--router``: the whole item when it is a file, else split at the ``=``
+    after which a file exists (a label may hold ``=`` itself, e.g. ``N=2``), else at the first ``=``;
+    without a label, the file name."""
     import os
+
+    if os.path.exists(item) or "=" not in item:
+        return os.path.splitext(os.path.basename(item))[0], item
+    cuts = [i for i, char in enumerate(item) if char == "="]
+    cut = next((i for i in cuts if os.path.exists(item[i + 1 :])), cuts[0])
+    return item[:cut], item[cut + 1 :]
+
+
+def _compare(args: argparse.Namespace) -> None:
 
     import torch
 
@@ -202,9 +214,7 @@ def _compare(args: argparse.Namespace) -> None:
         sweep[family.strip()] = [v for v in values.split(",") if v.strip()]
     routers: dict[str, str] = {}
     for item in [path for group in args.router for path in group]:
-        label, sep, path = item.partition("=")
-        if not sep or os.path.exists(item):
-            label, path = os.path.splitext(os.path.basename(item))[0], item
+        label, path = _label_and_path(item)
         routers[label] = path
     prompt_embeds = None
     if args.prompt_embeds:

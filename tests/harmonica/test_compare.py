@@ -281,3 +281,14 @@ def test_fitted_forecast_fits_on_the_compared_model(make):
     assert rule.status == fitted.status == "ok"
     assert fitted.skipped_share == rule.skipped_share and fitted.family == "fitted forecast"
     assert fitted.psnr != rule.psnr, "the fitted coefficients must change the samples"
+
+
+def test_router_labels_may_hold_an_equals_sign(tmp_path):
+    from harmonica.cli import _label_and_path
+
+    path = tmp_path / "r=1.safetensors"
+    path.write_bytes(b"")
+    assert _label_and_path(f"fitted N=2={path}") == ("fitted N=2", str(path))
+    assert _label_and_path(str(path)) == ("r=1", str(path))
+    assert _label_and_path(f"plain={path}") == ("plain", str(path))
+    assert _label_and_path("a=missing.safetensors") == ("a", "missing.safetensors")
