@@ -189,6 +189,36 @@ def with_mlp_input(
     return result, norm(result) * (1 + as_row(scale)) + as_row(shift)
 
 
+def joint_stream_residuals(
+    handle: CacheHandle,
+    units: tuple[int, int, int, int],
+    x: torch.Tensor,
+    c: torch.Tensor,
+    attention_gates: tuple[torch.Tensor | None, torch.Tensor | None],
+    attention: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    streams: tuple[tuple[Any, ...], tuple[Any, ...]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The double-stream block tail shared by FLUX.1, FLUX.2 and Qwen-Image: the joint attention's
+    two gated residuals (``units[0:2]``, one call feeding both), then each stream's MLP residual
+    (``units[2:4]``). ``streams`` holds, for the image then the text stream, ``(mlp_gate, shift,
+    scale, eps, norm, mlp)``: the MLP's gate and input modulation, its LayerNorm's eps (None: affine,
+    not fused) and module, and the MLP. Returns the image and text residual streams ``(x, c)``."""
+    attn, attn_context, mlp, mlp_context = units
+    runs = (handle.computes(mlp), handle.computes(mlp_context))
+    norms = tuple(
+        mlp_norm(run, eps, shift, scale)
+        for run, (_, shift, scale, eps, _, _) in zip(runs, streams, strict=True)
+    )
+    results = handle.unit_residuals((attn, attn_context), (x, c), attention_gates, attention, norms)
+    out = []
+    for unit, result, run, (gate, shift, scale, _, norm, module) in zip(
+        (mlp, mlp_context), results, runs, streams, strict=True
+    ):
+        stream, h = with_mlp_input(result, run, norm, shift, scale)
+        out.append(handle.unit_residual(unit, stream, gate, functools.partial(module, h)))
+    return out[0], out[1]
+
+
 def shape_of(value: Any) -> Any:
     """A tensor's shape as a tuple, or the type name of anything else (for error messages)."""
     return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

@@ -27,9 +27,8 @@ from .base import (
     CachedBlock,
     UnsupportedModelError,
     joint_attention_flops,
-    mlp_norm,
+    joint_stream_residuals,
     plain_layer_norm_eps,
-    with_mlp_input,
 )
 from .flux import DOUBLE, NATIVE_TOKENS, SINGLE, FluxAdapter, grid_ids
 
@@ -87,22 +86,29 @@ class CachedFlux2DoubleBlock(CachedBlock):
         (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = (
             Flux2Modulation.split(temb_mod_txt, 2)
         )
-        ff_runs, context_ff_runs = handle.computes(ff), handle.computes(ff_context)
         x, c = hidden_states, encoder_hidden_states
         attention = functools.partial(
             self._attention, x, c, (shift_msa, scale_msa, c_shift_msa, c_scale_msa), image_rotary_emb, kwargs
         )
-        norms = (
-            mlp_norm(ff_runs, self._eps, shift_mlp, scale_mlp),
-            mlp_norm(context_ff_runs, self._context_eps, c_shift_mlp, c_scale_mlp),
+        x, c = joint_stream_residuals(
+            handle,
+            (attn, attn_context, ff, ff_context),
+            x,
+            c,
+            (gate_msa, c_gate_msa),
+            attention,
+            (
+                (gate_mlp, shift_mlp, scale_mlp, self._eps, self.norm2, self.ff),
+                (
+                    c_gate_mlp,
+                    c_shift_mlp,
+                    c_scale_mlp,
+                    self._context_eps,
+                    self.norm2_context,
+                    self.ff_context,
+                ),
+            ),
         )
-        image, text = handle.unit_residuals(
-            (attn, attn_context), (x, c), (gate_msa, c_gate_msa), attention, norms
-        )
-        x, h = with_mlp_input(image, ff_runs, self.norm2, shift_mlp, scale_mlp)
-        c, hc = with_mlp_input(text, context_ff_runs, self.norm2_context, c_shift_mlp, c_scale_mlp)
-        x = handle.unit_residual(ff, x, gate_mlp, functools.partial(self.ff, h))
-        c = handle.unit_residual(ff_context, c, c_gate_mlp, functools.partial(self.ff_context, hc))
         if c.dtype == torch.float16:
             c = c.clip(-65504, 65504)
         return c, x

@@ -31,11 +31,10 @@ from .base import (
     call_argument,
     joint_attention_flops,
     joint_attention_modules,
-    mlp_norm,
+    joint_stream_residuals,
     plain_layer_norm_eps,
     project_chunks,
     shape_of,
-    with_mlp_input,
 )
 
 if TYPE_CHECKING:
@@ -109,15 +108,18 @@ class CachedQwenImageBlock(CachedBlock):
             image_rotary_emb,
             joint_attention_kwargs or {},
         )
-        norms = (
-            mlp_norm(mlp_runs, self._eps, shift2, scale2),
-            mlp_norm(txt_mlp_runs, self._context_eps, c_shift2, c_scale2),
+        x, c = joint_stream_residuals(
+            handle,
+            (attn, attn_context, mlp, txt_mlp),
+            x,
+            c,
+            (gate1, c_gate1),
+            attention,
+            (
+                (gate2, shift2, scale2, self._eps, self.img_norm2, self.img_mlp),
+                (c_gate2, c_shift2, c_scale2, self._context_eps, self.txt_norm2, self.txt_mlp),
+            ),
         )
-        image, text = handle.unit_residuals((attn, attn_context), (x, c), (gate1, c_gate1), attention, norms)
-        x, h = with_mlp_input(image, mlp_runs, self.img_norm2, shift2, scale2)
-        c, hc = with_mlp_input(text, txt_mlp_runs, self.txt_norm2, c_shift2, c_scale2)
-        x = handle.unit_residual(mlp, x, gate2, functools.partial(self.img_mlp, h))
-        c = handle.unit_residual(txt_mlp, c, c_gate2, functools.partial(self.txt_mlp, hc))
         if c.dtype == torch.float16:
             c = c.clip(-65504, 65504)
         if x.dtype == torch.float16:
