@@ -211,6 +211,20 @@ def gated_residual_norm_modulate(
     reuse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     value, cache_out = (cache, None) if reuse else (y, cache)
+    return _norm_modulate(x, gate, value, shift, scale, eps, cache_out)
+
+
+def _norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    value: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    cache_out: torch.Tensor | None,
+    history: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate ``(x_out, h)`` and launch the norm kernel (``history``: the forecast's c1, c2, coeffs)."""
     x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(x, memory_format=torch.contiguous_format)
     with _on_device(x):
@@ -227,6 +241,7 @@ def gated_residual_norm_modulate(
             x_out,
             h,
             cache_out,
+            history,
         )
     return x_out, h
 
@@ -260,25 +275,7 @@ def forecast_residual_norm_modulate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if c1 is None:  # order 0: plain reuse
         return gated_residual_norm_modulate(x, gate, None, shift, scale, eps, c0, True)
-    x_out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    h = torch.empty_like(x, memory_format=torch.contiguous_format)
-    with _on_device(x):
-        kernels.launch_gated_residual_norm_modulate(
-            x,
-            gate,
-            _batch_stride(gate),
-            c0,
-            shift,
-            _batch_stride(shift),
-            scale,
-            _batch_stride(scale),
-            float(eps),
-            x_out,
-            h,
-            None,
-            (c1, c2, coeffs),
-        )
-    return x_out, h
+    return _norm_modulate(x, gate, c0, shift, scale, eps, None, (c1, c2, coeffs))
 
 
 EAGER = {
