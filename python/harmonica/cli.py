@@ -64,6 +64,8 @@ def _train(args: argparse.Namespace) -> None:
             if args.published
             else dict(straight_through=args.straight_through, max_age=args.max_age, tie_steps=args.tie_steps)
         ),
+        forecast_order=args.forecast_order,
+        fit_coefficients=args.fit,
         write_threshold=args.write_threshold,
         threshold=args.tau,
         seed=args.seed,
@@ -445,6 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--published",
         action="store_true",
         help="the paper's method: no straight-through, no age cap, a logit per unit",
+    )
+    t.add_argument(
+        "--forecast-order",
+        type=int,
+        choices=[0, 1, 2],
+        default=0,
+        help="train with reused units forecast at this order (0: plain reuse)",
+    )
+    t.add_argument(
+        "--fit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --forecast-order: fit the forecast coefficients after training (default: on)",
     )
     t.add_argument("--lambda-batch", type=int, default=None, help="noise samples per λ estimate")
     t.add_argument("--tau", type=float, default=0.1, help="inference threshold τ of the router")

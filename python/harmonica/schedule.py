@@ -313,20 +313,27 @@ def forecast_coefficients(
             order = int(orders[t, k])
             if order == 0:
                 continue
-            s0 = computed[-1]
-            d, h0 = t - s0, s0 - computed[-2]
-            if order == 1:
-                table[t, k, 0] = d / h0
-                continue
-            h1 = computed[-2] - computed[-3]
-            if rule == "taylor":
-                A, B = d / h0 + d * d / (2 * h0 * h0), -d * d / (2 * h0 * h1)
-            else:
-                A = d / h0 + d * (d + h0) / (h0 * (h0 + h1))
-                B = -d * (d + h0) / (h1 * (h0 + h1))
-            # c0 + A·(c0 − c1) + B·(c1 − c2), with c1 − c2 = (c0 − c1) − (c0 − 2c1 + c2)
-            table[t, k, 0], table[t, k, 1] = A + B, -B
+            table[t, k, 0], table[t, k, 1] = rule_coefficients(t, computed[::-1][: order + 1], rule)
     return table
+
+
+def rule_coefficients(step: int, computed: list[int], rule: str = DEFAULT_RULE) -> tuple[float, float]:
+    """``(a, b)`` of the forecast at ``step`` from the steps that wrote its history, newest first
+    (``[s0]`` reuses, ``[s0, s1]`` order 1, ``[s0, s1, s2]`` order 2); see :func:`forecast_coefficients`."""
+    if len(computed) < 2:
+        return 0.0, 0.0
+    s0, s1 = computed[0], computed[1]
+    d, h0 = step - s0, s0 - s1
+    if len(computed) == 2:
+        return d / h0, 0.0
+    h1 = s1 - computed[2]
+    if rule == "taylor":
+        A, B = d / h0 + d * d / (2 * h0 * h0), -d * d / (2 * h0 * h1)
+    else:
+        A = d / h0 + d * (d + h0) / (h0 * (h0 + h1))
+        B = -d * (d + h0) / (h1 * (h0 + h1))
+    # c0 + A·(c0 − c1) + B·(c1 − c2), with c1 − c2 = (c0 − c1) − (c0 − 2c1 + c2)
+    return A + B, -B
 
 
 def _check_order(order: Any) -> int:

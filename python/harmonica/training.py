@@ -50,7 +50,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,7 +66,7 @@ from .adapters import adapter_for
 from .cache import CacheHandle, CacheStateError, _as_row, attach_handle, disable_cache
 from .models import fingerprint, supported_class, transformer_of, units
 from .router import LOGIT_BOUND, Router
-from .schedule import CacheSchedule
+from .schedule import DEFAULT_RULE, CacheSchedule, _check_order, rule_coefficients
 
 __all__ = ["TrainingConfig", "TrainingResult", "estimate_lambda", "train_router"]
 
@@ -97,7 +97,9 @@ class TrainingConfig:
     ``lambda_on="hard"`` measures λ on the router's hard schedule (what inference runs) instead of its
     soft blend; ``straight_through`` trains on the hard forward with the soft gradient; ``max_age``
     caps the age of a reused cache entry, in training and in the router's schedule; ``tie_steps``
-    shares one logit per step among its units.
+    shares one logit per step among its units. ``forecast_order`` (1 or 2) trains with the cached
+    path forecasting each reused unit from its last writes (the router then carries a forecasting
+    schedule, its coefficients fitted by least squares after training when ``fit_coefficients``).
     """
 
     num_steps: int
@@ -115,6 +117,8 @@ class TrainingConfig:
     straight_through: bool | None = None
     max_age: int | None | Literal["auto"] = "auto"
     tie_steps: bool | None = None
+    forecast_order: int = 0
+    fit_coefficients: bool = True
     write_threshold: float = 0.1
     threshold: float = 0.1
     seed: int = 0
@@ -131,6 +135,12 @@ class TrainingConfig:
         if cfg.lambda_on not in ("soft", "hard"):
             raise ValueError(f"lambda_on must be 'soft' or 'hard', got {cfg.lambda_on!r}")
         is_l2c = cfg.method == "l2c"
+        _check_order(cfg.forecast_order)
+        if is_l2c and cfg.forecast_order:
+            raise ValueError(
+                "forecast_order needs the step-wise trajectories of method='harmonica': L2C trains each "
+                "cached step in isolation, with no history to forecast from"
+            )
         # Defaults by measurement (README "Learned routers"): for SDT, whole steps reused together,
         # trained on the hard forward, entries at most 2 steps old; L2C keeps its own form.
         if cfg.straight_through is None:
@@ -206,27 +216,50 @@ class TrainingResult:
 class _RoutedHandle(CacheHandle):
     """A :class:`CacheHandle` whose units run in one of three modes, chosen by the trainer per call.
 
-    - ``fill``: every unit computed, its cache overwritten (the first step of a trajectory);
+    - ``fill``: every unit computed, its cache written (the first step of a trajectory, and the steps
+      of λ's runs that compute every unit);
     - ``teacher``: every unit computed, the cache neither read nor written (the uncached model);
     - ``soft``: every unit computed and blended ``r·branch + (1 − r)·cache`` with ``r = self.r[k]``
       (differentiable), the detached blend written to the cache where ``r > write_threshold``.
       With ``defer_writes`` the writes wait for :meth:`commit_writes` (after the backward pass,
       which still needs the old cache).
 
+    With ``forecast_order`` k > 0 the cache path is the unit's forecast instead of its last write:
+    each unit keeps its last k + 1 writes and the steps that made them, and ``cache`` above is
+    ``c0 + a·(c0 − c1) + b·(c0 − 2c1 + c2)`` at the highest order its history allows (what inference
+    runs with ``schedule.with_forecast(k)``), with the coefficients in ``fitted`` for that (step, unit,
+    history steps) where there are some, else the step-distance coefficients of ``rule``.
+
     The trainer sets ``step`` itself: a teacher and a student call share one denoising step.
     """
 
-    def __init__(self, transformer: nn.Module, num_steps: int, write_threshold: float) -> None:
+    def __init__(
+        self,
+        transformer: nn.Module,
+        num_steps: int,
+        write_threshold: float,
+        forecast_order: int = 0,
+        rule: str = DEFAULT_RULE,
+    ) -> None:
         num_units = len(units(transformer))
         super().__init__(transformer, CacheSchedule.full(num_steps, num_units))
-        self._history_sizes = (1,) * num_units
+        self._history_sizes = (forecast_order + 1,) * num_units
         self._all_units = (True,) * num_units
+        self.forecast_order = forecast_order
+        self.rule = rule
+        # _written[k]: the steps whose outputs unit k's history holds, newest first.
+        self._written: list[list[int]] = [[] for _ in range(num_units)]
+        self.fitted: dict[tuple[int, int, tuple[int, ...]], tuple[float, float]] = {}
         self.write_threshold = write_threshold
         self.mode = "fill"
         self.r: torch.Tensor | None = None
         self.r_host: list[float] = []
         self.defer_writes = False
         self.pending: dict[int, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        super().reset()
+        self._written = [[] for _ in self._written]
 
     def set_soft(self, r: torch.Tensor, *, defer_writes: bool) -> None:
         self.mode = "soft"
@@ -238,16 +271,37 @@ class _RoutedHandle(CacheHandle):
         self.mode = mode
         self.r = None
 
+    def _write_slot(self, unit: int) -> torch.Tensor | None:
+        written = self._written[unit]
+        written.insert(0, self._step)
+        del written[self.forecast_order + 1 :]
+        return super()._write_slot(unit)
+
+    def cache_value(self, unit: int) -> torch.Tensor:
+        """What a reuse of ``unit`` reads at the current step: its last write, or its forecast."""
+        c0 = self._cached(unit, self._buffers[unit])
+        written = self._written[unit][: self.forecast_order + 1]
+        if len(written) < 2:
+            return c0
+        a, b = self.fitted.get((self._step, unit, tuple(written))) or rule_coefficients(
+            self._step, written, self.rule
+        )
+        c1 = self._older[unit][0]
+        d1 = c0 - c1
+        if len(written) == 2:
+            return c0 + a * d1
+        return c0 + a * d1 + b * (d1 - (c1 - self._older[unit][1]))
+
     def unit_residual(self, unit, x, gate, branch):  # type: ignore[override]
         if self.mode == "fill":
             return super().unit_residual(unit, x, gate, branch)
         if self.mode == "soft" and self.r_host[unit] == 0.0 and not self.r.requires_grad:
             # A hard reuse (λ on the hard schedule, schedule search): the branch is not run at all.
-            return cached_gated_residual(x, gate, self._buffers[unit])
+            return cached_gated_residual(x, gate, self.cache_value(unit))
         y = branch()
         if self.mode == "teacher":
             return y + x if gate is None else _as_row(gate) * y + x
-        cache = self._buffers[unit]
+        cache = self.cache_value(unit)
         r = self.r[unit]
         out = routed_gated_residual(x, gate, y, cache, r)
         if self.r_host[unit] > self.write_threshold:
@@ -256,7 +310,7 @@ class _RoutedHandle(CacheHandle):
             if self.defer_writes:
                 self.pending[unit] = mixed
             else:
-                cache.copy_(mixed)
+                self._write_slot(unit).copy_(mixed)
         return out
 
     def unit_residual_norm_modulate(self, unit, x, gate, branch, shift, scale, eps):  # type: ignore[override]
@@ -269,14 +323,15 @@ class _RoutedHandle(CacheHandle):
     def commit_writes(self) -> None:
         with torch.no_grad():
             for unit, mixed in self.pending.items():
-                self._buffers[unit].copy_(mixed)
+                self._write_slot(unit).copy_(mixed)
         self.pending = {}
 
-    def snapshot(self) -> list[torch.Tensor | None]:
-        return [b.clone() if b is not None else None for b in self._buffers]
+    def snapshot(self) -> Any:
+        """The cache state (histories and the steps that wrote them), copied."""
+        return _copy_cache_state((self._buffers, self._older, self._written))
 
-    def restore(self, buffers: list[torch.Tensor | None]) -> None:
-        self._buffers = [b.clone() if b is not None else None for b in buffers]
+    def restore(self, state: Any) -> None:
+        self._buffers, self._older, self._written = _copy_cache_state(state)
 
     def _begin_step(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         layout = self._layout_of(model, args, kwargs)
@@ -293,6 +348,15 @@ class _RoutedHandle(CacheHandle):
 
     def _end_step(self) -> None:
         self._row = None
+
+
+def _copy_cache_state(state: Any) -> tuple[list, list, list]:
+    buffers, older, written = state
+
+    def copied(b: torch.Tensor | None) -> torch.Tensor | None:
+        return b.clone() if b is not None else None
+
+    return [copied(b) for b in buffers], [[copied(b) for b in o] for o in older], [list(w) for w in written]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,6 +618,13 @@ class _Group:
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
 
+    @classmethod
+    def single(cls) -> _Group:
+        """A group of this process alone (work every rank repeats on the whole batch)."""
+        group = cls.__new__(cls)
+        group._dist, group.owns_group, group.active, group.rank, group.world = None, False, False, 0, 1
+        return group
+
     def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.active and self.world > 1:
             self._dist.all_reduce(tensor)
@@ -624,7 +695,7 @@ def _sample(
     soft_steps: Callable[[int], bool],
     *,
     start: int = 0,
-    buffers: list[torch.Tensor | None] | None = None,
+    buffers: Any = None,
     timesteps: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
@@ -743,6 +814,8 @@ def train_router(
     straight_through: bool | None = None,
     max_age: int | None | Literal["auto"] = "auto",
     tie_steps: bool | None = None,
+    forecast_order: int = 0,
+    fit_coefficients: bool = True,
     write_threshold: float = 0.1,
     threshold: float = 0.1,
     seed: int = 0,
@@ -799,6 +872,14 @@ def train_router(
             ``"harmonica"``, off for L2C. The paper's method is ``straight_through=False,
             max_age=None, tie_steps=False``; these defaults measured 39.6 against its 32.9 dB at 40 %
             usage on the reference model (README "Learned routers").
+        forecast_order: 0 (default) trains the published cache path, reuse of the last write; 1 or 2
+            trains with every reused unit forecast from its last writes at that order (step-distance
+            coefficients; lower where its history is shorter), so the router learns where to compute
+            for the forecasts inference will run. The router then carries that forecasting schedule
+            (:attr:`Router.forecast`).
+        fit_coefficients: with ``forecast_order``, fit the router's forecast coefficients by least
+            squares on one batch of its own schedule after training (:func:`harmonica.fit_forecast`,
+            one sampling run); False keeps the step-distance rule.
         write_threshold: the student's blend is written to the cache where r exceeds it.
         threshold: τ of the saved router's schedule (used for the reported CUR and budget mode).
         seed: seeds the router's initial logits and every draw of noise, classes and data.
@@ -849,6 +930,8 @@ def train_router(
         straight_through=straight_through,
         max_age=max_age,
         tie_steps=tie_steps,
+        forecast_order=forecast_order,
+        fit_coefficients=fit_coefficients,
         write_threshold=write_threshold,
         threshold=threshold,
         seed=seed,
@@ -897,7 +980,7 @@ def train_router(
     group = _Group()
     device = next(transformer.parameters()).device
     available_backends()
-    handle = _RoutedHandle(transformer, config.num_steps, config.write_threshold)
+    handle = _RoutedHandle(transformer, config.num_steps, config.write_threshold, config.forecast_order)
     setup = _Setup(
         model=transformer,
         handle=handle,
@@ -985,6 +1068,10 @@ def train_router(
     if config.target_cur is not None:
         offset = _calibrate(router, config.target_cur, config.threshold, config.max_age)
     schedule = router.to_schedule(config.threshold, max_age=config.max_age)
+    if config.forecast_order:
+        router.forecast = schedule.with_forecast(config.forecast_order)
+        if config.fit_coefficients:
+            router.forecast = _fit(setup, router.forecast, config, state)
     settings = asdict(config)
     settings.update(
         beta_final=state.beta,
@@ -1056,6 +1143,9 @@ class _State:
     beta_sign: int | None = None
     elapsed: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    # (schedule, the schedule with fitted forecast coefficients) of the last fit; not checkpointed:
+    # a fit is a function of the schedule (same batch every time), so a resumed run refits the same
+    fitted: tuple[CacheSchedule, CacheSchedule] | None = None
 
 
 def _generator(seed: int, *stream: int) -> torch.Generator:
@@ -1187,9 +1277,56 @@ def _train_step(
     return student.detach(), float(loss), written
 
 
+def _fit(setup: _Setup, schedule: CacheSchedule, config: TrainingConfig, state: _State) -> CacheSchedule:
+    """``schedule`` with least-squares forecast coefficients (:func:`harmonica.fit_forecast` on one
+    batch, the same for every fit), the last fit reused while the schedule stays the same. Every
+    process fits on the whole batch, so all of them hold the same coefficients."""
+    if not schedule.forecasts:
+        return schedule
+    if state.fitted is None or state.fitted[0] != schedule:
+        from .forecast import DEFAULT_RIDGE, fit_on
+
+        fit = fit_on(
+            replace(setup, group=_Group.single()),
+            schedule,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            ridge=DEFAULT_RIDGE,
+            progress=False,
+        )
+        state.fitted = (schedule, fit.schedule)
+    return state.fitted[1]
+
+
+def _refit(setup: _Setup, router: Router, config: TrainingConfig, state: _State) -> None:
+    """Give the training forecasts the coefficients fitted for the router's current hard schedule
+    (keyed by the history steps they were fitted for: an entry whose history differs keeps the rule)."""
+    schedule = router.to_schedule(config.threshold, max_age=config.max_age)
+    schedule = schedule.with_forecast(config.forecast_order)
+    if state.fitted is not None and state.fitted[0] == schedule:
+        return
+    disable_cache(setup.model)  # the fit runs its own handle
+    try:
+        fitted = _fit(setup, schedule, config, state)
+    finally:
+        attach_handle(setup.model, setup.handle)
+    table = {}
+    compute, orders, coefficients = fitted.compute, fitted.orders, fitted.coefficients.tolist()
+    for k in range(fitted.num_units):
+        computed: list[int] = []
+        for t in range(fitted.num_steps):
+            if compute[t, k]:
+                computed.append(t)
+            elif orders[t, k]:
+                table[(t, k, tuple(computed[::-1][: int(orders[t, k]) + 1]))] = tuple(coefficients[t][k])
+    setup.handle.fitted = table
+
+
 def _sdt_trajectory(setup, router, optimizer, config, state, bar) -> list[float]:
     generator = _generator(config.seed, 1, state.trajectory)
     x, cond = _draw(setup, generator, config.batch_size)
+    if config.forecast_order and config.fit_coefficients:
+        _refit(setup, router, config, state)
     if config.lambda_variant != "none" and (
         state.lambda_at is None or state.iteration - state.lambda_at >= config.lambda_every
     ):

@@ -30,8 +30,8 @@ PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False)
 """The paper's method (train_router's defaults add straight-through, an age cap and tied steps)."""
 
 
-def _setup(model, scheduler=None, guidance=1.5) -> _Setup:
-    handle = _RoutedHandle(model, STEPS, 0.1)
+def _setup(model, scheduler=None, guidance=1.5, steps=STEPS, forecast_order=0) -> _Setup:
+    handle = _RoutedHandle(model, steps, 0.1, forecast_order)
     attach_handle(model, handle)
     return _Setup(
         model=model,
@@ -88,7 +88,7 @@ def test_soft_forward_blends_branch_and_cache_per_unit(dit):
         dit(x0, timestep=t0.expand(2), class_labels=labels)
         engine_reuse = dit(x1, timestep=t1.expand(2), class_labels=labels).sample[:, :4]
     torch.testing.assert_close(soft_zero, engine_reuse, rtol=1e-5, atol=1e-5)
-    for a, b in zip(cache_after_fill, dit._harmonica_cache._buffers, strict=True):
+    for a, b in zip(cache_after_fill[0], dit._harmonica_cache._buffers, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -136,7 +136,7 @@ def test_cache_writes_follow_the_write_threshold(dit):
     handle.set_mode("fill")
     with torch.no_grad():
         _call(setup, x, labels, 0, torch.tensor(900))
-    before = handle.snapshot()
+    before = handle.snapshot()[0]  # the newest writes
     r = torch.full((len(units(dit)),), 0.05)
     r[0], r[2] = 0.6, 0.099  # above and just below the threshold 0.1
     handle.set_soft(r, defer_writes=True)
@@ -688,3 +688,118 @@ def test_budget_control_brackets_beta_instead_of_swinging_past_it():
     first_cross = next(i for i, e in enumerate(errors) if e < 0)
     assert all(abs(e) <= abs(errors[first_cross]) + 1e-9 for e in errors[first_cross:])
     assert abs(usage(state.beta) - target) < 0.011
+
+
+# --------------------------------------------------------------------------------------------------
+# Training with the forecast as the cached path (forecast_order)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forecast_path_runs_what_the_engine_runs_on_the_same_hard_schedule(order):
+    """A hard schedule through the training handle with ``forecast_order`` k ends on the sample of the
+    inference engine running ``schedule.with_forecast(k)`` (whose forecasts are oracle-tested), with
+    unequal step distances and units whose history is too short for order k."""
+    from harmonica.sampling import sample
+
+    model = tiny_dit(num_layers=2)
+    steps = 8
+    compute = torch.ones(steps, len(units(model)), dtype=torch.bool)
+    compute[[1, 4, 6, 7], 0] = False  # unit 0: reuse (one write), then forecasts at distances 1 and 2
+    compute[[2, 3, 5, 7], 1] = False
+    compute[[3, 6], 2:] = False
+    setup = _setup(model, guidance=1.0, steps=steps, forecast_order=order)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([5, 9])
+    trained = _sample(setup, noise.clone(), labels, compute.float(), lambda i: True)
+    disable_cache(model)
+    schedule = CacheSchedule.from_mask(compute).with_forecast(order)
+    assert schedule.forecasts
+    enable_cache(model, schedule)
+    common = dict(num_inference_steps=steps, guidance_scale=1.0, noise=noise, clamp=False)
+    engine = sample(model, ddim(), labels, **common)
+    disable_cache(model)
+    reuse = sample(model, ddim(), labels, **common)
+    torch.testing.assert_close(trained, engine, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(trained, reuse, rtol=1e-4, atol=1e-5)  # cached units do matter here
+
+
+def test_forecast_path_gradient_matches_finite_differences():
+    """With a forecast as the cached path, d loss / d logits still matches central differences."""
+    model = tiny_dit(num_layers=2)
+    setup = _setup(model, guidance=1.0, forecast_order=2)
+    handle = setup.handle
+    gen = torch.Generator().manual_seed(2)
+    xs = torch.randn(4, 2, 4, 8, 8, generator=gen)
+    labels = torch.tensor([1, 2])
+    handle.reset()
+    handle.set_mode("fill")
+    with torch.no_grad():
+        for step, t in enumerate((900, 800, 700)):
+            _call(setup, xs[step], labels, step, torch.tensor(t))
+        handle.set_mode("teacher")
+        teacher = _call(setup, xs[3], labels, 3, torch.tensor(600))
+        handle.set_soft(torch.zeros(len(units(model))), defer_writes=True)
+        forecast = _call(setup, xs[3], labels, 3, torch.tensor(600))
+    assert not torch.allclose(forecast, teacher)
+    logits = torch.randn(len(units(model)), generator=gen, requires_grad=True)
+
+    def loss_of(lg):
+        handle.set_soft(torch.sigmoid(lg), defer_writes=True)
+        out = _call(setup, xs[3], labels, 3, torch.tensor(600))
+        handle.pending = {}
+        return torch.nn.functional.mse_loss(out, teacher)
+
+    (grad,) = torch.autograd.grad(loss_of(logits), logits)
+    assert (grad != 0).all()
+    eps = 1e-2
+    for k in range(logits.numel()):
+        bump = torch.zeros_like(logits)
+        bump[k] = eps
+        with torch.no_grad():
+            numeric = (loss_of(logits + bump) - loss_of(logits - bump)) / (2 * eps)
+        torch.testing.assert_close(grad[k], numeric, rtol=2e-2, atol=1e-3 * grad.abs().max().item())
+    disable_cache(model)
+
+
+@pytest.mark.parametrize("fit", [True, False])
+def test_training_with_forecasts_gives_a_router_that_forecasts(tmp_path, fit):
+    model = tiny_dit(num_layers=1)
+    result = train_router(
+        model,
+        ddim(),
+        num_steps=8,
+        iterations=14,
+        batch_size=2,
+        lr=0.5,
+        target_cur=0.5,
+        max_age=None,
+        forecast_order=2,
+        fit_coefficients=fit,
+        lambda_variant="none",
+        progress=False,
+    )
+    router = result.router
+    hard = CacheSchedule(router.to_schedule().compute)
+    forecast = router.forecast
+    assert forecast is not None and forecast.forecasts
+    assert torch.equal(forecast.compute, hard.compute) and router.to_schedule() is forecast
+    rule = hard.with_forecast(2)
+    assert torch.equal(forecast.orders, rule.orders)
+    assert torch.equal(forecast.coefficients, rule.coefficients) != fit
+    assert result.router.training_settings["forecast_order"] == 2
+    path = tmp_path / "router.safetensors"
+    router.save(path)
+    loaded = Router.load(path, model=model)
+    assert torch.equal(loaded.forecast.coefficients, forecast.coefficients)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(forecast_order=3), "order is the forecast order.*got 3"),
+        (dict(forecast_order=2, method="l2c"), "forecast_order needs the step-wise trajectories"),
+    ],
+)
+def test_forecast_settings_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train_router(tiny_dit(num_layers=1), ddim(), num_steps=STEPS, iterations=1, progress=False, **kwargs)
