@@ -60,11 +60,15 @@ def _train(args: argparse.Namespace) -> None:
         lambda_batch_size=args.lambda_batch,
         lambda_on=args.lambda_on,
         **(
-            dict(straight_through=False, max_age=None, tie_steps=False)
+            dict(straight_through=False, max_age=None, tie_steps=False, forecast_order=0)
             if args.published
-            else dict(straight_through=args.straight_through, max_age=args.max_age, tie_steps=args.tie_steps)
+            else dict(
+                straight_through=args.straight_through,
+                max_age=args.max_age,
+                tie_steps=args.tie_steps,
+                forecast_order=args.forecast_order,
+            )
         ),
-        forecast_order=args.forecast_order,
         fit_coefficients=args.fit,
         write_threshold=args.write_threshold,
         threshold=args.tau,
@@ -446,14 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--published",
         action="store_true",
-        help="the paper's method: no straight-through, no age cap, a logit per unit",
+        help="the paper's method: no straight-through, no age cap, a logit per unit, plain reuse",
     )
     t.add_argument(
         "--forecast-order",
         type=int,
         choices=[0, 1, 2],
-        default=0,
-        help="train with reused units forecast at this order (0: plain reuse)",
+        default=None,
+        help="train with reused units forecast at this order, 0: plain reuse (default: 2; L2C 0)",
     )
     t.add_argument(
         "--fit",

@@ -74,6 +74,9 @@ Method = Literal["harmonica", "l2c"]
 LambdaVariant = Literal["marginal", "leave_one_out", "none"]
 LambdaOn = Literal["soft", "hard"]
 
+DEFAULT_FORECAST_ORDER = 2
+"""``train_router``'s cached path for SDT: order-2 forecasts of reused units (README "Learned routers")."""
+
 DEFAULT_TARGET_CUR = 0.35
 """Budget of a run given neither ``beta`` nor ``target_cur``: β is a scale that fits only the model
 it was tuned on, so without one the trainer aims at this cache usage ratio instead."""
@@ -117,7 +120,7 @@ class TrainingConfig:
     straight_through: bool | None = None
     max_age: int | None | Literal["auto"] = "auto"
     tie_steps: bool | None = None
-    forecast_order: int = 0
+    forecast_order: int | None = None
     fit_coefficients: bool = True
     write_threshold: float = 0.1
     threshold: float = 0.1
@@ -135,6 +138,8 @@ class TrainingConfig:
         if cfg.lambda_on not in ("soft", "hard"):
             raise ValueError(f"lambda_on must be 'soft' or 'hard', got {cfg.lambda_on!r}")
         is_l2c = cfg.method == "l2c"
+        if cfg.forecast_order is None:
+            cfg.forecast_order = 0 if is_l2c else DEFAULT_FORECAST_ORDER
         _check_order(cfg.forecast_order)
         if is_l2c and cfg.forecast_order:
             raise ValueError(
@@ -227,8 +232,12 @@ class _RoutedHandle(CacheHandle):
     With ``forecast_order`` k > 0 the cache path is the unit's forecast instead of its last write:
     each unit keeps its last k + 1 writes and the steps that made them, and ``cache`` above is
     ``c0 + a·(c0 − c1) + b·(c0 − 2c1 + c2)`` at the highest order its history allows (what inference
-    runs with ``schedule.with_forecast(k)``), with the coefficients in ``fitted`` for that (step, unit,
-    history steps) where there are some, else the step-distance coefficients of ``rule``.
+    runs with ``schedule.with_forecast(k)``). The coefficients are the step-distance ``rule``'s, or,
+    with ``collect``, fitted by least squares on the trajectories trained so far: every student call
+    adds, per (step, unit, history steps), the normal equations of ``y − c0 ≈ a·d1 + b·d2`` against
+    the branch output y it computes anyway (:meth:`merge_statistics` folds a trajectory's sums in,
+    averaged over processes), and the read solves them with :data:`~harmonica.forecast.DEFAULT_RIDGE`
+    towards the rule, as :func:`harmonica.fit_forecast` does.
 
     The trainer sets ``step`` itself: a teacher and a student call share one denoising step.
     """
@@ -249,7 +258,10 @@ class _RoutedHandle(CacheHandle):
         self.rule = rule
         # _written[k]: the steps whose outputs unit k's history holds, newest first.
         self._written: list[list[int]] = [[] for _ in range(num_units)]
-        self.fitted: dict[tuple[int, int, tuple[int, ...]], tuple[float, float]] = {}
+        # (step, unit, history steps) -> [G11, G12, G22, r1, r2] (float64) of the least-squares fit
+        self.collect = False
+        self.statistics: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
+        self.pending_statistics: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
         self.write_threshold = write_threshold
         self.mode = "fill"
         self.r: torch.Tensor | None = None
@@ -277,31 +289,76 @@ class _RoutedHandle(CacheHandle):
         del written[self.forecast_order + 1 :]
         return super()._write_slot(unit)
 
-    def cache_value(self, unit: int) -> torch.Tensor:
-        """What a reuse of ``unit`` reads at the current step: its last write, or its forecast."""
+    def _read(self, unit: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], tuple]:
+        """``(value, c0, differences, key)``: what a reuse of ``unit`` reads at the current step (its
+        last write, or its forecast), the last write, the forecast's ``(d1[, d2])`` and its key."""
         c0 = self._cached(unit, self._buffers[unit])
-        written = self._written[unit][: self.forecast_order + 1]
+        written = tuple(self._written[unit][: self.forecast_order + 1])
+        key = (self._step, unit, written)
         if len(written) < 2:
-            return c0
-        a, b = self.fitted.get((self._step, unit, tuple(written))) or rule_coefficients(
-            self._step, written, self.rule
-        )
+            return c0, c0, (), key
         c1 = self._older[unit][0]
         d1 = c0 - c1
-        if len(written) == 2:
-            return c0 + a * d1
-        return c0 + a * d1 + b * (d1 - (c1 - self._older[unit][1]))
+        terms = (d1,) if len(written) == 2 else (d1, d1 - (c1 - self._older[unit][1]))
+        value = c0
+        for coefficient, term in zip(self._fitted_coefficients(key), terms, strict=False):
+            value = value + coefficient * term
+        return value, c0, terms, key
+
+    def _fitted_coefficients(self, key: tuple) -> tuple[Any, Any]:
+        step, _, written = key
+        prior = rule_coefficients(step, list(written), self.rule)
+        sums = self.statistics.get(key)
+        if sums is None:
+            return prior
+        from .forecast import DEFAULT_RIDGE
+
+        n = len(written) - 1
+        gram = torch.stack([sums[0], sums[1], sums[1], sums[2]]).reshape(2, 2)[:n, :n]
+        mu = DEFAULT_RIDGE * gram.diagonal().mean().clamp_min(1e-30)
+        prior_t = torch.tensor(prior[:n], dtype=gram.dtype, device=gram.device)
+        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+        solution = torch.linalg.solve(gram + mu * eye, sums[3 : 3 + n] + mu * prior_t)
+        return tuple(solution.to(self._buffers[key[1]].dtype)) + (0.0,) * (2 - n)
+
+    def _gather(self, key: tuple, y: torch.Tensor, c0: torch.Tensor, terms: tuple[torch.Tensor, ...]) -> None:
+        """Add one call's normal equations of ``y − c0 ≈ a·d1 + b·d2`` to this trajectory's sums."""
+        target = (y.detach() - c0).double().flatten()
+        X = torch.stack([t.double().flatten() for t in terms], dim=1)
+        gram, moment = X.T @ X, X.T @ target
+        sums = torch.zeros(5, dtype=torch.float64, device=y.device)
+        sums[0] = gram[0, 0]
+        sums[3] = moment[0]
+        if len(terms) == 2:
+            sums[1], sums[2], sums[4] = gram[0, 1], gram[1, 1], moment[1]
+        if key in self.pending_statistics:
+            self.pending_statistics[key] += sums
+        else:
+            self.pending_statistics[key] = sums
+
+    def merge_statistics(self, group: Any) -> None:
+        """Fold this trajectory's sums into the fit (every process has the same keys: they follow the
+        shared logits), averaged over processes."""
+        if not self.pending_statistics:
+            return
+        keys = list(self.pending_statistics)
+        stacked = group.mean_(torch.stack([self.pending_statistics[k] for k in keys]))
+        for key, sums in zip(keys, stacked, strict=True):
+            self.statistics[key] = self.statistics[key] + sums if key in self.statistics else sums
+        self.pending_statistics = {}
 
     def unit_residual(self, unit, x, gate, branch):  # type: ignore[override]
         if self.mode == "fill":
             return super().unit_residual(unit, x, gate, branch)
         if self.mode == "soft" and self.r_host[unit] == 0.0 and not self.r.requires_grad:
             # A hard reuse (λ on the hard schedule, schedule search): the branch is not run at all.
-            return cached_gated_residual(x, gate, self.cache_value(unit))
+            return cached_gated_residual(x, gate, self._read(unit)[0])
         y = branch()
         if self.mode == "teacher":
             return y + x if gate is None else _as_row(gate) * y + x
-        cache = self.cache_value(unit)
+        cache, c0, terms, key = self._read(unit)
+        if self.collect and terms and self.r.requires_grad:
+            self._gather(key, y, c0, terms)
         r = self.r[unit]
         out = routed_gated_residual(x, gate, y, cache, r)
         if self.r_host[unit] > self.write_threshold:
@@ -814,7 +871,7 @@ def train_router(
     straight_through: bool | None = None,
     max_age: int | None | Literal["auto"] = "auto",
     tie_steps: bool | None = None,
-    forecast_order: int = 0,
+    forecast_order: int | None = None,
     fit_coefficients: bool = True,
     write_threshold: float = 0.1,
     threshold: float = 0.1,
@@ -872,14 +929,15 @@ def train_router(
             ``"harmonica"``, off for L2C. The paper's method is ``straight_through=False,
             max_age=None, tie_steps=False``; these defaults measured 39.6 against its 32.9 dB at 40 %
             usage on the reference model (README "Learned routers").
-        forecast_order: 0 (default) trains the published cache path, reuse of the last write; 1 or 2
-            trains with every reused unit forecast from its last writes at that order (step-distance
-            coefficients; lower where its history is shorter), so the router learns where to compute
-            for the forecasts inference will run. The router then carries that forecasting schedule
-            (:attr:`Router.forecast`).
-        fit_coefficients: with ``forecast_order``, fit the router's forecast coefficients by least
-            squares on one batch of its own schedule after training (:func:`harmonica.fit_forecast`,
-            one sampling run); False keeps the step-distance rule.
+        forecast_order: the cached path training sees and the router runs: 1 or 2 forecasts every
+            reused unit from its last writes at that order (lower where its history is shorter), so
+            the router learns where to compute for the forecasts inference will run, and carries that
+            forecasting schedule (:attr:`Router.forecast`); 0 is the published path, reuse of the last
+            write. Default: 2 for ``"harmonica"``, 0 for L2C.
+        fit_coefficients: with forecasting, fit the forecast coefficients by least squares: during
+            training on the student's own calls (no extra forwards), and for the router on one batch
+            of its final schedule (:func:`harmonica.fit_forecast`, one sampling run). False keeps the
+            step-distance rule.
         write_threshold: the student's blend is written to the cache where r exceeds it.
         threshold: τ of the saved router's schedule (used for the reported CUR and budget mode).
         seed: seeds the router's initial logits and every draw of noise, classes and data.
@@ -1011,6 +1069,8 @@ def train_router(
     if checkpoint is not None and resume and checkpoint.is_file():
         _load_checkpoint(checkpoint, run_key, router, optimizer, state)
         resumed_from = state.iteration
+    handle.collect = bool(config.forecast_order and config.fit_coefficients)
+    handle.statistics = state.forecast_statistics
 
     frozen = [(p, p.requires_grad) for p in transformer.parameters()]
     for p, _ in frozen:
@@ -1071,7 +1131,7 @@ def train_router(
     if config.forecast_order:
         router.forecast = schedule.with_forecast(config.forecast_order)
         if config.fit_coefficients:
-            router.forecast = _fit(setup, router.forecast, config, state)
+            router.forecast = _fit(setup, router.forecast, config)
     settings = asdict(config)
     settings.update(
         beta_final=state.beta,
@@ -1143,9 +1203,8 @@ class _State:
     beta_sign: int | None = None
     elapsed: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
-    # (schedule, the schedule with fitted forecast coefficients) of the last fit; not checkpointed:
-    # a fit is a function of the schedule (same batch every time), so a resumed run refits the same
-    fitted: tuple[CacheSchedule, CacheSchedule] | None = None
+    # forecast_order with fit_coefficients: the least-squares sums of the training forecasts
+    forecast_statistics: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
 def _generator(seed: int, *stream: int) -> torch.Generator:
@@ -1277,56 +1336,23 @@ def _train_step(
     return student.detach(), float(loss), written
 
 
-def _fit(setup: _Setup, schedule: CacheSchedule, config: TrainingConfig, state: _State) -> CacheSchedule:
+def _fit(setup: _Setup, schedule: CacheSchedule, config: TrainingConfig) -> CacheSchedule:
     """``schedule`` with least-squares forecast coefficients (:func:`harmonica.fit_forecast` on one
-    batch, the same for every fit), the last fit reused while the schedule stays the same. Every
-    process fits on the whole batch, so all of them hold the same coefficients."""
+    batch of its own run). Every process fits on the whole batch, so all hold the same router."""
     if not schedule.forecasts:
         return schedule
-    if state.fitted is None or state.fitted[0] != schedule:
-        from .forecast import DEFAULT_RIDGE, fit_on
+    from .forecast import DEFAULT_RIDGE, fit_on
 
-        fit = fit_on(
-            replace(setup, group=_Group.single()),
-            schedule,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            ridge=DEFAULT_RIDGE,
-            progress=False,
-        )
-        state.fitted = (schedule, fit.schedule)
-    return state.fitted[1]
-
-
-def _refit(setup: _Setup, router: Router, config: TrainingConfig, state: _State) -> None:
-    """Give the training forecasts the coefficients fitted for the router's current hard schedule
-    (keyed by the history steps they were fitted for: an entry whose history differs keeps the rule)."""
-    schedule = router.to_schedule(config.threshold, max_age=config.max_age)
-    schedule = schedule.with_forecast(config.forecast_order)
-    if state.fitted is not None and state.fitted[0] == schedule:
-        return
-    disable_cache(setup.model)  # the fit runs its own handle
-    try:
-        fitted = _fit(setup, schedule, config, state)
-    finally:
-        attach_handle(setup.model, setup.handle)
-    table = {}
-    compute, orders, coefficients = fitted.compute, fitted.orders, fitted.coefficients.tolist()
-    for k in range(fitted.num_units):
-        computed: list[int] = []
-        for t in range(fitted.num_steps):
-            if compute[t, k]:
-                computed.append(t)
-            elif orders[t, k]:
-                table[(t, k, tuple(computed[::-1][: int(orders[t, k]) + 1]))] = tuple(coefficients[t][k])
-    setup.handle.fitted = table
+    single = replace(setup, group=_Group.single())
+    fit = fit_on(
+        single, schedule, batch_size=config.batch_size, seed=config.seed, ridge=DEFAULT_RIDGE, progress=False
+    )
+    return fit.schedule
 
 
 def _sdt_trajectory(setup, router, optimizer, config, state, bar) -> list[float]:
     generator = _generator(config.seed, 1, state.trajectory)
     x, cond = _draw(setup, generator, config.batch_size)
-    if config.forecast_order and config.fit_coefficients:
-        _refit(setup, router, config, state)
     if config.lambda_variant != "none" and (
         state.lambda_at is None or state.iteration - state.lambda_at >= config.lambda_every
     ):
@@ -1353,6 +1379,7 @@ def _sdt_trajectory(setup, router, optimizer, config, state, bar) -> list[float]
                 bar.update(1)
         with torch.no_grad():
             x = _advance(setup, pred, t, x)
+    setup.handle.merge_statistics(setup.group)
     return losses
 
 
@@ -1562,6 +1589,7 @@ def _save_checkpoint(path: Path, run_key, router: Router, optimizer, state: _Sta
             "lambda_at": state.lambda_at,
             "elapsed": state.elapsed,
             "history": state.history,
+            "forecast_statistics": [(list(k), v.cpu()) for k, v in state.forecast_statistics.items()],
         },
     }
     if not torch.isfinite(payload["logits"]).all():
@@ -1627,3 +1655,7 @@ def _load_checkpoint(path: Path, run_key, router: Router, optimizer, state: _Sta
     state.lambda_at = saved_state["lambda_at"]
     state.elapsed = float(saved_state["elapsed"])
     state.history = list(saved_state["history"])
+    state.forecast_statistics = {
+        (int(k[0]), int(k[1]), tuple(int(s) for s in k[2])): v.to(router.logits.device)
+        for k, v in saved_state.get("forecast_statistics", [])
+    }

@@ -26,7 +26,7 @@ from harmonica.training import (
 from .tiny_models import CAPTION_CHANNELS, TEXT_TOKENS, ddim, tiny_dit, tiny_pixart
 
 STEPS = 5
-PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False)
+PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False, forecast_order=0)
 """The paper's method (train_router's defaults add straight-through, an age cap and tied steps)."""
 
 
@@ -266,9 +266,17 @@ class _Kill(Exception):
     pass
 
 
-def test_checkpoint_resume_after_a_kill_gives_the_uninterrupted_router(tmp_path):
+@pytest.mark.parametrize("forecast_order", [0, 2])
+def test_checkpoint_resume_after_a_kill_gives_the_uninterrupted_router(tmp_path, forecast_order):
+    """With forecasting, the fitted forecasts' sums are part of the state (the router learns on them)."""
     common = dict(
-        num_steps=STEPS, iterations=4 * (STEPS - 1), batch_size=2, lr=0.1, lambda_every=2 * (STEPS - 1)
+        num_steps=STEPS,
+        iterations=4 * (STEPS - 1),
+        batch_size=2,
+        lambda_every=2 * (STEPS - 1),
+        forecast_order=forecast_order,
+        max_age=None,
+        **(dict(target_cur=0.5, lr=1.0, lambda_variant="none") if forecast_order else dict(lr=0.1)),
     )
     straight = train_router(tiny_dit(), ddim(), progress=False, **common)
 
@@ -284,6 +292,8 @@ def test_checkpoint_resume_after_a_kill_gives_the_uninterrupted_router(tmp_path)
     assert resumed.resumed_from == 2 * (STEPS - 1)
     torch.testing.assert_close(resumed.router.logits, straight.router.logits)
     assert [h["iteration"] for h in resumed.history] == [h["iteration"] for h in straight.history]
+    if forecast_order:
+        torch.testing.assert_close(resumed.router.forecast.coefficients, straight.router.forecast.coefficients)
 
     other = dict(common, lr=0.2)
     with pytest.raises(ValueError, match="another training run.*lr"):
@@ -803,3 +813,49 @@ def test_training_with_forecasts_gives_a_router_that_forecasts(tmp_path, fit):
 def test_forecast_settings_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train_router(tiny_dit(num_layers=1), ddim(), num_steps=STEPS, iterations=1, progress=False, **kwargs)
+
+
+def test_forecasts_fitted_on_the_training_calls_solve_their_ridge_least_squares():
+    """With ``collect``, a key's coefficients after two trajectories are the ridge solution of all the
+    calls gathered under it (an augmented lstsq, from the recorded branch outputs and histories), and
+    they forecast those calls no worse than the step-distance rule."""
+    from harmonica.forecast import DEFAULT_RIDGE
+    from harmonica.schedule import rule_coefficients
+
+    model = tiny_dit(num_layers=1)
+    setup = _setup(model, guidance=1.0, forecast_order=2)
+    handle = setup.handle
+    handle.collect = True
+    recorded: dict = {}
+    gather = handle._gather
+
+    def record(key, y, c0, terms):
+        recorded.setdefault(key, []).append((y.detach().double(), c0.double(), [t.double() for t in terms]))
+        gather(key, y, c0, terms)
+
+    handle._gather = record
+    labels = torch.tensor([2, 6])
+    for seed in (0, 1):
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        handle.reset()
+        handle.set_mode("fill")
+        with torch.no_grad():
+            for step, t in enumerate((900, 800, 700)):
+                x = x + 0.1 * _call(setup, x, labels, step, torch.tensor(t))[:, :4]
+        r = torch.zeros(len(units(model)), requires_grad=True)
+        handle.set_soft(r + 0.0, defer_writes=True)  # a hard reuse with a gradient: the student's call
+        _call(setup, x, labels, 3, torch.tensor(600))
+        handle.pending = {}
+        handle.merge_statistics(_Group())
+    assert len(handle.statistics) == len(units(model))
+    for key, calls in recorded.items():
+        assert key[0] == 3 and key[2] == (2, 1, 0) and len(calls) == 2
+        X = torch.cat([torch.stack([t.flatten() for t in terms], 1) for _, _, terms in calls])
+        target = torch.cat([(y - c0).flatten() for y, c0, _ in calls])
+        prior = torch.tensor(rule_coefficients(3, [2, 1, 0]), dtype=torch.float64)
+        mu = DEFAULT_RIDGE * (X.T @ X).diagonal().mean()
+        augmented = torch.cat([X, mu.sqrt() * torch.eye(2, dtype=X.dtype)])
+        expected = torch.linalg.lstsq(augmented, torch.cat([target, mu.sqrt() * prior])[:, None]).solution[:, 0]
+        fitted = torch.stack([torch.as_tensor(c).double() for c in handle._fitted_coefficients(key)])
+        torch.testing.assert_close(fitted, expected, rtol=1e-4, atol=1e-6)
+        assert (target - X @ fitted).square().sum() <= (target - X @ prior).square().sum()

@@ -12,7 +12,9 @@ the same target cache usage ratio so they compare at the same compute:
   scale);
 - ``harmonica-loo``: SDT + IEPO with the poster's leave-one-out λ;
 - ``sdt``: SDT with λ ≡ 1 (the paper's ablation without IEPO);
-- ``l2c``: Learning-to-Cache on the training digits, with its alternating refresh.
+- ``l2c``: Learning-to-Cache on the training digits, with its alternating refresh;
+- ``harmonica-forecast``: ``harmonica-steps`` with every reused step forecast at order 2 in training,
+  coefficients fitted on the training calls, and the router's forecasts fitted after training.
 
 Same iteration count (1 000, ~50 trajectories against the paper's 2 000), batch and seed for all,
 with :func:`train_router`'s default learning rate for that length. Each run checkpoints and
@@ -34,7 +36,7 @@ from ..search import schedule_router
 from ..training import train_router
 from . import ASSETS, load_model, load_scheduler
 
-_PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False)
+_PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False, forecast_order=0)
 RUNS = {
     "harmonica": dict(method="harmonica", lambda_variant="marginal", **_PUBLISHED),
     "harmonica-plus": dict(
@@ -50,6 +52,7 @@ RUNS = {
         straight_through=True,
         max_age=2,
         tie_steps=False,
+        forecast_order=0,
     ),
     "harmonica-steps": dict(
         method="harmonica",
@@ -57,10 +60,12 @@ RUNS = {
         straight_through=True,
         max_age=2,
         tie_steps=True,
+        forecast_order=0,
     ),
     "harmonica-loo": dict(method="harmonica", lambda_variant="leave_one_out", **_PUBLISHED),
     "sdt": dict(method="harmonica", lambda_variant="none", **_PUBLISHED),
     "l2c": dict(method="l2c"),
+    "harmonica-forecast": dict(method="harmonica", forecast_order=2),
 }
 
 
@@ -73,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="default: train_router's")
     parser.add_argument("--target-cur", type=float, default=0.4)
+    parser.add_argument(
+        "--usage-in-name", action="store_true", help="name files <name>-T<steps>-<pct> (several budgets)"
+    )
     parser.add_argument("--lambda-every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
@@ -117,10 +125,10 @@ def main(argv: list[str] | None = None) -> None:
             target_cur=args.target_cur,
             lambda_every=args.lambda_every,
             seed=args.seed,
-            checkpoint_dir=checkpoint_root / name,
+            checkpoint_dir=checkpoint_root / (f"{name}-{args.target_cur}" if args.usage_in_name else name),
             **RUNS[name],
         )
-        stem = f"{name}-T{args.steps}"
+        stem = f"{name}-T{args.steps}" + (f"-{round(100 * args.target_cur)}" if args.usage_in_name else "")
         result.router.save(args.out / f"{stem}.safetensors")
         write_text(args.out / f"{stem}.history.json", json.dumps(result.history, indent=1) + "\n")
         print(f"{stem}: CUR {result.router.training_settings['cur']:.1%}, {result.seconds:.0f} s")
