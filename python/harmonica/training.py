@@ -73,6 +73,7 @@ __all__ = ["TrainingConfig", "TrainingResult", "estimate_lambda", "train_router"
 Method = Literal["harmonica", "l2c"]
 LambdaVariant = Literal["marginal", "leave_one_out", "none"]
 LambdaOn = Literal["soft", "hard"]
+GradientAt = Literal["reuse", "hard"]
 
 DEFAULT_FORECAST_ORDER = 2
 """``train_router``'s cached path for SDT: order-2 forecasts of reused units (README "Learned routers")."""
@@ -120,6 +121,7 @@ class TrainingConfig:
     straight_through: bool | None = None
     max_age: int | None | Literal["auto"] = "auto"
     tie_steps: bool | None = None
+    gradient_at: GradientAt = "reuse"
     forecast_order: int | None = None
     fit_coefficients: bool = True
     write_threshold: float = 0.1
@@ -137,6 +139,8 @@ class TrainingConfig:
             )
         if cfg.lambda_on not in ("soft", "hard"):
             raise ValueError(f"lambda_on must be 'soft' or 'hard', got {cfg.lambda_on!r}")
+        if cfg.gradient_at not in ("reuse", "hard"):
+            raise ValueError(f"gradient_at must be 'reuse' or 'hard', got {cfg.gradient_at!r}")
         is_l2c = cfg.method == "l2c"
         if cfg.forecast_order is None:
             cfg.forecast_order = 0 if is_l2c else DEFAULT_FORECAST_ORDER
@@ -268,15 +272,20 @@ class _RoutedHandle(CacheHandle):
         self.r_host: list[float] = []
         self.defer_writes = False
         self.pending: dict[int, torch.Tensor] = {}
+        # the teacher's branch outputs, kept when asked (a computed row whose gradient is taken at reuse)
+        self.keep_teacher = False
+        self.kept: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
         super().reset()
         self._written = [[] for _ in self._written]
 
-    def set_soft(self, r: torch.Tensor, *, defer_writes: bool) -> None:
+    def set_soft(self, r: torch.Tensor, *, defer_writes: bool, write: bool = True) -> None:
+        """Blend with ``r``; ``write=False``: leave the cache alone (a forward for the gradient only)."""
         self.mode = "soft"
         self.r = r
         self.r_host = r.detach().float().cpu().tolist()
+        self.write = write
         self.defer_writes = defer_writes
 
     def set_mode(self, mode: str) -> None:
@@ -355,13 +364,15 @@ class _RoutedHandle(CacheHandle):
             return cached_gated_residual(x, gate, self._read(unit)[0])
         y = branch()
         if self.mode == "teacher":
+            if self.keep_teacher:
+                self.kept[unit] = y.detach()
             return y + x if gate is None else _as_row(gate) * y + x
         cache, c0, terms, key = self._read(unit)
         if self.collect and terms and self.r.requires_grad:
             self._gather(key, y, c0, terms)
         r = self.r[unit]
         out = routed_gated_residual(x, gate, y, cache, r)
-        if self.r_host[unit] > self.write_threshold:
+        if self.write and self.r_host[unit] > self.write_threshold:
             with torch.no_grad():
                 mixed = torch.lerp(cache, y.detach().to(cache.dtype), r.detach().to(cache.dtype))
             if self.defer_writes:
@@ -871,6 +882,7 @@ def train_router(
     straight_through: bool | None = None,
     max_age: int | None | Literal["auto"] = "auto",
     tie_steps: bool | None = None,
+    gradient_at: GradientAt = "reuse",
     forecast_order: int | None = None,
     fit_coefficients: bool = True,
     write_threshold: float = 0.1,
@@ -988,6 +1000,7 @@ def train_router(
         straight_through=straight_through,
         max_age=max_age,
         tie_steps=tie_steps,
+        gradient_at=gradient_at,
         forecast_order=forecast_order,
         fit_coefficients=fit_coefficients,
         write_threshold=write_threshold,
@@ -1295,12 +1308,17 @@ def _train_step(
     """
     handle = setup.handle
     guide = lambda pred: _guide(pred, setup.guidance_scale, setup.cfg)  # noqa: E731
-    with torch.no_grad():
-        handle.set_mode("teacher")
-        teacher = guide(_predict(setup, x, t, cond, step))
     r = router.probabilities()[step]
     if forced is None:
         forced = torch.zeros_like(r, dtype=torch.bool)
+    at_reuse = config.straight_through and config.gradient_at == "reuse"
+    hard = (r.detach() > config.threshold) | forced
+    with torch.no_grad():
+        handle.set_mode("teacher")
+        handle.keep_teacher = at_reuse and bool(hard.all())
+        teacher_prediction = _predict(setup, x, t, cond, step)
+        handle.keep_teacher = False
+        teacher = guide(teacher_prediction)
     if state.beta is None:
         # Budget mode without a starting β: the first round trains fidelity only and probes the
         # per-unit cost of caching everything at each step; β starts at its mean (see train_router).
@@ -1310,12 +1328,16 @@ def _train_step(
             handle.pending = {}
             cost = weight * F.mse_loss(cached, teacher) / r.numel()
         state.beta_probes.append(float(setup.group.mean_(cost.reshape(1))))
-    if config.straight_through:  # the hard forward of inference, the soft gradient
-        hard = (r.detach() > config.threshold) | forced
+    if at_reuse:
+        # The gradient where every unit of the row is reused: d loss/d r is the cost of caching the
+        # row, which a computed row (whose student equals the teacher) would otherwise never see.
+        # x advances, and the cache is written, as the hard schedule does (below).
+        blend = r - r.detach()
+    elif config.straight_through:  # the hard forward of inference, the soft gradient
         blend = hard.to(r.dtype) + r - r.detach()
     else:
         blend = torch.where(forced, torch.ones_like(r), r)
-    handle.set_soft(blend, defer_writes=True)
+    handle.set_soft(blend, defer_writes=True, write=not at_reuse)
     student = _predict(setup, x, t, cond, step)
     fidelity = weight * F.mse_loss(guide(student), teacher)
     router.logits.grad = None
@@ -1330,7 +1352,15 @@ def _train_step(
             router.logits[step] = router.logits[step].mean()
     router.logits.grad = None
     router.clamp_()
-    written = torch.tensor(handle.r_host) > handle.write_threshold
+    if at_reuse and bool(hard.all()):  # the teacher is the computed row
+        student = teacher_prediction
+        handle.pending = {k: y.to(handle._buffers[k].dtype) for k, y in handle.kept.items()}
+        handle.kept = {}
+    elif at_reuse and bool(hard.any()):  # a row computed in part (untied steps): its hard forward
+        with torch.no_grad():
+            handle.set_soft(hard.to(r.dtype), defer_writes=True)
+            student = _predict(setup, x, t, cond, step)
+    written = hard.cpu() if at_reuse else torch.tensor(handle.r_host) > handle.write_threshold
     handle.commit_writes()
     state.iteration += 1
     return student.detach(), float(loss), written

@@ -293,7 +293,9 @@ def test_checkpoint_resume_after_a_kill_gives_the_uninterrupted_router(tmp_path,
     torch.testing.assert_close(resumed.router.logits, straight.router.logits)
     assert [h["iteration"] for h in resumed.history] == [h["iteration"] for h in straight.history]
     if forecast_order:
-        torch.testing.assert_close(resumed.router.forecast.coefficients, straight.router.forecast.coefficients)
+        torch.testing.assert_close(
+            resumed.router.forecast.coefficients, straight.router.forecast.coefficients
+        )
 
     other = dict(common, lr=0.2)
     with pytest.raises(ValueError, match="another training run.*lr"):
@@ -855,7 +857,46 @@ def test_forecasts_fitted_on_the_training_calls_solve_their_ridge_least_squares(
         prior = torch.tensor(rule_coefficients(3, [2, 1, 0]), dtype=torch.float64)
         mu = DEFAULT_RIDGE * (X.T @ X).diagonal().mean()
         augmented = torch.cat([X, mu.sqrt() * torch.eye(2, dtype=X.dtype)])
-        expected = torch.linalg.lstsq(augmented, torch.cat([target, mu.sqrt() * prior])[:, None]).solution[:, 0]
+        expected = torch.linalg.lstsq(augmented, torch.cat([target, mu.sqrt() * prior])[:, None]).solution[
+            :, 0
+        ]
         fitted = torch.stack([torch.as_tensor(c).double() for c in handle._fitted_coefficients(key)])
         torch.testing.assert_close(fitted, expected, rtol=1e-4, atol=1e-6)
         assert (target - X @ fitted).square().sum() <= (target - X @ prior).square().sum()
+
+
+@pytest.mark.parametrize("forecast_order", [0, 2])
+def test_gradient_at_reuse_gives_a_computed_row_the_cost_of_caching_it(forecast_order):
+    """A row the hard schedule computes: with ``gradient_at="hard"`` its student is the teacher and the
+    fidelity gradient is 0; with ``"reuse"`` the gradient is that of the row reused (r → 0 through the
+    blend, pulling r up), while x still advances with, and the cache is written by, the computed row."""
+    from harmonica.training import RowAdamW, _State, _train_step
+
+    model = tiny_dit(num_layers=2)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([1, 8])
+    grads, outputs = {}, {}
+    for mode in ("hard", "reuse"):
+        setup = _setup(model, guidance=1.0, forecast_order=forecast_order)
+        router = Router.for_model(model, STEPS, seed=5)
+        with torch.no_grad():
+            router.logits.fill_(3.0)  # every unit computed
+        config = _config(straight_through=True, lr=0.1, gradient_at=mode)
+        optimizer = RowAdamW(router.logits, lr=config.lr)
+        setup.handle.reset()
+        setup.handle.set_mode("fill")
+        with torch.no_grad():
+            _call(setup, x, labels, 0, torch.tensor(900))
+        state = _State(beta=0.0, lam=torch.ones(STEPS))
+        student, _, written = _train_step(
+            setup, router, optimizer, config, state, x, torch.tensor(700), labels, 1, 1.0
+        )
+        assert bool(written.all())
+        grads[mode] = optimizer.exp_avg[1].clone()
+        outputs[mode] = (student, setup.handle.snapshot()[0])
+        disable_cache(model)
+    assert (grads["reuse"] < 0).all()  # reusing costs fidelity: r is pulled up
+    assert grads["hard"].abs().max() < 1e-4 * grads["reuse"].abs().min()  # rounding only
+    torch.testing.assert_close(outputs["reuse"][0], outputs["hard"][0])
+    for a, b in zip(outputs["reuse"][1], outputs["hard"][1], strict=True):
+        torch.testing.assert_close(a, b)
