@@ -66,6 +66,7 @@ def _train(args: argparse.Namespace) -> None:
                 straight_through=args.straight_through,
                 max_age=args.max_age,
                 tie_steps=args.tie_steps,
+                gradient_at=args.gradient_at,
                 forecast_order=args.forecast_order,
             )
         ),
@@ -451,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--published",
         action="store_true",
         help="the paper's method: no straight-through, no age cap, a logit per unit, plain reuse",
+    )
+    t.add_argument(
+        "--gradient-at",
+        choices=["reuse", "hard"],
+        default="reuse",
+        help="straight-through: take a row's gradient where it is reused (default) or at its hard decision",
     )
     t.add_argument(
         "--forecast-order",

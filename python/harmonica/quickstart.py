@@ -113,8 +113,9 @@ TRAIN_ITERATIONS = 200
 """Iterations of the router the quickstart trains itself (~2 minutes on 2 CPU cores)."""
 
 TRAIN_SETTINGS = dict(method="harmonica", batch_size=16, target_cur=0.4)
-"""train_router's defaults (those of the best packaged learned router, ``harmonica-steps``:
-straight-through, age cap 2, one logit per step) at the packaged routers' budget; one λ estimate."""
+"""train_router's defaults (straight-through with the gradient taken at reuse, age cap 2, one logit
+per step, order-2 forecasts fitted on the training calls) at the packaged routers' budget; one λ
+estimate."""
 
 
 def _train_here(

@@ -100,8 +100,9 @@ class TrainingConfig:
     mode at :data:`DEFAULT_TARGET_CUR`.
     ``lambda_on="hard"`` measures λ on the router's hard schedule (what inference runs) instead of its
     soft blend; ``straight_through`` trains on the hard forward with the soft gradient; ``max_age``
-    caps the age of a reused cache entry, in training and in the router's schedule; ``tie_steps``
-    shares one logit per step among its units. ``forecast_order`` (1 or 2) trains with the cached
+    caps the age of a reused cache entry, in training and in the router's schedule; ``gradient_at``
+    says where the straight-through gradient is taken; ``tie_steps`` shares one logit per step
+    among its units. ``forecast_order`` (1 or 2) trains with the cached
     path forecasting each reused unit from its last writes (the router then carries a forecasting
     schedule, its coefficients fitted by least squares after training when ``fit_coefficients``).
     """
@@ -933,6 +934,10 @@ def train_router(
         straight_through: train on the hard forward (units computed iff r > ``threshold``, the
             trajectory inference runs) with the soft gradient through r. Default: on for
             ``"harmonica"``, off for L2C.
+        gradient_at: with ``straight_through``, where a row's gradient is taken: ``"reuse"``
+            (default) from the forward with the row reused, i.e. the fidelity cost of caching it, for
+            computed rows too; ``"hard"`` at the hard decision, where a computed row's student equals
+            the teacher and only β moves it. Either way x advances with the hard schedule.
         max_age: cap on the age of a reused cache entry in steps (None: no cap); over it a unit
             computes, in training and in the router's schedule. Default ``"auto"``: 2 for
             ``"harmonica"``, none for L2C.
@@ -1104,9 +1109,9 @@ def train_router(
             state.trajectory += 1
             cur = router.to_schedule(config.threshold, max_age=config.max_age).cache_usage_ratio
             if state.beta is None:
-                state.beta = sum(state.beta_probes) / len(state.beta_probes) or 1e-12
+                state.beta = _starting_beta(state.beta_probes, config)
             elif config.target_cur is not None:
-                _steer_beta(state, config.target_cur - cur)
+                _steer_beta(state, config.target_cur - _steered_usage(state, config, cur))
             state.elapsed = time.perf_counter() - start_time
             record = {
                 "iteration": float(state.iteration),
@@ -1166,6 +1171,36 @@ def train_router(
     )
 
 
+def _starting_beta(probes: list[float], config: TrainingConfig) -> float:
+    """Budget mode's β after the probe round, from each step's cost of caching (``probes``: λ_t ·
+    MSE(all units cached, teacher) / U). With the gradient taken at reuse a row goes down exactly when
+    β exceeds its fidelity slope there, about twice its cost (the loss is near quadratic in r), so β
+    starts where the target's share of the steps is cheaper: twice the target quantile of the costs.
+    Otherwise (the slope of a computed row is 0) the mean cost."""
+    costs = torch.tensor(probes, dtype=torch.float64)
+    if config.straight_through and config.gradient_at == "reuse":
+        beta = 2 * torch.quantile(costs, config.target_cur).item()
+    else:
+        beta = costs.mean().item()
+    return beta or 1e-12
+
+
+def _steered_usage(state: _State, config: TrainingConfig, cur: float) -> float:
+    """The usage budget mode steers β by. With the gradient at reuse, every row's update says at once
+    which side of β its cost lies on, so the usage it heads for (the rows whose gradient points to
+    reuse) answers β within a trajectory; the hard usage answers only once the logits have crossed
+    τ, ~20 updates later, and β steered by it runs away in the meantime (measured: ×10⁹, then every
+    row reused). Otherwise the hard schedule's usage."""
+    if (
+        config.method == "harmonica"
+        and config.straight_through
+        and config.gradient_at == "reuse"
+        and state.intent
+    ):
+        return sum(state.intent.values()) / config.num_steps
+    return cur
+
+
 def _steer_beta(state: _State, error: float) -> None:
     """Budget mode's β control, a bisection in log β: β is multiplied (usage under the target) or
     divided (over it) by ``exp(step)``; the step starts at log 2 and halves whenever the error changes
@@ -1218,6 +1253,8 @@ class _State:
     history: list[dict[str, float]] = field(default_factory=list)
     # forecast_order with fit_coefficients: the least-squares sums of the training forecasts
     forecast_statistics: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    # step -> share of its units whose last update pointed towards reuse (gradient > 0)
+    intent: dict[int, float] = field(default_factory=dict)
 
 
 def _generator(seed: int, *stream: int) -> torch.Generator:
@@ -1346,6 +1383,7 @@ def _train_step(
     beta = state.beta or 0.0
     grad.add_(beta * (r * (1 - r)).detach())  # the gradient of β · Σ_k r[t, k]
     loss = fidelity.detach() + beta * r.detach().sum()
+    state.intent[step] = float((grad > 0).float().mean())  # the row's share heading for reuse
     optimizer.step_row(step, grad)
     if config.tie_steps:  # one decision per step: the row's logits move together (their mean)
         with torch.no_grad():

@@ -13,8 +13,9 @@ the same target cache usage ratio so they compare at the same compute:
 - ``harmonica-loo``: SDT + IEPO with the poster's leave-one-out λ;
 - ``sdt``: SDT with λ ≡ 1 (the paper's ablation without IEPO);
 - ``l2c``: Learning-to-Cache on the training digits, with its alternating refresh;
-- ``harmonica-forecast``: ``harmonica-steps`` with every reused step forecast at order 2 in training,
-  coefficients fitted on the training calls, and the router's forecasts fitted after training.
+- ``harmonica-forecast`` (train_router's defaults; ``--usage-in-name`` for several budgets): as
+  ``harmonica-steps``, but each row's gradient taken where it is reused and every reused step forecast
+  at order 2, coefficients fitted on the training calls, the router's own fitted after training.
 
 Same iteration count (1 000, ~50 trajectories against the paper's 2 000), batch and seed for all,
 with :func:`train_router`'s default learning rate for that length. Each run checkpoints and
@@ -43,7 +44,7 @@ RUNS = {
         method="harmonica",
         lambda_variant="marginal",
         lambda_on="hard",
-        **{**_PUBLISHED, "straight_through": True},
+        **{**_PUBLISHED, "straight_through": True, "gradient_at": "hard"},
     ),
     "harmonica-plus-age2": dict(
         method="harmonica",
@@ -52,6 +53,7 @@ RUNS = {
         straight_through=True,
         max_age=2,
         tie_steps=False,
+        gradient_at="hard",
         forecast_order=0,
     ),
     "harmonica-steps": dict(
@@ -60,12 +62,13 @@ RUNS = {
         straight_through=True,
         max_age=2,
         tie_steps=True,
+        gradient_at="hard",
         forecast_order=0,
     ),
     "harmonica-loo": dict(method="harmonica", lambda_variant="leave_one_out", **_PUBLISHED),
     "sdt": dict(method="harmonica", lambda_variant="none", **_PUBLISHED),
     "l2c": dict(method="l2c"),
-    "harmonica-forecast": dict(method="harmonica", forecast_order=2),
+    "harmonica-forecast": dict(method="harmonica"),
 }
 
 
