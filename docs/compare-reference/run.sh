@@ -10,6 +10,9 @@ harmonica compare --threads 2 --out docs/compare-reference --no-progress \
   --router "HarmoniCa steps=$R/harmonica-steps-T20.safetensors" \
   --router "SDT only=$R/sdt-T20.safetensors" \
   --router "L2C=$R/l2c-T20.safetensors" \
+  --router "HarmoniCa forecast 35%=$R/harmonica-forecast-T20-35.safetensors" \
+  --router "HarmoniCa forecast 40%=$R/harmonica-forecast-T20-40.safetensors" \
+  --router "HarmoniCa forecast 50%=$R/harmonica-forecast-T20-50.safetensors" \
   --router "search 35%=$R/search-a2-b24-T20-35.safetensors" \
   --router "search 40%=$R/search-a2-b24-T20-40.safetensors" \
   --router "search 50%=$R/search-a2-b24-T20-50.safetensors" \

@@ -1109,9 +1109,9 @@ def train_router(
             state.trajectory += 1
             cur = router.to_schedule(config.threshold, max_age=config.max_age).cache_usage_ratio
             if state.beta is None:
-                state.beta = _starting_beta(state.beta_probes, config)
+                state.beta = sum(state.beta_probes) / len(state.beta_probes) or 1e-12
             elif config.target_cur is not None:
-                _steer_beta(state, config.target_cur - _steered_usage(state, config, cur))
+                _steer_beta(state, config.target_cur - cur)
             state.elapsed = time.perf_counter() - start_time
             record = {
                 "iteration": float(state.iteration),
@@ -1171,36 +1171,6 @@ def train_router(
     )
 
 
-def _starting_beta(probes: list[float], config: TrainingConfig) -> float:
-    """Budget mode's β after the probe round, from each step's cost of caching (``probes``: λ_t ·
-    MSE(all units cached, teacher) / U). With the gradient taken at reuse a row goes down exactly when
-    β exceeds its fidelity slope there, about twice its cost (the loss is near quadratic in r), so β
-    starts where the target's share of the steps is cheaper: twice the target quantile of the costs.
-    Otherwise (the slope of a computed row is 0) the mean cost."""
-    costs = torch.tensor(probes, dtype=torch.float64)
-    if config.straight_through and config.gradient_at == "reuse":
-        beta = 2 * torch.quantile(costs, config.target_cur).item()
-    else:
-        beta = costs.mean().item()
-    return beta or 1e-12
-
-
-def _steered_usage(state: _State, config: TrainingConfig, cur: float) -> float:
-    """The usage budget mode steers β by. With the gradient at reuse, every row's update says at once
-    which side of β its cost lies on, so the usage it heads for (the rows whose gradient points to
-    reuse) answers β within a trajectory; the hard usage answers only once the logits have crossed
-    τ, ~20 updates later, and β steered by it runs away in the meantime (measured: ×10⁹, then every
-    row reused). Otherwise the hard schedule's usage."""
-    if (
-        config.method == "harmonica"
-        and config.straight_through
-        and config.gradient_at == "reuse"
-        and state.intent
-    ):
-        return sum(state.intent.values()) / config.num_steps
-    return cur
-
-
 def _steer_beta(state: _State, error: float) -> None:
     """Budget mode's β control, a bisection in log β: β is multiplied (usage under the target) or
     divided (over it) by ``exp(step)``; the step starts at log 2 and halves whenever the error changes
@@ -1253,8 +1223,6 @@ class _State:
     history: list[dict[str, float]] = field(default_factory=list)
     # forecast_order with fit_coefficients: the least-squares sums of the training forecasts
     forecast_statistics: dict[tuple, torch.Tensor] = field(default_factory=dict)
-    # step -> share of its units whose last update pointed towards reuse (gradient > 0)
-    intent: dict[int, float] = field(default_factory=dict)
 
 
 def _generator(seed: int, *stream: int) -> torch.Generator:
@@ -1383,7 +1351,6 @@ def _train_step(
     beta = state.beta or 0.0
     grad.add_(beta * (r * (1 - r)).detach())  # the gradient of β · Σ_k r[t, k]
     loss = fidelity.detach() + beta * r.detach().sum()
-    state.intent[step] = float((grad > 0).float().mean())  # the row's share heading for reuse
     optimizer.step_row(step, grad)
     if config.tie_steps:  # one decision per step: the row's logits move together (their mean)
         with torch.no_grad():

@@ -900,17 +900,3 @@ def test_gradient_at_reuse_gives_a_computed_row_the_cost_of_caching_it(forecast_
     torch.testing.assert_close(outputs["reuse"][0], outputs["hard"][0])
     for a, b in zip(outputs["reuse"][1], outputs["hard"][1], strict=True):
         torch.testing.assert_close(a, b)
-
-
-def test_budget_mode_starts_beta_where_the_target_share_of_steps_is_cheaper():
-    """Gradient at reuse: a row goes down when β passes its slope (~2× its probed cost), so β starts at
-    twice the target quantile of the costs; with the hard gradient, at their mean."""
-    from harmonica.training import _starting_beta
-
-    costs = [float(c) for c in torch.linspace(1.0, 19.0, 19)]
-    at_reuse = _config(straight_through=True, gradient_at="reuse", beta=None, target_cur=0.25)
-    beta = _starting_beta(costs, at_reuse)
-    assert beta == pytest.approx(2 * 5.5)  # the 0.25 quantile of 1…19
-    assert sum(2 * c < beta for c in costs) == 5  # 26 % of the steps start below β
-    hard = _config(straight_through=True, gradient_at="hard", beta=None, target_cur=0.25)
-    assert _starting_beta(costs, hard) == pytest.approx(10.0)
