@@ -98,14 +98,16 @@ PEER_SWEEP: dict[str, tuple[str, ...]] = {
 def packaged_routers(num_steps: int) -> list[Path]:
     """The routers shipped with the reference model for ``num_steps`` sampling steps: the trained ones
     (``<name>-T<steps>``), the schedules searched on 24 samples (``search-a2-b24-T<steps>-<pct>``),
-    FORA N=3 with fitted forecast coefficients (``fora3-fit-T<steps>``) and the forecasting schedules
-    searched with fitted coefficients at 65 and 75 % (``forecast-T<steps>-<pct>``)."""
+    the trained forecasting router at 40 % (``harmonica-forecast-T<steps>-40``), FORA N=3 with fitted
+    forecast coefficients (``fora3-fit-T<steps>``) and the forecasting schedules searched with fitted
+    coefficients at 65 and 75 % (``forecast-T<steps>-<pct>``)."""
     folder = ASSETS / "routers"
     trained = sorted(p for p in folder.glob(f"*-T{num_steps}.safetensors") if "fit" not in p.stem)
     searched = sorted(folder.glob(f"search-a2-b24-T{num_steps}-*.safetensors"))
-    forecasting = [folder / f"fora3-fit-T{num_steps}.safetensors"] + [
-        folder / f"forecast-T{num_steps}-{pct}.safetensors" for pct in (65, 75)
-    ]
+    forecasting = [
+        folder / f"harmonica-forecast-T{num_steps}-40.safetensors",
+        folder / f"fora3-fit-T{num_steps}.safetensors",
+    ] + [folder / f"forecast-T{num_steps}-{pct}.safetensors" for pct in (65, 75)]
     return trained + searched + [p for p in forecasting if p.is_file()]
 
 
