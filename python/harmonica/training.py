@@ -916,7 +916,7 @@ def train_router(
         num_steps: T, the number of sampling steps.
         method: ``"harmonica"`` (SDT + IEPO) or ``"l2c"``.
         iterations: trained denoising steps; SDT trains T − 1 per trajectory. The default (1 000) trains
-            a router for the reference model in ~5.5 minutes on 2 CPU cores; the authors used 20 000.
+            a router for the reference model in ~4 minutes on 2 CPU cores; the authors used 20 000.
         batch_size: global noise samples (or data samples for L2C) per iteration; CFG doubles it
             (default 16; the authors used 32).
         guidance_scale: CFG scale as at inference (1 = no guidance).
