@@ -273,6 +273,7 @@ class _RoutedHandle(CacheHandle):
         self.mode = "fill"
         self.r: torch.Tensor | None = None
         self.r_host: list[float] = []
+        self.write = True
         self.defer_writes = False
         self.pending: dict[int, torch.Tensor] = {}
         # the teacher's branch outputs, kept when asked (a computed row whose gradient is taken at reuse)
