@@ -62,6 +62,15 @@ class ForecastFit:
         )
 
 
+def ridge_solve(gram: torch.Tensor, moment: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The forecast coefficients minimising ``‖target − X·w‖² + μ‖w − prior‖²`` from the normal
+    equations (``gram = XᵀX``, ``moment = Xᵀtarget``), with μ = ``ridge`` × the Gram matrix's mean
+    diagonal, so the ridge does not depend on the activations' scale."""
+    mu = ridge * gram.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + mu * eye, moment + mu * prior)
+
+
 class _FittingHandle(CacheHandle):
     """Inference handle that, at each forecast entry, also runs the branch, fits ``(a, b)`` to it on
     the current batch, writes them into the step's device coefficients, then forecasts as usual."""
@@ -80,11 +89,8 @@ class _FittingHandle(CacheHandle):
         features = [d1] if c2 is None else [d1, d1 - (c1.double() - c2.double())]
         target = (y - c0).flatten()
         X = torch.stack([f.flatten() for f in features], dim=1)
-        gram = X.T @ X
         prior = coefficients[: len(features)].double()
-        mu = self.ridge * gram.diagonal().mean().clamp_min(1e-30)
-        eye = torch.eye(len(features), dtype=gram.dtype, device=gram.device)
-        solution = torch.linalg.solve(gram + mu * eye, X.T @ target + mu * prior)
+        solution = ridge_solve(X.T @ X, X.T @ target, prior, self.ridge)
         rule_error = (target - X @ prior).square().sum()
         fit_error = (target - X @ solution).square().sum()
         self.errors[self._step, unit] = torch.stack([fit_error, rule_error])

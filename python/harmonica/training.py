@@ -324,14 +324,12 @@ class _RoutedHandle(CacheHandle):
         sums = self.statistics.get(key)
         if sums is None:
             return prior
-        from .forecast import DEFAULT_RIDGE
+        from .forecast import DEFAULT_RIDGE, ridge_solve
 
         n = len(written) - 1
         gram = torch.stack([sums[0], sums[1], sums[1], sums[2]]).reshape(2, 2)[:n, :n]
-        mu = DEFAULT_RIDGE * gram.diagonal().mean().clamp_min(1e-30)
         prior_t = torch.tensor(prior[:n], dtype=gram.dtype, device=gram.device)
-        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-        solution = torch.linalg.solve(gram + mu * eye, sums[3 : 3 + n] + mu * prior_t)
+        solution = ridge_solve(gram, sums[3 : 3 + n], prior_t, DEFAULT_RIDGE)
         return tuple(solution.to(self._buffers[key[1]].dtype)) + (0.0,) * (2 - n)
 
     def _gather(self, key: tuple, y: torch.Tensor, c0: torch.Tensor, terms: tuple[torch.Tensor, ...]) -> None:
