@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace) -> None:
         lambda_batch_size=args.lambda_batch,
         lambda_on=args.lambda_on,
         **(
-            dict(straight_through=False, max_age=None, tie_steps=False, forecast_order=0)
+            dict(straight_through=False, max_age=None, tie_steps=False, forecast_order=0, exchanges=0)
             if args.published
             else dict(
                 straight_through=args.straight_through,
@@ -68,6 +68,7 @@ def _train(args: argparse.Namespace) -> None:
                 tie_steps=args.tie_steps,
                 gradient_at=args.gradient_at,
                 forecast_order=args.forecast_order,
+                exchanges=args.exchanges,
             )
         ),
         fit_coefficients=args.fit,
@@ -126,6 +127,7 @@ def _search(args: argparse.Namespace) -> None:
         max_age=args.max_age,
         forecast_order=args.forecast_order,
         rounds=args.rounds,
+        exchanges=args.exchanges,
         batch_size=args.batch,
         guidance_scale=args.guidance,
         seed=args.seed,
@@ -472,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="with --forecast-order: fit the forecast coefficients after training (default: on)",
     )
+    t.add_argument(
+        "--exchanges",
+        type=int,
+        default=None,
+        help="passes of whole-step exchanges on the final image after training (default: 3; L2C 0)",
+    )
     t.add_argument("--lambda-batch", type=int, default=None, help="noise samples per λ estimate")
     t.add_argument("--tau", type=float, default=0.1, help="inference threshold τ of the router")
     t.add_argument("--write-threshold", type=float, default=0.1, help="cache-write threshold on r")
@@ -508,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="forecast reused entries at this order while searching, then fit the coefficients (0: reuse)",
     )
     r.add_argument("--rounds", type=int, default=4, help="cost measurements on the way to the target")
+    r.add_argument(
+        "--exchanges", type=int, default=0, help="passes of whole-step exchanges at each target (default: 0)"
+    )
     r.add_argument("--batch", type=int, default=8, help="noise samples the errors are measured on")
     r.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     r.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,7 @@ import torch
 from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
 from harmonica.cache import attach_handle
 from harmonica.sampling import sample
-from harmonica.search import _Runner, search_schedule
+from harmonica.search import _Runner, exchange_steps, search_schedule
 from harmonica.training import _ClassConditioning, _Group, _RoutedHandle, _Setup
 
 from .tiny_models import ddim, tiny_dit
@@ -58,6 +58,64 @@ def test_flip_costs_are_final_sample_errors_of_the_engine_with_that_entry_flippe
         final = _engine_final(model, CacheSchedule(flipped), x, labels).double()
         expected = torch.nn.functional.mse_loss(final, reference).item() - base_error
         assert costs[(t, k)] == pytest.approx(expected, rel=1e-2)  # a difference of float32 MSEs
+
+
+def _mean_log_error(final, reference):
+    per_sample = [torch.mean((f.double() - r) ** 2).item() for f, r in zip(final, reference, strict=True)]
+    return sum(torch.log(torch.tensor(v, dtype=torch.float64)).item() for v in per_sample) / len(per_sample)
+
+
+def test_an_exchange_pass_keeps_the_swap_of_least_mean_log_error_and_leaves_mixed_steps_alone():
+    steps = 6
+    model = tiny_dit(num_layers=2)
+    num_units = len(units(model))
+    handle = _RoutedHandle(model, steps, write_threshold=0.5)
+    setup = _Setup(
+        model, handle, ddim(), _ClassConditioning(model, None), True, 1.5, torch.device("cpu"), _Group()
+    )
+    attach_handle(model, handle)
+    runner = _Runner(setup, steps, seed=0, batch_size=3)
+    mask = torch.ones(steps, num_units, dtype=torch.bool)
+    mask[[2, 5]] = False  # steps 2 and 5 reused; 1, 3, 4 computed
+    mask[3, 1] = False  # step 3 mixed: never exchanged
+    full = torch.ones_like(mask)
+    try:
+        reference = runner.final(full)
+        history = []
+        one = exchange_steps(runner, mask, reference, passes=1, history=history)
+    finally:
+        disable_cache(model)
+
+    def oracle_error(candidate):
+        def final(m):
+            return _engine_final(model, CacheSchedule(m), runner.x, runner.cond).double()
+
+        with torch.no_grad():
+            return _mean_log_error(final(candidate), final(full))
+
+    swaps = []
+    for i in (1, 4):
+        for j in (2, 5):
+            trial = mask.clone()
+            trial[i], trial[j] = False, True
+            swaps.append((oracle_error(trial), trial))
+    best_error, best = min(swaps, key=lambda pair: pair[0])
+    expected = best if best_error < oracle_error(mask) else mask
+    assert torch.equal(one, expected)
+    assert int((~one).sum()) == int((~mask).sum()) and torch.equal(one[3], mask[3])
+    assert len(history) == (0 if expected is mask else 1)
+
+
+def test_exchanges_never_break_the_age_cap_and_bad_counts_are_refused():
+    model = tiny_dit(num_layers=1)
+    result = search_schedule(
+        model, ddim(), num_steps=6, target_cur=0.3, max_age=1, exchanges=2, batch_size=1, progress=False
+    )
+    assert result.schedule.max_age() <= 1 and result.router.training_settings["exchanges"] == 2
+    total = 6 * len(units(model))
+    assert result.schedule.cache_usage_ratio == pytest.approx(round(0.3 * total) / total)
+    with pytest.raises(ValueError, match="exchanges is a number of exchange passes, an int >= 0, got -1"):
+        search_schedule(model, ddim(), num_steps=6, target_cur=0.3, exchanges=-1, progress=False)
 
 
 def test_search_reaches_each_target_exactly_and_encodes_it_as_a_router(tmp_path):
@@ -127,10 +185,24 @@ def test_cli_search_writes_a_schedule_router_and_refuses_bad_targets(tmp_path, c
     from harmonica.reference import load_model
 
     out = tmp_path / "s.safetensors"
-    args = ["search", "--steps", "4", "--target-cur", "0.25", "--batch", "1", "--rounds", "1"]
+    args = [
+        "search",
+        "--steps",
+        "4",
+        "--target-cur",
+        "0.25",
+        "--batch",
+        "1",
+        "--rounds",
+        "1",
+        "--exchanges",
+        "1",
+    ]
     assert main([*args, "--threads", "1", "--out", str(out)]) == 0
     assert "cache usage ratio 25.0%" in capsys.readouterr().out
-    schedule = Router.load(out, model=load_model()).to_schedule()
+    router = Router.load(out, model=load_model())
+    schedule = router.to_schedule()
+    assert router.training_settings["exchanges"] == 1
     assert schedule.num_steps == 4 and schedule.cache_usage_ratio == pytest.approx(0.25)
     with pytest.raises(SystemExit) as exc:
         main(["search", "--steps", "4", "--target-cur", "1.5", "--out", str(out)])

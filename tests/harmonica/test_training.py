@@ -311,6 +311,45 @@ def test_checkpoint_resume_after_a_kill_gives_the_uninterrupted_router(tmp_path,
         train_router(tiny_dit(), ddim(), progress=False, checkpoint_dir=tmp_path, **common)
 
 
+def test_the_trained_router_is_polished_by_exchanges_on_the_final_image():
+    from harmonica.search import _EngineRunner, exchange_steps
+
+    steps = 7
+    common = dict(
+        num_steps=steps,
+        iterations=2 * (steps - 1),
+        batch_size=2,
+        target_cur=0.45,
+        lambda_variant="none",
+        progress=False,
+    )
+    plain = train_router(tiny_dit(), ddim(), exchanges=0, **common).router
+    polished = train_router(tiny_dit(), ddim(), exchanges=2, **common).router
+    model = tiny_dit()
+    setup = _Setup(
+        model,
+        _RoutedHandle(model, steps, 0.1),
+        ddim(),
+        _ClassConditioning(model, None),
+        True,
+        1.5,
+        torch.device("cpu"),
+        _Group(),
+    )
+    runner = _EngineRunner(setup, steps, 0, 2, 2, fit=True)
+    start = plain.to_schedule().compute
+    reference = runner.final(torch.ones_like(start))
+    expected = exchange_steps(runner, start, reference, passes=2, max_age=2)
+    assert torch.equal(polished.to_schedule().compute, expected)
+    assert polished.to_schedule().cache_usage_ratio == plain.to_schedule().cache_usage_ratio
+    assert torch.equal(polished.forecast.compute, expected)  # the fitted forecasts are the polished mask's
+    assert len(polished.training_settings["polish"]) <= 2 and plain.training_settings["polish"] == []
+    with pytest.raises(ValueError, match="exchanges polish an SDT router"):
+        train_router(tiny_dit(), ddim(), num_steps=4, method="l2c", exchanges=1, progress=False)
+    with pytest.raises(ValueError, match="exchanges is a number of exchange passes"):
+        train_router(tiny_dit(), ddim(), num_steps=4, exchanges=-2, progress=False)
+
+
 def test_l2c_pins_even_steps_and_trains_odd_ones():
     steps = 6
     data = torch.randn(10, 4, 8, 8).clamp(-1, 1)
@@ -455,6 +494,8 @@ def test_cli_train_writes_a_router_that_loads(tmp_path, capsys):
             "100",
             "--lambda-batch",
             "1",
+            "--exchanges",
+            "1",
             "--threads",
             "1",
             "--out",
@@ -465,6 +506,7 @@ def test_cli_train_writes_a_router_that_loads(tmp_path, capsys):
     assert "cache usage ratio" in capsys.readouterr().out
     router = Router.load(out, model=load_model())
     assert router.num_steps == 4 and router.training_settings["iterations"] == 3
+    assert router.training_settings["exchanges"] == 1
     with pytest.raises(SystemExit) as exc:
         main(["train", "--steps", "1", "--out", str(out)])
     assert exc.value.code == 2
@@ -489,6 +531,8 @@ def test_evidence_pipeline_on_a_reduced_setting(tmp_path):
         assert (tmp_path / f"{name}-T6.history.json").is_file()
     assert Router.load(paths["l2c"]).pinned_steps == [0, 2, 4]
     assert Router.load(paths["sdt"]).training_settings["lambda_variant"] == "none"
+    assert Router.load(paths["harmonica-forecast"]).training_settings["exchanges"] == 3
+    assert Router.load(paths["harmonica-steps"]).training_settings["exchanges"] == 0
     report = compare(
         model,
         scheduler=load_scheduler(),

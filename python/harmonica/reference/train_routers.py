@@ -37,7 +37,7 @@ from ..search import schedule_router
 from ..training import train_router
 from . import ASSETS, load_model, load_scheduler
 
-_PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False, forecast_order=0)
+_PUBLISHED = dict(straight_through=False, max_age=None, tie_steps=False, forecast_order=0, exchanges=0)
 RUNS = {
     "harmonica": dict(method="harmonica", lambda_variant="marginal", **_PUBLISHED),
     "harmonica-plus": dict(
@@ -55,6 +55,7 @@ RUNS = {
         tie_steps=False,
         gradient_at="hard",
         forecast_order=0,
+        exchanges=0,
     ),
     "harmonica-steps": dict(
         method="harmonica",
@@ -64,6 +65,7 @@ RUNS = {
         tie_steps=True,
         gradient_at="hard",
         forecast_order=0,
+        exchanges=0,
     ),
     "harmonica-loo": dict(method="harmonica", lambda_variant="leave_one_out", **_PUBLISHED),
     "sdt": dict(method="harmonica", lambda_variant="none", **_PUBLISHED),
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         "--usage-in-name", action="store_true", help="name files <name>-T<steps>-<pct> (several budgets)"
     )
     parser.add_argument("--lambda-every", type=int, default=500)
+    parser.add_argument(
+        "--exchanges",
+        type=int,
+        default=None,
+        help="harmonica-forecast: exchange passes (default: train_router's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--checkpoint-root", type=Path, default=None, help="default: <out>/.checkpoints")
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             lambda_every=args.lambda_every,
             seed=args.seed,
             checkpoint_dir=checkpoint_root / (f"{name}-{args.target_cur}" if args.usage_in_name else name),
-            **RUNS[name],
+            **{**RUNS[name], **({} if args.exchanges is None else {"exchanges": args.exchanges})},
         )
         stem = f"{name}-T{args.steps}" + (f"-{round(100 * args.target_cur)}" if args.usage_in_name else "")
         result.router.save(args.out / f"{stem}.safetensors")
