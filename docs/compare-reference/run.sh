@@ -13,6 +13,8 @@ harmonica compare --threads 2 --out docs/compare-reference --no-progress \
   --router "HarmoniCa forecast 35%=$R/harmonica-forecast-T20-35.safetensors" \
   --router "HarmoniCa forecast 40%=$R/harmonica-forecast-T20-40.safetensors" \
   --router "HarmoniCa forecast 50%=$R/harmonica-forecast-T20-50.safetensors" \
+  --router "HarmoniCa forecast+exchanges 45%=$R/harmonica-forecast-T20-45.safetensors" \
+  --router "HarmoniCa forecast+exchanges 55%=$R/harmonica-forecast-T20-55.safetensors" \
   --router "search 35%=$R/search-a2-b24-T20-35.safetensors" \
   --router "search 40%=$R/search-a2-b24-T20-40.safetensors" \
   --router "search 50%=$R/search-a2-b24-T20-50.safetensors" \
