@@ -353,6 +353,7 @@ def exchange_steps(
     are partly reused stay as they are; swaps over ``max_age`` are not tried. Greedy growth adds
     steps one at a time by their isolated costs, which cannot see that moving a compute elsewhere
     helps once the schedule is full; a pass costs C·R whole runs (C computed, R reused steps)."""
+    began = time.perf_counter() if began is None else began
     current = final_error(runner.final(mask), reference)
     for index in range(passes):
         steps = range(1, mask.shape[0])
@@ -380,7 +381,7 @@ def exchange_steps(
                     "mse": F.mse_loss(runner.final(mask), reference).item(),
                     "exchange": float(index + 1),
                     "forwards": float(runner.forwards),
-                    "seconds": time.perf_counter() - (began or 0.0),
+                    "seconds": time.perf_counter() - began,
                 }
             )
         if bar is not None:

@@ -929,7 +929,8 @@ def train_router(
         num_steps: T, the number of sampling steps.
         method: ``"harmonica"`` (SDT + IEPO) or ``"l2c"``.
         iterations: trained denoising steps; SDT trains T − 1 per trajectory. The default (1 000) trains
-            a router for the reference model in ~4 minutes on 2 CPU cores; the authors used 20 000.
+            a router for the reference model in ~5 minutes on 2 CPU cores (plus ~10 for the default
+            exchanges); the authors used 20 000.
         batch_size: global noise samples (or data samples for L2C) per iteration; CFG doubles it
             (default 16; the authors used 32).
         guidance_scale: CFG scale as at inference (1 = no guidance).
@@ -1437,7 +1438,6 @@ def _polish(
             max_age=config.max_age,
             bar=bar,
             history=history,
-            began=time.perf_counter(),
         )
     finally:
         if bar is not None:
