@@ -208,18 +208,8 @@ def search_schedule(
     flops = torch.tensor(flop_profile(transformer).units, dtype=torch.float64)
     total = num_steps * len(names)
     began = time.perf_counter()
-    if forecast_order:
-        runner: _Runner | _EngineRunner = _EngineRunner(
-            setup, num_steps, seed, batch_size, forecast_order, fit=fit_coefficients
-        )
-    else:
-        attach_handle(transformer, handle)
-        runner = _Runner(setup, num_steps, seed, batch_size)
-
-    def as_schedule(mask: torch.Tensor) -> CacheSchedule:
-        if forecast_order:
-            return runner.schedule(mask)
-        return CacheSchedule(mask)
+    runner = make_runner(setup, num_steps, seed, batch_size, forecast_order, fit=fit_coefficients)
+    as_schedule = runner.schedule
 
     history: list[dict[str, float]] = []
     schedules: dict[float, CacheSchedule] = {}
@@ -427,6 +417,18 @@ def _start_mask(
     return start.compute
 
 
+def make_runner(
+    setup: _Setup, num_steps: int, seed: int, batch_size: int, order: int, *, fit: bool
+) -> _Runner | _EngineRunner:
+    """The runs a search measures on: whole engine runs when forecasting at ``order`` (the training
+    handle cannot forecast), else the training handle's runs with the state before every step kept
+    (attached to the model here; the caller disables the cache when done)."""
+    if order:
+        return _EngineRunner(setup, num_steps, seed, batch_size, order, fit=fit)
+    attach_handle(setup.model, setup.handle)
+    return _Runner(setup, num_steps, seed, batch_size)
+
+
 class _Runner:
     """Hard-schedule sampling runs from a fixed batch, with the state before every step kept."""
 
@@ -435,6 +437,10 @@ class _Runner:
         self.num_steps = num_steps
         self.x, self.cond = _draw(setup, _generator(seed, 4, 0), batch_size)
         self.forwards = 0
+
+    def schedule(self, mask: torch.Tensor) -> CacheSchedule:
+        """The schedule ``mask`` runs as (plain reuse)."""
+        return CacheSchedule(mask)
 
     def _run(self, mask: torch.Tensor, start: int, x: torch.Tensor, on_step=None) -> torch.Tensor:
         setup = self.setup

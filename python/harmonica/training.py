@@ -1171,12 +1171,15 @@ def train_router(
         offset = _calibrate(router, config.target_cur, config.threshold, config.max_age)
     polish: list[dict[str, float]] = []
     if config.exchanges:
-        _polish(setup, router, config, polish, progress and group.rank == 0)
-    schedule = router.to_schedule(config.threshold, max_age=config.max_age)
+        schedule = _polish(setup, router, config, polish, progress and group.rank == 0)
+    else:
+        schedule = router.to_schedule(config.threshold, max_age=config.max_age)
+        if config.forecast_order:
+            schedule = schedule.with_forecast(config.forecast_order)
+            if config.fit_coefficients:
+                schedule = _fit(setup, schedule, config)
     if config.forecast_order:
-        router.forecast = schedule.with_forecast(config.forecast_order)
-        if config.fit_coefficients:
-            router.forecast = _fit(setup, router.forecast, config)
+        router.forecast = schedule
     settings = asdict(config)
     settings.update(
         beta_final=state.beta,
@@ -1401,44 +1404,41 @@ def _train_step(
 
 def _polish(
     setup: _Setup, router: Router, config: TrainingConfig, history: list[dict[str, float]], progress: bool
-) -> None:
+) -> CacheSchedule:
     """Whole-step exchanges on the final image (:func:`harmonica.search.exchange_steps`) at the
     trained usage, from the router's hard schedule; the router's logits are set to the result (±bound
-    where an entry changed). Training orders the steps by a local proxy (λ-weighted one-step error);
-    the exchanges then judge swaps by the final-sample error the proxy stands for, with the forecasts
-    (fitted) as inference runs them. Every process polishes the same batch alone, so all agree."""
-    from .search import _EngineRunner, _Runner, exchange_steps
+    where an entry changed), which is returned as it runs (forecast, and fitted on the polish batch
+    when ``fit_coefficients``, as :func:`_fit` would). Training orders the steps by a local proxy
+    (λ-weighted one-step error); the exchanges judge swaps by the final-sample error the proxy stands
+    for. Every process polishes the same batch alone, so all agree."""
+    from .search import exchange_steps, make_runner
 
     single = replace(setup, group=_Group.single())
-    schedule = router.to_schedule(config.threshold, max_age=config.max_age)
-    full = torch.ones_like(schedule.compute)
+    start = router.to_schedule(config.threshold, max_age=config.max_age).compute
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(desc="polish (exchanges)", unit="run")
-    if config.forecast_order:
-        runner: Any = _EngineRunner(
-            single,
-            config.num_steps,
-            config.seed,
-            config.batch_size,
-            config.forecast_order,
-            fit=config.fit_coefficients,
-        )
-    else:
-        attach_handle(setup.model, setup.handle)
-        runner = _Runner(single, config.num_steps, config.seed, config.batch_size)
+    runner = make_runner(
+        single,
+        config.num_steps,
+        config.seed,
+        config.batch_size,
+        config.forecast_order,
+        fit=config.fit_coefficients,
+    )
     try:
         polished = exchange_steps(
             runner,
-            schedule.compute,
-            runner.final(full),
+            start,
+            runner.final(torch.ones_like(start)),
             passes=config.exchanges,
             max_age=config.max_age,
             bar=bar,
             history=history,
         )
+        schedule = runner.schedule(polished)
     finally:
         if bar is not None:
             bar.close()
@@ -1454,6 +1454,7 @@ def _polish(
         )
     if not torch.equal(router.to_schedule(config.threshold, max_age=config.max_age).compute, polished):
         raise AssertionError("internal: the polished router does not encode the polished schedule")
+    return schedule
 
 
 def _fit(setup: _Setup, schedule: CacheSchedule, config: TrainingConfig) -> CacheSchedule:
