@@ -88,6 +88,21 @@ _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BRANCH_STATE = ("_buffers", "_older", "_layout")
 """CacheHandle attributes that hold one CFG branch's caches (swapped together between branches)."""
 
+_GENERATION_STATE = (
+    "_step",
+    "_last_timestep",
+    "_owner",
+    "_by_scheduler",
+    "_buffers",
+    "_older",
+    "_coefficients",
+    "_layout",
+    "_branch",
+    "_active_branch",
+    "_branch_states",
+)
+"""CacheHandle attributes that a generation changes between transformer calls (see ``_save_generation``)."""
+
 MultiBranch = Callable[[], Sequence[torch.Tensor]]
 """One module call that feeds several units, returning one output per unit (in their order)."""
 
@@ -239,6 +254,28 @@ class CacheHandle:
         self._branch_states = {}
         self._last_input = None
         self._embeddings.end_call()
+
+    def _save_generation(self) -> dict[str, Any]:
+        """A copy of the generation in progress between two transformer calls (caches, histories,
+        coefficients, step counter), for :meth:`_load_generation` into a handle whose schedule agrees
+        with this one's on the steps run so far: a search resumes candidate schedules from the state
+        their common prefix left instead of sampling that prefix again."""
+        if self._row is not None:
+            raise CacheStateError("internal: a generation is saved between transformer calls, not within one")
+        return copy.deepcopy({name: getattr(self, name) for name in _GENERATION_STATE})
+
+    def _load_generation(self, state: dict[str, Any]) -> None:
+        """Continue the generation ``state`` was saved from (copied: ``state`` stays reusable). The
+        caches must have this schedule's sizes; coefficients of the steps still to run are the caller's."""
+        if state["_step"] and any(
+            (b is None) != (not size) or len(older) != max(size - 1, 0)
+            for b, older, size in zip(state["_buffers"], state["_older"], self._history_sizes, strict=True)
+        ):
+            raise CacheStateError("internal: a saved generation's caches do not fit this handle's schedule")
+        for name, value in copy.deepcopy(state).items():
+            setattr(self, name, value)
+        self._row = None
+        self._last_input = None
 
     def computes(self, unit: int) -> bool:
         """Whether ``unit`` is computed at the current step (a host-side constant)."""

@@ -232,13 +232,20 @@ def fit_on(
             for i in steps:
                 pred = setup.conditioning.call(transformer, x, timesteps[i], cond, setup.cfg)
                 x = _advance(setup, pred, timesteps[i], x)
-            fitted = handle._coefficients.double().cpu()
+            fitted = fitted_schedule(schedule, handle._coefficients)
     finally:
         disable_cache(transformer)
-    orders = schedule.orders
-    fitted[orders == 0] = 0
-    fitted[..., 1][orders == 1] = 0
     residual = torch.full(schedule.compute.shape, float("nan"))
     for (t, k), (fit_error, rule_error) in handle.errors.items():
         residual[t, k] = (fit_error / rule_error).item()
-    return ForecastFit(schedule.with_coefficients(fitted), schedule, residual, time.perf_counter() - began)
+    return ForecastFit(fitted, schedule, residual, time.perf_counter() - began)
+
+
+def fitted_schedule(schedule: CacheSchedule, coefficients: torch.Tensor) -> CacheSchedule:
+    """``schedule`` with the coefficients a :class:`_FittingHandle` run left (``[T, U, 2]``), zero where
+    an entry does not forecast at that order."""
+    fitted = coefficients.double().cpu()
+    orders = schedule.orders
+    fitted[orders == 0] = 0
+    fitted[..., 1][orders == 1] = 0
+    return schedule.with_coefficients(fitted)

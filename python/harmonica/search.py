@@ -239,7 +239,7 @@ def search_schedule(
                 if not whole and shortlist is not None and shortlist[0] == grow:
                     only = shortlist[1]
                 measure = functools.partial(
-                    runner.flip_costs, mask, reference, grow=grow, max_age=max_age, whole_steps=whole, bar=bar
+                    flip_costs, runner, mask, reference, grow=grow, max_age=max_age, whole_steps=whole, bar=bar
                 )
                 costs = measure(only=only)
                 if not costs and only is not None:
@@ -342,33 +342,33 @@ def exchange_steps(
     that lowers :func:`final_error` most; a pass with no such swap ends the search. Steps whose units
     are partly reused stay as they are; swaps over ``max_age`` are not tried. Greedy growth adds
     steps one at a time by their isolated costs, which cannot see that moving a compute elsewhere
-    helps once the schedule is full; a pass costs C·R whole runs (C computed, R reused steps)."""
+    helps once the schedule is full. A pass costs C·R runs (C computed, R reused steps), each sampled
+    from the first step its swap changes, min(i, j), on."""
     began = time.perf_counter() if began is None else began
     current = final_error(runner.final(mask), reference)
     for index in range(passes):
         steps = range(1, mask.shape[0])
         computed = [t for t in steps if bool(mask[t].all())]
         reused = [t for t in steps if not bool(mask[t].any())]
-        best, chosen = current, None
+        trials = []
         for i in computed:
             for j in reused:
                 trial = mask.clone()
                 trial[i], trial[j] = False, True
-                if max_age is not None and CacheSchedule(trial).max_age() > max_age:
-                    continue
-                value = final_error(runner.final(trial), reference)
-                if bar is not None:
-                    bar.update(1)
-                if value < best:
-                    best, chosen = value, trial
-        if chosen is None:
+                if max_age is None or CacheSchedule(trial).max_age() <= max_age:
+                    trials.append(trial)
+        _, finals = runner.finals(mask, trials, bar)
+        errors = [final_error(final, reference) for final in finals]
+        if not errors or min(errors) >= current:
             break
-        mask, current = chosen, best
+        chosen = min(range(len(errors)), key=errors.__getitem__)
+        mask, current = trials[chosen], errors[chosen]
         if history is not None:
             history.append(
                 {
                     "cur": float((~mask).float().mean()),
-                    "mse": F.mse_loss(runner.final(mask), reference).item(),
+                    "mse": F.mse_loss(finals[chosen], reference).item(),
+                    "error": current,
                     "exchange": float(index + 1),
                     "forwards": float(runner.forwards),
                     "seconds": time.perf_counter() - began,
@@ -465,20 +465,11 @@ class _Runner:
         return self._run(mask, 0, self.x).double()
 
     @torch.no_grad()
-    def flip_costs(
-        self,
-        mask: torch.Tensor,
-        reference: torch.Tensor,
-        *,
-        grow: bool,
-        max_age: int | None,
-        whole_steps: bool = False,
-        only: list[tuple[int, int]] | None = None,
-        bar=None,
-    ) -> dict[tuple[int, int], float]:
-        """Final-sample MSE change of flipping each eligible entry (compute → reuse when ``grow``), or
-        each eligible entry of ``only``. With ``whole_steps`` a candidate is every flippable unit of
-        one step, keyed ``(t, -1)``."""
+    def finals(
+        self, base: torch.Tensor, trials: Sequence[torch.Tensor], bar: Any = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final samples of ``base`` and of each of ``trials``; a trial runs from the first step
+        where it differs from ``base``, from the state the run of ``base`` kept before that step."""
         setup = self.setup
         states: dict[int, tuple[torch.Tensor, list, Any]] = {}
 
@@ -487,22 +478,28 @@ class _Runner:
 
         setup.scheduler.set_timesteps(self.num_steps, device=setup.device)
         setup.handle.reset()
-        base = F.mse_loss(self._run(mask, 0, self.x, on_step=keep).double(), reference).item()
-        costs = {}
-        for key, trial in _candidates(mask, grow=grow, max_age=max_age, whole_steps=whole_steps, only=only):
-            x, buffers, scheduler = states[key[0]]
-            setup.scheduler = copy.deepcopy(scheduler)
-            setup.handle.restore(buffers)
-            final = self._run(trial, key[0], x).double()
-            costs[key] = F.mse_loss(final, reference).item() - base
+        final = self._run(base, 0, self.x, on_step=keep).double()
+        results = []
+        for trial in trials:
+            start = _first_difference(base, trial)
+            if start == self.num_steps:
+                results.append(final)
+            else:
+                x, buffers, scheduler = states[start]
+                setup.scheduler = copy.deepcopy(scheduler)
+                setup.handle.restore(buffers)
+                results.append(self._run(trial, start, x).double())
             if bar is not None:
                 bar.update(1)
-        return costs
+        return final, results
 
 
 class _EngineRunner:
-    """Whole sampling runs of a fixed batch through the inference engine (forecast schedules: the
-    training handle cannot forecast), one run per measured entry. Same batch as :class:`_Runner`."""
+    """Sampling runs of a fixed batch through the inference engine (forecast schedules: the training
+    handle cannot forecast). Same batch as :class:`_Runner`. With ``fit``, a run fits its schedule's
+    forecast coefficients on the batch it samples (:class:`harmonica.forecast._FittingHandle`: each
+    forecast entry also runs its branch, fits, then forecasts with what it fitted), so one run both
+    fits a candidate and samples it as the fitted schedule runs at inference."""
 
     def __init__(
         self, setup: _Setup, num_steps: int, seed: int, batch_size: int, order: int, *, fit: bool
@@ -511,71 +508,134 @@ class _EngineRunner:
         self.num_steps = num_steps
         self.order = order
         self.fit = fit
-        self.seed = seed
-        self.batch_size = batch_size
         self.x, self.cond = _draw(setup, _generator(seed, 4, 0), batch_size)
         self.forwards = 0
         self._fitted: dict[bytes, CacheSchedule] = {}
 
     def schedule(self, mask: torch.Tensor) -> CacheSchedule:
-        """``mask`` forecast at the search's order, with coefficients fitted on the fit batch (another
-        batch than the one the errors are measured on) when ``fit``; fits are kept per mask."""
+        """``mask`` forecast at the search's order, with the coefficients fitted on the search's batch
+        when ``fit`` (kept per mask from the run that measured it)."""
         schedule = CacheSchedule(mask).with_forecast(self.order)
         if not self.fit or not schedule.forecasts:
             return schedule
         key = mask.numpy().tobytes()
         if key not in self._fitted:
-            from .forecast import DEFAULT_RIDGE, fit_on
-
-            self._fitted[key] = fit_on(
-                self.setup,
-                schedule,
-                batch_size=self.batch_size,
-                seed=self.seed,
-                ridge=DEFAULT_RIDGE,
-                progress=False,
-            ).schedule
-            self.forwards += self.num_steps
+            self.final(mask)
         return self._fitted[key]
 
-    @torch.no_grad()
     def final(self, mask: torch.Tensor) -> torch.Tensor:
         """The final sample of the batch under :meth:`schedule` of ``mask``."""
-        schedule = self.schedule(mask)
+        return self.finals(mask, [])[0]
+
+    @torch.no_grad()
+    def finals(
+        self, base: torch.Tensor, trials: Sequence[torch.Tensor], bar: Any = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As :meth:`_Runner.finals`: the run of ``base`` saves the engine's generation before the
+        first step where a trial differs, and the trial continues from a copy of it (its coefficients
+        of the steps before are the ones ``base`` fitted there: the same, since a fit only sees the
+        steps before it). One saved generation is held at a time."""
         setup = self.setup
+        rules = [CacheSchedule(mask).with_forecast(self.order) for mask in (base, *trials)]
+        starts: dict[int, list[int]] = {}
+        for index, rule in enumerate(rules[1:]):
+            start = _first_difference(base, trials[index])
+            if rule.history_sizes != rules[0].history_sizes:
+                start = 0  # caches of other sizes: nothing to continue from
+            starts.setdefault(start, []).append(index)
+        results: list[torch.Tensor | None] = [None] * len(trials)
         setup.scheduler.set_timesteps(self.num_steps, device=setup.device)
         timesteps = setup.scheduler.timesteps
-        handle = enable_cache(setup.model, schedule)
+        x = self.x
+        handle = self._attach(rules[0], base)
         try:
-            handle.reset()
-            x = self.x
             for i in range(self.num_steps):
+                if i in starts:
+                    state, scheduler = handle._save_generation(), setup.scheduler
+                    disable_cache(setup.model)
+                    for index in starts[i]:
+                        setup.scheduler = copy.deepcopy(scheduler)
+                        results[index] = self._resume(rules[index + 1], trials[index], i, state, x)
+                        if bar is not None:
+                            bar.update(1)
+                    setup.scheduler = scheduler
+                    handle = self._attach(rules[0], base, state)
                 pred = setup.conditioning.call(setup.model, x, timesteps[i], self.cond, setup.cfg)
                 x = _advance(setup, pred, timesteps[i], x)
-            self.forwards += self.num_steps
+                self.forwards += 1
+            self._keep_fit(rules[0], base, handle)
+        finally:
+            disable_cache(setup.model)
+        final = x.double()
+        return final, [final if result is None else result for result in results]
+
+    def _attach(self, rule: CacheSchedule, mask: torch.Tensor, state: dict | None = None) -> Any:
+        """A handle for ``rule`` attached to the model (fitting when ``fit``, else the rule's or the
+        already fitted coefficients), continuing ``state`` if given."""
+        from .cache import CacheHandle
+        from .forecast import DEFAULT_RIDGE, _FittingHandle
+
+        if self.fit and rule.forecasts:
+            handle = _FittingHandle(self.setup.model, rule, DEFAULT_RIDGE)
+        else:
+            handle = CacheHandle(self.setup.model, rule)
+        attach_handle(self.setup.model, handle)
+        handle.reset()
+        if state is not None:
+            handle._load_generation(state)
+            step = state["_step"]
+            if rule.forecasts and step:
+                coefficients = rule.coefficients.to(device=self.setup.device, dtype=torch.float32)
+                coefficients[:step] = state["_coefficients"][:step]
+                handle._coefficients = coefficients
+        return handle
+
+    def _resume(self, rule: CacheSchedule, mask: torch.Tensor, start: int, state: dict, x: torch.Tensor):
+        """The final sample of ``mask``, sampled from step ``start`` on from ``state`` and ``x``."""
+        setup = self.setup
+        timesteps = setup.scheduler.timesteps
+        handle = self._attach(rule, mask, state if start else None)
+        try:
+            for i in range(start, self.num_steps):
+                pred = setup.conditioning.call(setup.model, x, timesteps[i], self.cond, setup.cfg)
+                x = _advance(setup, pred, timesteps[i], x)
+            self.forwards += self.num_steps - start
+            self._keep_fit(rule, mask, handle)
         finally:
             disable_cache(setup.model)
         return x.double()
 
-    def flip_costs(
-        self,
-        mask: torch.Tensor,
-        reference: torch.Tensor,
-        *,
-        grow: bool,
-        max_age: int | None,
-        whole_steps: bool = False,
-        only: list[tuple[int, int]] | None = None,
-        bar=None,
-    ) -> dict[tuple[int, int], float]:
-        """As :meth:`_Runner.flip_costs`, each candidate a whole run."""
-        base = F.mse_loss(self.final(mask), reference).item()
-        costs = {}
-        for key, trial in _candidates(mask, grow=grow, max_age=max_age, whole_steps=whole_steps, only=only):
-            costs[key] = F.mse_loss(self.final(trial), reference).item() - base
-            if bar is not None:
-                bar.update(1)
-        return costs
+    def _keep_fit(self, rule: CacheSchedule, mask: torch.Tensor, handle: Any) -> None:
+        if self.fit and rule.forecasts:
+            from .forecast import fitted_schedule
+
+            self._fitted[mask.numpy().tobytes()] = fitted_schedule(rule, handle._coefficients)
+
+
+def flip_costs(
+    runner: _Runner | _EngineRunner,
+    mask: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    grow: bool,
+    max_age: int | None,
+    whole_steps: bool = False,
+    only: list[tuple[int, int]] | None = None,
+    bar: Any = None,
+) -> dict[tuple[int, int], float]:
+    """Final-sample MSE change of flipping each eligible entry (compute → reuse when ``grow``), or
+    each eligible entry of ``only``. With ``whole_steps`` a candidate is every flippable unit of
+    one step, keyed ``(t, -1)``."""
+    candidates = list(_candidates(mask, grow=grow, max_age=max_age, whole_steps=whole_steps, only=only))
+    base, finals = runner.finals(mask, [trial for _, trial in candidates], bar)
+    error = F.mse_loss(base, reference).item()
+    return {key: F.mse_loss(final, reference).item() - error for (key, _), final in zip(candidates, finals)}
+
+
+def _first_difference(base: torch.Tensor, trial: torch.Tensor) -> int:
+    """The first step whose row differs between two masks (T when none does)."""
+    differs = (base != trial).any(dim=1).nonzero()
+    return int(differs[0]) if len(differs) else base.shape[0]
 
 
 def _candidates(

@@ -8,7 +8,7 @@ import torch
 from harmonica import CacheSchedule, Router, disable_cache, enable_cache, units
 from harmonica.cache import attach_handle
 from harmonica.sampling import sample
-from harmonica.search import _Runner, exchange_steps, search_schedule
+from harmonica.search import _Runner, exchange_steps, flip_costs, search_schedule
 from harmonica.training import _ClassConditioning, _Group, _RoutedHandle, _Setup
 
 from .tiny_models import ddim, tiny_dit
@@ -43,7 +43,7 @@ def test_flip_costs_are_final_sample_errors_of_the_engine_with_that_entry_flippe
     full = torch.ones_like(mask)
     try:
         reference = runner.final(full)
-        costs = runner.flip_costs(mask, reference, grow=True, max_age=None)
+        costs = flip_costs(runner, mask, reference, grow=True, max_age=None)
         base = runner.final(mask)
     finally:
         disable_cache(model)
@@ -58,6 +58,50 @@ def test_flip_costs_are_final_sample_errors_of_the_engine_with_that_entry_flippe
         final = _engine_final(model, CacheSchedule(flipped), x, labels).double()
         expected = torch.nn.functional.mse_loss(final, reference).item() - base_error
         assert costs[(t, k)] == pytest.approx(expected, rel=1e-2)  # a difference of float32 MSEs
+
+
+@pytest.mark.parametrize("fit", [True, False])
+def test_engine_runs_of_candidates_continue_from_the_base_run_as_whole_runs_would(fit):
+    from harmonica.search import _EngineRunner
+
+    model = tiny_dit(num_layers=2)
+    setup = _Setup(
+        model, None, ddim(), _ClassConditioning(model, None), True, 1.5, torch.device("cpu"), _Group()
+    )
+    num_units = len(units(model))
+    steps = 7
+    base = CacheSchedule.fora(steps, num_units, 2, order=2).compute  # computes 0, 1, 2, 4, 6
+    trials = []
+    # first changed steps 4, 3, 2, 1; (2, 5) forecasts at order 1 at most: smaller caches, a whole run
+    for i, j in [(4, 5), (6, 3), (2, 5), (1, 3)]:
+        trial = base.clone()
+        trial[i], trial[j] = False, True
+        trials.append(trial)
+    mixed = base.clone()
+    mixed[5, 0] = True  # one unit computed at step 5
+    trials += [mixed, base.clone(), torch.ones_like(base)]  # the last: no caches at all
+    runner = _EngineRunner(setup, steps, 0, 2, 2, fit=fit)
+    final, finals = runner.finals(base, trials)
+    assert runner.forwards == steps + (3 + 4 + steps + 6) + 2 + steps
+    for mask, got in [(base, final), *zip(trials, finals, strict=True)]:
+        alone = _EngineRunner(setup, steps, 0, 2, 2, fit=fit)
+        torch.testing.assert_close(got, alone.final(mask), rtol=0, atol=1e-6)
+        schedule = runner.schedule(mask)
+        assert schedule == alone.schedule(mask)
+        torch.testing.assert_close(schedule.coefficients, alone.schedule(mask).coefficients)
+        # what the fitting run sampled is what its fitted schedule samples at inference
+        enable_cache(model, schedule)
+        try:
+            engine = sample(
+                model, ddim(), runner.cond, noise=runner.x, num_inference_steps=steps, guidance_scale=1.5,
+                clamp=False,
+            )
+        finally:
+            disable_cache(model)
+        torch.testing.assert_close(got.float(), engine, rtol=1e-4, atol=1e-5)
+    if fit:
+        assert not torch.equal(runner.schedule(base).coefficients, CacheSchedule(base).with_forecast(2).coefficients)
+    assert model.__dict__.get("_harmonica_cache") is None
 
 
 def _mean_log_error(final, reference):
