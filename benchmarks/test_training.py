@@ -198,6 +198,7 @@ def test_default_router_training_on_the_reference_model(recorder, device):
             batch=result.router.training_settings["batch_size"],
             cur=result.router.training_settings["cur"],
             swaps_kept=len(result.router.training_settings["polish"]),
+            polish_start=result.router.training_settings["polish_start"].get("start", "–"),
         ),
     )
     # tied steps: the usage moves by whole steps (1 / T), so it lands within half a step of 35 %

@@ -125,17 +125,21 @@ class CacheSchedule:
         return cls(steps[:, None].expand(num_steps, num_units)).with_forecast(order, rule=rule)
 
     @classmethod
-    def even_steps(cls, num_steps: int, num_units: int, usage: float) -> CacheSchedule:
-        """Every unit reused on ``round(usage · T)`` steps spread evenly over steps 1…T−1 (whole-step
-        reuse at a chosen cache usage ratio; at usage 0.5 and even T this is FORA N=2)."""
+    def even_steps(cls, num_steps: int, num_units: int, usage: float, *, warmup: int = 1) -> CacheSchedule:
+        """Every unit reused on ``round(usage · T)`` steps spread evenly over steps ``warmup``…T−1
+        (whole-step reuse at a chosen cache usage ratio; at usage 0.5 and even T this is FORA N=2).
+        ``warmup``: the first steps computed (≥ 1: step 0 fills the cache; 3 is TaylorSeer's
+        warm-up for order-2 forecasts)."""
         _check_size(num_steps, num_units)
         if not 0 <= usage < 1:
             raise ValueError(f"usage is a cache usage ratio in [0, 1), got {usage!r}")
-        count = min(round(usage * num_steps), num_steps - 1)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 1 <= warmup < num_steps:
+            raise ValueError(f"warmup is a number of computed first steps in 1…T−1, got {warmup!r}")
+        count = min(round(usage * num_steps), num_steps - warmup)
         mask = torch.ones(num_steps, num_units, dtype=torch.bool)
         if count:
-            spacing = (num_steps - 1) / count
-            mask[[1 + int((i + 0.5) * spacing) for i in range(count)]] = False  # centred in its span
+            spacing = (num_steps - warmup) / count
+            mask[[warmup + int((i + 0.5) * spacing) for i in range(count)]] = False  # centred in its span
         return cls(mask)
 
     def with_forecast(self, order: int, *, rule: str = DEFAULT_RULE) -> CacheSchedule:

@@ -20,10 +20,12 @@ measures again in the new context.
 Exchanges. Greedy growth takes steps one at a time by their isolated costs and never moves a compute
 it has placed. ``exchanges=N`` then runs up to N passes at the reached usage, each sampling every swap
 of one computed and one reused whole step and keeping the best one that lowers the final error
-(:func:`exchange_steps`); ``train_router`` polishes its trained schedule the same way.
+(:func:`exchange_steps`); ``train_router`` polishes its trained schedule the same way, starting from
+the best of it and the static schedules of its usage (:func:`static_starts`).
 
-Cost: a round that can flip E entries runs ``Σ_t E_t · (T − t)`` sampling forwards of the batch,
-about ``E · T / 2``; later rounds in the same direction measure only the 3·chunk entries that ranked
+Cost: every candidate runs from the first step it changes, from the state the current schedule's
+run left there (with forecasting, one saved engine state at a time). A round that can flip E entries
+runs ``Σ_t E_t · (T − t)`` sampling forwards of the batch, about ``E · T / 2``; later rounds in the same direction measure only the 3·chunk entries that ranked
 cheapest in the round before (lazy greedy). :attr:`SearchResult.forwards` counts them.
 """
 
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from .cache import CacheStateError, attach_handle, disable_cache, enable_cache
 from .models import flop_profile, supported_class, transformer_of, units
 from .router import FIRST_STEP_LOGIT, Router
-from .schedule import CacheSchedule, _check_max_age, _check_order
+from .schedule import DEFAULT_WARMUP, CacheSchedule, _check_max_age, _check_order
 from .training import (
     _advance,
     _conditioning_for,
@@ -56,7 +58,7 @@ from .training import (
     _Setup,
 )
 
-__all__ = ["SearchResult", "exchange_steps", "final_error", "search_schedule"]
+__all__ = ["SearchResult", "exchange_steps", "final_error", "search_schedule", "static_starts"]
 
 
 @dataclass
@@ -122,17 +124,18 @@ def search_schedule(
             remainder smaller than a step; ``"unit"`` flips single units, ``rounds`` batches.
         forecast_order: 1 or 2: every reused entry is forecast at that order (as its history allows,
             :meth:`CacheSchedule.with_forecast`) while the costs are measured, so the search places
-            the computes where forecasting needs them; each cost is then one whole sampling run (T
-            forwards) with the engine, and the result's schedules forecast. 0: plain reuse.
+            the computes where forecasting needs them; each cost is then a sampling run with the
+            engine from the flipped step on, and the result's schedules forecast. 0: plain reuse.
         fit_coefficients: with forecasting, every candidate schedule gets least-squares coefficients
-            (:func:`harmonica.fit_forecast` on another batch than the errors are measured on: one
-            more run per candidate, every unit computed) before its error is measured, so the search
-            chooses the computes for the fitted forecasts that will run; False: step-distance rule.
+            (as :func:`harmonica.fit_forecast`, on the batch its error is measured on, in the run that
+            measures it: the branches of forecast entries run too, so that run costs every unit)
+            before its error is counted, so the search chooses the computes for the fitted forecasts
+            that will run; False: step-distance rule.
         rounds: unit granularity: cost measurements on the way to the last target (more:
             interactions seen sooner, proportionally more forwards).
         exchanges: at each target, up to this many passes of whole-step exchanges at the same usage
             (:func:`exchange_steps`): each pass samples every (computed step, reused step) pair
-            swapped and keeps the best swap if it lowers the error; C·R whole runs per pass.
+            swapped and keeps the best swap if it lowers the error; C·R runs per pass.
         batch_size: noise samples (one class or prompt each, drawn from ``seed``) the errors are
             measured on; CFG doubles the transformer batch.
         guidance_scale: CFG scale as at inference.
@@ -377,6 +380,39 @@ def exchange_steps(
         if bar is not None:
             bar.set_postfix(cur=f"{float((~mask).float().mean()):.1%}", error=f"{current:.3g}")
     return mask
+
+
+def static_starts(mask: torch.Tensor, order: int, max_age: int | None) -> dict[str, torch.Tensor]:
+    """The static whole-step schedules that reuse as many steps as ``mask`` does, named: FORA N (in
+    TaylorSeer's form with its warm-up when ``order`` forecasts) and the same count spread evenly,
+    after step 0 and after the warm-up; those over ``max_age`` are left out. Empty when ``mask`` has
+    a partly reused step (no whole-step schedule has its usage)."""
+    num_steps, num_units = mask.shape
+    whole = mask.all(1) | ~mask.any(1)
+    if not bool(whole.all()):
+        return {}
+    reused = int((~mask[:, 0]).sum())
+    warmups = (1, DEFAULT_WARMUP) if order else (1,)
+    forms = {
+        f"FORA N={n}": CacheSchedule.fora(num_steps, num_units, n, order=order).compute
+        for n in range(2, num_steps)
+    }
+    forms.update(
+        {
+            f"even steps after step {w - 1}": CacheSchedule.even_steps(
+                num_steps, num_units, reused / num_steps, warmup=w
+            ).compute
+            for w in warmups
+            if w < num_steps
+        }
+    )
+    starts: dict[str, torch.Tensor] = {}
+    for name, form in forms.items():
+        if int((~form[:, 0]).sum()) != reused or any(torch.equal(form, s) for s in (mask, *starts.values())):
+            continue
+        if max_age is None or CacheSchedule(form).max_age() <= max_age:
+            starts[name] = form
+    return starts
 
 
 def final_error(final: torch.Tensor, reference: torch.Tensor) -> float:

@@ -129,13 +129,15 @@ def test_fingerprint_names_the_shape():
 
 
 def test_even_steps_reuses_whole_steps_at_the_asked_usage_evenly():
-    for steps, usage in [(20, 0.35), (20, 0.4), (13, 0.3), (7, 0.5)]:
-        schedule = CacheSchedule.even_steps(steps, 3, usage)
+    for steps, usage, warmup in [(20, 0.35, 1), (20, 0.4, 1), (13, 0.3, 1), (7, 0.5, 1), (20, 0.55, 3), (11, 0.6, 4)]:
+        schedule = CacheSchedule.even_steps(steps, 3, usage, warmup=warmup)
         reused = [t for t in range(steps) if not bool(schedule.compute[t].any())]
-        assert len(reused) == round(usage * steps) and 0 not in reused
+        assert len(reused) == round(usage * steps) and min(reused) >= warmup
         assert bool((schedule.compute.all(1) | ~schedule.compute.any(1)).all())  # whole steps only
         gaps = [b - a for a, b in zip(reused, reused[1:], strict=False)]
         assert max(gaps) - min(gaps) <= 1
     assert CacheSchedule.even_steps(20, 4, 0.5) == CacheSchedule.fora(20, 4, 2)
     with pytest.raises(ValueError, match="usage is a cache usage ratio"):
         CacheSchedule.even_steps(20, 4, 1.0)
+    with pytest.raises(ValueError, match="warmup is a number of computed first steps in 1…T−1, got 0"):
+        CacheSchedule.even_steps(20, 4, 0.5, warmup=0)

@@ -312,7 +312,7 @@ def test_checkpoint_resume_after_a_kill_gives_the_uninterrupted_router(tmp_path,
 
 
 def test_the_trained_router_is_polished_by_exchanges_on_the_final_image():
-    from harmonica.search import _EngineRunner, exchange_steps
+    from harmonica.search import _EngineRunner, exchange_steps, final_error
 
     steps = 7
     common = dict(
@@ -337,9 +337,31 @@ def test_the_trained_router_is_polished_by_exchanges_on_the_final_image():
         _Group(),
     )
     runner = _EngineRunner(setup, steps, 0, 2, 2, fit=True)
-    start = plain.to_schedule().compute
-    reference = runner.final(torch.ones_like(start))
-    expected = exchange_steps(runner, start, reference, passes=2, max_age=2)
+    trained = plain.to_schedule().compute
+    reference = runner.final(torch.ones_like(trained))
+    # the polish starts from the best of the trained schedule and every static whole-step form of its
+    # usage within the age cap, enumerated here from the definitions
+    reused = int((~trained[:, 0]).sum())
+    starts = {"trained": trained}
+    for n in range(2, steps):
+        fora = CacheSchedule.fora(steps, trained.shape[1], n, order=2)
+        starts[f"FORA N={n}"] = fora.compute
+    for w in (1, 3):
+        starts[f"even steps after step {w - 1}"] = CacheSchedule.even_steps(
+            steps, trained.shape[1], reused / steps, warmup=w
+        ).compute
+    errors = {
+        name: final_error(runner.final(mask), reference)
+        for name, mask in starts.items()
+        if int((~mask[:, 0]).sum()) == reused and CacheSchedule(mask).max_age() <= 2
+    }
+    settings = polished.training_settings["polish_start"]
+    assert set(settings["start_errors"]) <= set(errors) and "trained" in settings["start_errors"]
+    for name, error in settings["start_errors"].items():
+        assert error == pytest.approx(errors[name], abs=1e-9)
+    assert settings["start"] == min(settings["start_errors"], key=settings["start_errors"].get)
+    assert errors[settings["start"]] == pytest.approx(min(errors.values()), abs=1e-9)
+    expected = exchange_steps(runner, starts[settings["start"]], reference, passes=2, max_age=2)
     assert torch.equal(polished.to_schedule().compute, expected)
     assert polished.to_schedule().cache_usage_ratio == plain.to_schedule().cache_usage_ratio
     assert torch.equal(polished.forecast.compute, expected)  # the fitted forecasts are the polished mask's
