@@ -25,8 +25,9 @@ the best of it and the static schedules of its usage (:func:`static_starts`).
 
 Cost: every candidate runs from the first step it changes, from the state the current schedule's
 run left there (with forecasting, one saved engine state at a time). A round that can flip E entries
-runs ``Σ_t E_t · (T − t)`` sampling forwards of the batch, about ``E · T / 2``; later rounds in the same direction measure only the 3·chunk entries that ranked
-cheapest in the round before (lazy greedy). :attr:`SearchResult.forwards` counts them.
+runs ``Σ_t E_t · (T − t)`` sampling forwards of the batch, about ``E · T / 2``; later rounds in the
+same direction measure only the 3·chunk entries that ranked cheapest in the round before (lazy
+greedy). :attr:`SearchResult.forwards` counts them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from .cache import CacheStateError, attach_handle, disable_cache, enable_cache
+from .cache import CacheHandle, CacheStateError, attach_handle, disable_cache
 from .models import flop_profile, supported_class, transformer_of, units
 from .router import FIRST_STEP_LOGIT, Router
 from .schedule import DEFAULT_WARMUP, CacheSchedule, _check_max_age, _check_order
@@ -242,7 +243,14 @@ def search_schedule(
                 if not whole and shortlist is not None and shortlist[0] == grow:
                     only = shortlist[1]
                 measure = functools.partial(
-                    flip_costs, runner, mask, reference, grow=grow, max_age=max_age, whole_steps=whole, bar=bar
+                    flip_costs,
+                    runner,
+                    mask,
+                    reference,
+                    grow=grow,
+                    max_age=max_age,
+                    whole_steps=whole,
+                    bar=bar,
                 )
                 costs = measure(only=only)
                 if not costs and only is not None:
@@ -608,7 +616,6 @@ class _EngineRunner:
     def _attach(self, rule: CacheSchedule, mask: torch.Tensor, state: dict | None = None) -> Any:
         """A handle for ``rule`` attached to the model (fitting when ``fit``, else the rule's or the
         already fitted coefficients), continuing ``state`` if given."""
-        from .cache import CacheHandle
         from .forecast import DEFAULT_RIDGE, _FittingHandle
 
         if self.fit and rule.forecasts:
@@ -665,7 +672,10 @@ def flip_costs(
     candidates = list(_candidates(mask, grow=grow, max_age=max_age, whole_steps=whole_steps, only=only))
     base, finals = runner.finals(mask, [trial for _, trial in candidates], bar)
     error = F.mse_loss(base, reference).item()
-    return {key: F.mse_loss(final, reference).item() - error for (key, _), final in zip(candidates, finals)}
+    return {
+        key: F.mse_loss(final, reference).item() - error
+        for (key, _), final in zip(candidates, finals, strict=True)
+    }
 
 
 def _first_difference(base: torch.Tensor, trial: torch.Tensor) -> int:

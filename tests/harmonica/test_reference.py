@@ -266,3 +266,40 @@ def test_train_resumes_exactly_and_saves_a_loadable_folder(tmp_path, monkeypatch
     assert model.config.num_embeds_ada_norm == NULL_CLASS
     assert isinstance(load_scheduler(tmp_path / "split"), DDIMScheduler)
     assert not (tmp_path / "split" / "last.pt").exists()  # checkpoints stay out of the model folder
+
+
+def test_flow_reference_trains_on_the_rectified_flow_objective_and_saves_what_compare_loads(
+    tmp_path, monkeypatch
+) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import load_file
+
+    from harmonica.compare import flow_setup
+    from harmonica.reference import NUM_CLASSES, load_flow_model, load_flow_scheduler
+    from harmonica.reference.flow import SD3_CONFIG, digit_prompts, train_flow
+    from harmonica.reference.train import TrainConfig, _batch_indices
+
+    monkeypatch.setitem(SD3_CONFIG, "num_layers", 2)
+    monkeypatch.setitem(SD3_CONFIG, "attention_head_dim", 8)
+    monkeypatch.setitem(SD3_CONFIG, "caption_projection_dim", 32)  # = heads × head_dim
+    cfg = TrainConfig(steps=1, batch=4, label_drop_prob=0.5)
+    summary = train_flow(tmp_path / "flow", cfg, ckpt_dir=tmp_path / "ckpt", progress=False)
+    # The model starts at velocity 0 (zeroed output layer), so the first loss is the target's mean
+    # square: the velocity noise − x0 at σ ~ U[0, 1], drawn as the definition says.
+    images, _ = load_dataset("train")
+    x0 = images[_batch_indices(0, len(images), cfg.batch, cfg.seed)]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.rand(cfg.batch, generator=generator)  # σ
+    noise = torch.randn(x0.shape, generator=generator)
+    assert summary["final_loss_last100"] == pytest.approx((noise - x0).square().mean().item(), rel=1e-5)
+
+    model = load_flow_model(tmp_path / "flow")
+    scheduler = load_flow_scheduler(tmp_path / "flow")
+    assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and scheduler.config.shift == 1.0
+    prompts = load_file(tmp_path / "flow" / "prompts.safetensors")
+    assert all(torch.equal(prompts[k], v) for k, v in digit_prompts().items())
+    assert prompts["prompt_embeds"].shape[0] == NUM_CLASSES
+    setup = flow_setup(model, scheduler, prompts, 1.5, None)  # what harmonica compare builds
+    assert setup.sample_shape == (1, 16, 16)
+    with pytest.raises(FileNotFoundError, match="expected a diffusers model folder"):
+        load_flow_model(tmp_path / "missing")

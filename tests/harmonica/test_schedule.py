@@ -129,7 +129,14 @@ def test_fingerprint_names_the_shape():
 
 
 def test_even_steps_reuses_whole_steps_at_the_asked_usage_evenly():
-    for steps, usage, warmup in [(20, 0.35, 1), (20, 0.4, 1), (13, 0.3, 1), (7, 0.5, 1), (20, 0.55, 3), (11, 0.6, 4)]:
+    for steps, usage, warmup in [
+        (20, 0.35, 1),
+        (20, 0.4, 1),
+        (13, 0.3, 1),
+        (7, 0.5, 1),
+        (20, 0.55, 3),
+        (11, 0.6, 4),
+    ]:
         schedule = CacheSchedule.even_steps(steps, 3, usage, warmup=warmup)
         reused = [t for t in range(steps) if not bool(schedule.compute[t].any())]
         assert len(reused) == round(usage * steps) and min(reused) >= warmup

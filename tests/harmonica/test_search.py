@@ -93,14 +93,21 @@ def test_engine_runs_of_candidates_continue_from_the_base_run_as_whole_runs_woul
         enable_cache(model, schedule)
         try:
             engine = sample(
-                model, ddim(), runner.cond, noise=runner.x, num_inference_steps=steps, guidance_scale=1.5,
+                model,
+                ddim(),
+                runner.cond,
+                noise=runner.x,
+                num_inference_steps=steps,
+                guidance_scale=1.5,
                 clamp=False,
             )
         finally:
             disable_cache(model)
         torch.testing.assert_close(got.float(), engine, rtol=1e-4, atol=1e-5)
     if fit:
-        assert not torch.equal(runner.schedule(base).coefficients, CacheSchedule(base).with_forecast(2).coefficients)
+        assert not torch.equal(
+            runner.schedule(base).coefficients, CacheSchedule(base).with_forecast(2).coefficients
+        )
     assert model.__dict__.get("_harmonica_cache") is None
 
 

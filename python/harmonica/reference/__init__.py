@@ -11,6 +11,11 @@ trained with, and :func:`load_classifier` the digits CNN that the metrics in
 
 Retrain with ``python -m harmonica.reference.train --out DIR`` and
 ``python -m harmonica.reference.train_classifier --out DIR``.
+
+A second, flow-matching reference model (:func:`load_flow_model`, :mod:`harmonica.reference.flow`):
+an ``SD3Transformer2DModel`` trained by rectified flow on the same digits, conditioned through a
+prompt pool (:func:`load_flow_prompts`) and sampled with ``FlowMatchEulerDiscreteScheduler``
+(:func:`load_flow_scheduler`), so caching is also measured on a velocity-predicting model.
 """
 
 from __future__ import annotations
@@ -35,14 +40,19 @@ __all__ = [
     "DigitsClassifier",
     "load_classifier",
     "load_dataset",
+    "load_flow_model",
+    "load_flow_prompts",
+    "load_flow_scheduler",
     "load_model",
     "load_scheduler",
     "null_class_id",
 ]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-"""Folder of the packaged weights: ``dit-digits/`` (model + scheduler) and ``classifier/``."""
+"""Folder of the packaged weights: ``dit-digits/`` (model + scheduler), ``sd3-digits/`` (the flow
+model, its scheduler and prompt pool) and ``classifier/``."""
 _MODEL_DIR = ASSETS / "dit-digits"
+_FLOW_DIR = ASSETS / "sd3-digits"
 _CLASSIFIER_DIR = ASSETS / "classifier"
 
 NULL_CLASS = NUM_CLASSES
@@ -93,6 +103,44 @@ def load_scheduler(path: str | os.PathLike[str] | None = None) -> Any:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_pretrained(_model_dir(path))
+
+
+def load_flow_model(
+    path: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """The flow-matching reference model (:mod:`harmonica.reference.flow`: an SD3 transformer trained by
+    rectified flow on the digits), or any local ``SD3Transformer2DModel`` folder, in eval mode on the CPU.
+    Sample it with :func:`load_flow_scheduler` and the prompts of :func:`load_flow_prompts`."""
+    from diffusers import SD3Transformer2DModel
+
+    directory = _FLOW_DIR if path is None else Path(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model in {directory}: "
+            + (
+                f"train it with `python -m harmonica.reference.flow --out {_FLOW_DIR}`"
+                if path is None
+                else "expected a diffusers model folder (config.json + weights)"
+            )
+        )
+    model = SD3Transformer2DModel.from_pretrained(directory, torch_dtype=dtype, low_cpu_mem_usage=False)
+    return model.eval()
+
+
+def load_flow_scheduler(path: str | os.PathLike[str] | None = None) -> Any:
+    """The ``FlowMatchEulerDiscreteScheduler`` saved with the flow reference model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(_FLOW_DIR if path is None else path)
+
+
+def load_flow_prompts() -> dict[str, torch.Tensor]:
+    """The flow reference model's prompt pool, one prompt per digit (``prompt_embeds`` ``[10, 4, 64]``,
+    ``pooled_prompt_embeds`` ``[10, 32]``), as :func:`harmonica.train_router`, ``harmonica compare``
+    and ``harmonica sample`` take it; the unconditional prompt is all zeros."""
+    from safetensors.torch import load_file
+
+    return load_file(_FLOW_DIR / "prompts.safetensors")
 
 
 def load_classifier(path: str | os.PathLike[str] | None = None) -> DigitsClassifier:

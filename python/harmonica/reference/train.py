@@ -102,17 +102,56 @@ def train(
         A summary: final loss (mean of the last 100 steps), wall time, parameter count.
     """
     from diffusers import DDPMScheduler
-    from tqdm import tqdm
 
-    out = Path(out)
-    ckpt_path = Path(ckpt_dir or default_ckpt_dir(out)) / "last.pt"
-    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-
-    images, labels = load_dataset("train")
     noise_sched = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=BETA_SCHEDULE)
     alphas_cumprod = noise_sched.alphas_cumprod.float()
 
-    model = build_model(cfg.seed)
+    def loss_of(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        b = x0.shape[0]
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        drop = torch.rand(b, generator=gen) < cfg.label_drop_prob
+        y = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)
+        a = alphas_cumprod[t].view(b, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        return F.mse_loss(model(xt, timestep=t, class_labels=y).sample, eps)
+
+    out = Path(out)
+    ema, losses, wall = train_loop(
+        out, cfg, build_model(cfg.seed), loss_of, "train DiT", ckpt_dir, ckpt_every, resume, progress
+    )
+    ema.save_pretrained(out, safe_serialization=True)
+    build_scheduler().save_config(out)
+    return write_summary(
+        out,
+        cfg,
+        ema,
+        losses,
+        wall,
+        null_class_id=NUM_CLASSES,
+        data="sklearn load_digits, train split (1437 images), bicubic 8->16, [-1, 1]",
+    )
+
+
+def train_loop(
+    out: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    loss_of: Any,
+    desc: str,
+    ckpt_dir: str | os.PathLike[str] | None,
+    ckpt_every: int,
+    resume: bool,
+    progress: bool,
+) -> tuple[nn.Module, list[float], float]:
+    """The loop both reference models train with: ``loss_of(model, x0, labels, generator)`` on the
+    seeded batches of the digits' train split, AdamW with warm-up, clipping, an EMA, atomic
+    checkpoints and bit-exact resume. Returns ``(ema in eval mode, losses, wall seconds)``."""
+    from tqdm import tqdm
+
+    ckpt_path = Path(ckpt_dir or default_ckpt_dir(out)) / "last.pt"
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    images, labels = load_dataset("train")
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -138,20 +177,10 @@ def train(
 
     model.train()
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, mininterval=2.0, desc="train DiT")
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, mininterval=2.0, desc=desc)
     for step in range(start, cfg.steps):
         idx = _batch_indices(step, len(images), cfg.batch, cfg.seed)
-        x0, y = images[idx], labels[idx]
-        b = x0.shape[0]
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        drop = torch.rand(b, generator=gen) < cfg.label_drop_prob
-        y = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)
-        a = alphas_cumprod[t].view(b, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-
-        pred = model(xt, timestep=t, class_labels=y).sample
-        loss = F.mse_loss(pred, eps)
+        loss = loss_of(model, images[idx], labels[idx], gen)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -181,22 +210,23 @@ def train(
             }
             _atomic_torch_save(state, ckpt_path)
     bar.close()
-
-    wall = time.perf_counter() - t0
-    final_loss = sum(losses[-100:]) / max(1, len(losses[-100:]))
-    ema.eval()
     out.mkdir(parents=True, exist_ok=True)
-    ema.save_pretrained(out, safe_serialization=True)
-    build_scheduler().save_config(out)
+    return ema.eval(), losses, time.perf_counter() - t0
+
+
+def write_summary(
+    out: Path, cfg: TrainConfig, ema: nn.Module, losses: list[float], wall: float, **extra: Any
+) -> dict[str, Any]:
+    """``out/training.json`` (atomically): the run's settings, final loss (mean of the last 100
+    steps), wall time and parameter count, with ``extra``; returned."""
     summary = {
         "train_config": asdict(cfg),
         "steps_done": len(losses),
-        "final_loss_last100": final_loss,
+        "final_loss_last100": sum(losses[-100:]) / max(1, len(losses[-100:])),
         "wall_seconds": wall,
         "num_parameters": sum(p.numel() for p in ema.parameters()),
         "torch_threads": torch.get_num_threads(),
-        "null_class_id": NUM_CLASSES,
-        "data": "sklearn load_digits, train split (1437 images), bicubic 8->16, [-1, 1]",
+        **extra,
     }
     tmp = out / "training.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
