@@ -53,7 +53,7 @@ from .eval import (
     psnr,
     ssim,
 )
-from .models import load_local, supported_class, units
+from .models import default_latent_size, load_local, supported_class, units
 from .peers import (
     DBCache,
     EvenSteps,
@@ -300,15 +300,6 @@ def is_flow_family(transformer: nn.Module) -> bool:
     """Whether ``transformer`` is one of the text-conditioned flow-matching families (FLUX.1/.2, SD3,
     Wan, Qwen-Image) rather than DiT (class labels) or PixArt (captions, DDPM-type samplers)."""
     return supported_class(transformer).__name__ not in _CLASS_OR_CAPTION
-
-
-def default_latent_size(transformer: nn.Module) -> int:
-    """Image tokens per side when none is given: SD3's native ``sample_size / patch_size``, else 32
-    (FLUX at 512 px; as :func:`harmonica.train_router`)."""
-    config = transformer.config
-    if supported_class(transformer).__name__ == "SD3Transformer2DModel":
-        return int(config.sample_size) // int(config.patch_size)
-    return 32
 
 
 @dataclass

@@ -132,7 +132,7 @@ def fit_forecast(
     negative_prompt_attention_mask: torch.Tensor | None = None,
     pooled_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    latent_size: int = 32,
+    latent_size: int | None = None,
     distilled_guidance: float | None = None,
     progress: bool = True,
 ) -> ForecastFit:

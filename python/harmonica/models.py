@@ -28,6 +28,7 @@ __all__ = [
     "FlopProfile",
     "UnsupportedModelError",
     "call_flop_profile",
+    "default_latent_size",
     "describe_fingerprint",
     "fingerprint",
     "fingerprint_mismatch",
@@ -295,3 +296,13 @@ def _from_pretrained(cls: type[nn.Module], folder: Any, dtype: torch.dtype) -> n
             if keep & set(name.split(".")):
                 module.to(torch.float32)
     return model
+
+
+def default_latent_size(transformer: nn.Module) -> int:
+    """Image tokens per side when none is given: SD3's native ``sample_size / patch_size``, else 32
+    (FLUX at 512 px); the default of ``harmonica compare``, :func:`harmonica.train_router`,
+    :func:`harmonica.search_schedule` and :func:`harmonica.fit_forecast`."""
+    config = transformer.config
+    if supported_class(transformer).__name__ == "SD3Transformer2DModel":
+        return int(config.sample_size) // int(config.patch_size)
+    return 32

@@ -105,7 +105,7 @@ def search_schedule(
     negative_prompt_attention_mask: torch.Tensor | None = None,
     pooled_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    latent_size: int = 32,
+    latent_size: int | None = None,
     distilled_guidance: float | None = None,
     progress: bool = True,
 ) -> SearchResult:

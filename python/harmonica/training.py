@@ -67,7 +67,7 @@ from ._checks import check_output_dir, digest_module, digest_tensors, scheduler_
 from ._io import atomic_write
 from .adapters import adapter_for
 from .cache import CacheHandle, CacheStateError, _as_row, attach_handle, disable_cache
-from .models import fingerprint, supported_class, transformer_of, units
+from .models import default_latent_size, fingerprint, supported_class, transformer_of, units
 from .router import LOGIT_BOUND, Router
 from .schedule import DEFAULT_RULE, CacheSchedule, _check_order, rule_coefficients
 
@@ -642,9 +642,11 @@ def _conditioning_for(
     negative_prompt_attention_mask: torch.Tensor | None,
     pooled_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    latent_size: int = 32,
+    latent_size: int | None = None,
     distilled_guidance: float | None = None,
 ) -> _Conditioning:
+    if latent_size is None:
+        latent_size = default_latent_size(transformer)
     if supported_class(transformer).__name__ not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
         return _FlowConditioning(
             transformer,
@@ -911,7 +913,7 @@ def train_router(
     negative_prompt_attention_mask: torch.Tensor | None = None,
     pooled_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    latent_size: int = 32,
+    latent_size: int | None = None,
     distilled_guidance: float | None = None,
     data: Any = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -993,7 +995,8 @@ def train_router(
         pooled_prompt_embeds, negative_pooled_prompt_embeds: FLUX.1 and SD3: the pooled embeddings
             ``[P, D]`` of the same prompts (default: zeros).
         latent_size: flow-matching families: image tokens per side of the trained resolution
-            (FLUX at 512 px: 32).
+            (default: :func:`harmonica.models.default_latent_size`, SD3's native size, else 32: FLUX
+            at 512 px).
         distilled_guidance: guidance-distilled FLUX: the guidance the model is conditioned on
             (default 3.5 for FLUX.1, 4.0 for FLUX.2); use ``guidance_scale=1`` with it.
         data: L2C only: real samples in the model's input space, a tensor ``[N, C, H, W]``, a pair

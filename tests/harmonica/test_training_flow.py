@@ -138,3 +138,22 @@ def test_forecast_fit_and_search_on_flow_matching(kind):
         **conditions,
     )
     assert found.schedule.cache_usage_ratio == pytest.approx(1 / 3) and found.schedule.forecasts
+
+
+def test_sd3_trains_at_its_native_size_unless_told_otherwise():
+    """As ``harmonica compare`` samples it: SD3's sample_size / patch_size image tokens per side
+    (32 for the other families), so a router trains at the resolution it is compared at."""
+    from harmonica.training import _conditioning_for
+
+    text, pooled = prompts(2)
+    sd3 = tiny("sd3")  # sample_size 8, patch 2, pos_embed_max_size 16
+    shape = _conditioning_for(sd3, None, text, None, None, None, pooled).shape
+    assert tuple(shape)[-2:] == (8, 8)
+    assert tuple(_conditioning_for(sd3, None, text, None, None, None, pooled, latent_size=6).shape)[-2:] == (
+        12,
+        12,
+    )
+    flux = tiny("flux")
+    assert _conditioning_for(flux, None, text, None, None, None, pooled).shape[-2] == 32 * 32
+    _, result = _train("sd3", latent_size=None, target_cur=0.3)
+    assert result.router.logits.shape[0] == STEPS
