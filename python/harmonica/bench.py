@@ -106,9 +106,12 @@ def render_payload(payload: dict[str, Any], *, link_from: str | os.PathLike[str]
 def update_readme(
     readme: str | os.PathLike[str],
     payloads: Sequence[dict[str, Any]],
+    suites: Iterable[str] | None = None,
 ) -> int:
     """Rewrites every marked section of ``readme`` with the tables of its suite (all suites for a
-    marker without one); returns how many sections were written. The file is replaced atomically.
+    marker without one); returns how many sections were written. With ``suites`` (the suites
+    ``payloads`` was loaded for), the sections marked with another suite are left as they are. The
+    file is replaced atomically.
 
     Raises:
         ValueError: no markers, or a begin marker without its end marker.
@@ -118,6 +121,7 @@ def update_readme(
     out: list[str] = []
     position = 0
     sections = 0
+    found = False
     for match in BEGIN.finditer(text):
         if match.start() < position:  # a begin marker inside a section being replaced
             continue
@@ -125,12 +129,15 @@ def update_readme(
         if end < 0:
             raise ValueError(f"{path}: {match.group(0)} has no {END} after it")
         suite = match.group("suite")
+        if suites is not None and suite is not None and suite not in set(suites):
+            found = True
+            continue  # another suite's section: its results were not loaded
         chosen = [p for p in payloads if suite is None or p["suite"] == suite]
         body = render(chosen, link_from=path.parent) if chosen else f"(no `{suite}` results yet)\n"
         out += [text[position : match.end()], "\n", body, text[end : end + len(END)]]
         position = end + len(END)
         sections += 1
-    if sections == 0:
+    if sections == 0 and not found:
         raise ValueError(
             f"{path} has no generated-table markers; add `<!-- harmonica-bench:begin [suite] -->` and "
             f"`{END}` where the tables belong"

@@ -311,7 +311,7 @@ def _bench(args: argparse.Namespace) -> None:
     payloads = load_results(args.results, suites=args.suite)
     print(render(payloads), end="")
     if args.readme:
-        sections = update_readme(args.readme, payloads)
+        sections = update_readme(args.readme, payloads, suites=args.suite)
         print(f"\n{args.readme}: {sections} generated section(s) rewritten")
 
 

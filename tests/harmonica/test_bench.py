@@ -197,6 +197,9 @@ def test_update_readme_rewrites_only_marked_sections(results, tmp_path):
     # idempotent: rendering the same results again changes nothing
     update_readme(readme, payloads)
     assert readme.read_text() == text
+    # one suite's results rewrite its sections only, never another suite's
+    assert update_readme(readme, load_results(results, suites=["kernels"]), suites=["kernels"]) == 1
+    assert readme.read_text() == text
 
 
 def test_update_readme_refuses_files_without_markers(results, tmp_path):
