@@ -236,9 +236,14 @@ def write_summary(
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point; ``--help`` lists the options."""
-    p = argparse.ArgumentParser(
-        prog="python -m harmonica.reference.train", description=__doc__.split("\n")[0]
-    )
+    command_line(argv, "python -m harmonica.reference.train", __doc__, train)
+    print(f"null class id for guidance = config.num_embeds_ada_norm = {NUM_CLASSES}")
+
+
+def command_line(argv: list[str] | None, prog: str, doc: str, train_fn: Any) -> dict[str, Any]:
+    """The training command of both reference models: parse ``argv``, run ``train_fn(out, cfg, ...)``,
+    print its summary; returns it."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (from_pretrained-loadable)")
     defaults = TrainConfig()
     p.add_argument("--steps", type=int, default=defaults.steps)
@@ -262,10 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(
         steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, ema_decay=args.ema_decay
     )
-    summary = train(args.out, cfg, ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, resume=args.resume)
+    summary = train_fn(args.out, cfg, ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, resume=args.resume)
     print(json.dumps(summary, indent=2))
-    print(f"null class id for guidance = config.num_embeds_ada_norm = {NUM_CLASSES}")
     print(f"wall time {summary['wall_seconds'] / 60:.1f} min, final loss {summary['final_loss_last100']:.4f}")
+    return summary
 
 
 if __name__ == "__main__":
