@@ -1415,8 +1415,8 @@ def _polish(
 ) -> tuple[CacheSchedule, dict[str, Any]]:
     """Whole-step exchanges on the final image (:func:`harmonica.search.exchange_steps`) at the
     trained usage; the router's logits are set to the result (±bound where an entry changed), which
-    is returned as it runs (forecast, and fitted on the polish batch when ``fit_coefficients``, as
-    :func:`_fit` would), with the start's name and every start's error. Training orders the steps by
+    is returned as it runs (forecast, with coefficients fitted on the polish batch when
+    ``fit_coefficients``), with the start's name and every start's error. Training orders the steps by
     a local proxy (λ-weighted one-step error); the exchanges judge swaps by the final-sample error the
     proxy stands for. They are a local search, so they start from the best, on that error, of the
     router's hard schedule and the static whole-step schedules of its usage
