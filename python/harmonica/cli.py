@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace) -> None:
         data=args.data,
         checkpoint_dir=args.checkpoint_dir,
         resume=not args.no_resume,
-        **_prompt_pool(args.prompt_embeds),
+        **_conditions(args, transformer),
     )
     import torch.distributed as dist
 
@@ -89,6 +89,19 @@ def _train(args: argparse.Namespace) -> None:
             f"router for {args.steps} steps written to {args.out}: cache usage ratio {settings['cur']:.1%} "
             f"at τ = {args.tau}, {result.iterations} iterations in {result.seconds:.0f} s"
         )
+
+
+def _conditions(args: argparse.Namespace, transformer: Any) -> dict:
+    """``--prompt-embeds`` and ``--latent-size`` as keyword arguments of train/search/fit."""
+    if args.latent_size is not None:
+        from .compare import is_flow_family
+
+        if not is_flow_family(transformer):
+            raise ValueError(
+                f"--latent-size applies to the flow-matching families (FLUX, SD3, Wan, Qwen-Image); "
+                f"{type(transformer).__name__} samples at its sample_size"
+            )
+    return {**_prompt_pool(args.prompt_embeds), "latent_size": args.latent_size}
 
 
 def _prompt_pool(path: str | None) -> dict:
@@ -131,7 +144,7 @@ def _search(args: argparse.Namespace) -> None:
         batch_size=args.batch,
         guidance_scale=args.guidance,
         seed=args.seed,
-        **_prompt_pool(args.prompt_embeds),
+        **_conditions(args, transformer),
     )
     result.router.save(args.out)
     print(
@@ -173,7 +186,7 @@ def _fit(args: argparse.Namespace) -> None:
         batch_size=args.batch,
         guidance_scale=args.guidance,
         seed=args.seed,
-        **_prompt_pool(args.prompt_embeds),
+        **_conditions(args, transformer),
     )
     settings = {"method": "fit_forecast", "order": args.order, "batch_size": args.batch, "seed": args.seed}
     settings.update({"fora": args.fora} if not args.router else {"router": str(args.router)})
@@ -485,7 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--write-threshold", type=float, default=0.1, help="cache-write threshold on r")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="L2C: real samples (.safetensors/.pt or image folder)")
-    t.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [P, L, C]")
+    t.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [P, L, C] (and "
+        "pooled_prompt_embeds [P, D] for FLUX.1 / SD3)",
+    )
+    t.add_argument(
+        "--latent-size",
+        type=int,
+        default=None,
+        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
+    )
     t.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     t.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
@@ -522,7 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=int, default=8, help="noise samples the errors are measured on")
     r.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [P, L, C]")
+    r.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [P, L, C] (and "
+        "pooled_prompt_embeds [P, D] for FLUX.1 / SD3)",
+    )
+    r.add_argument(
+        "--latent-size",
+        type=int,
+        default=None,
+        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
+    )
     r.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     r.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
@@ -543,7 +578,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch", type=int, default=16, help="noise samples the fit sees")
     f.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--prompt-embeds", default=None, help="PixArt: safetensors with prompt_embeds [P, L, C]")
+    f.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [P, L, C] (and "
+        "pooled_prompt_embeds [P, D] for FLUX.1 / SD3)",
+    )
+    f.add_argument(
+        "--latent-size",
+        type=int,
+        default=None,
+        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
+    )
     f.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     f.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")

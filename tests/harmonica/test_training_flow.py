@@ -157,3 +157,45 @@ def test_sd3_trains_at_its_native_size_unless_told_otherwise():
     assert _conditioning_for(flux, None, text, None, None, None, pooled).shape[-2] == 32 * 32
     _, result = _train("sd3", latent_size=None, target_cur=0.3)
     assert result.router.logits.shape[0] == STEPS
+
+
+def test_train_search_and_fit_commands_take_the_prompt_pool_and_latent_size(tmp_path, capsys):
+    from diffusers import DDIMScheduler
+    from safetensors.torch import save_file
+
+    from harmonica.cli import main
+
+    from .tiny_models import tiny_dit
+
+    tiny("flux").save_pretrained(tmp_path / "pipe" / "transformer")
+    flow_scheduler().save_pretrained(tmp_path / "pipe" / "scheduler")
+    text, pooled = prompts(2)
+    save_file({"prompt_embeds": text, "pooled_prompt_embeds": pooled}, str(tmp_path / "prompts.safetensors"))
+    common = ["--model", str(tmp_path / "pipe"), "--prompt-embeds", str(tmp_path / "prompts.safetensors")]
+    common += ["--latent-size", "2", "--steps", "6", "--guidance", "1", "--batch", "2"]
+    train = [
+        "train",
+        *common,
+        "--iterations",
+        "2",
+        "--exchanges",
+        "0",
+        "--out",
+        str(tmp_path / "r.safetensors"),
+    ]
+    assert main(train) == 0
+    fit = ["fit", *common, "--fora", "2", "--out", str(tmp_path / "f.safetensors")]
+    assert main(fit) == 0
+    search = ["search", *common, "--target-cur", "0.3", "--out", str(tmp_path / "s.safetensors")]
+    assert main(search) == 0
+    model = tiny("flux")
+    for name in ("r", "f", "s"):
+        Router.load(tmp_path / f"{name}.safetensors", model=model)
+
+    tiny_dit().save_pretrained(tmp_path / "dit")
+    DDIMScheduler().save_pretrained(tmp_path / "dit")
+    capsys.readouterr()
+    dit = ["fit", "--model", str(tmp_path / "dit"), "--fora", "2", "--latent-size", "4"]
+    with pytest.raises(SystemExit):
+        main([*dit, "--out", str(tmp_path / "x.safetensors")])
+    assert "--latent-size applies to the flow-matching families" in capsys.readouterr().err
