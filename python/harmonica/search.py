@@ -591,7 +591,7 @@ class _EngineRunner:
         setup.scheduler.set_timesteps(self.num_steps, device=setup.device)
         timesteps = setup.scheduler.timesteps
         x = self.x
-        handle = self._attach(rules[0], base)
+        handle = self._attach(rules[0])
         try:
             for i in range(self.num_steps):
                 if i in starts:
@@ -603,7 +603,7 @@ class _EngineRunner:
                         if bar is not None:
                             bar.update(1)
                     setup.scheduler = scheduler
-                    handle = self._attach(rules[0], base, state)
+                    handle = self._attach(rules[0], state)
                 pred = setup.conditioning.call(setup.model, x, timesteps[i], self.cond, setup.cfg)
                 x = _advance(setup, pred, timesteps[i], x)
                 self.forwards += 1
@@ -613,7 +613,7 @@ class _EngineRunner:
         final = x.double()
         return final, [final if result is None else result for result in results]
 
-    def _attach(self, rule: CacheSchedule, mask: torch.Tensor, state: dict | None = None) -> Any:
+    def _attach(self, rule: CacheSchedule, state: dict | None = None) -> Any:
         """A handle for ``rule`` attached to the model (fitting when ``fit``, else the rule's or the
         already fitted coefficients), continuing ``state`` if given."""
         from .forecast import DEFAULT_RIDGE, _FittingHandle
@@ -637,7 +637,7 @@ class _EngineRunner:
         """The final sample of ``mask``, sampled from step ``start`` on from ``state`` and ``x``."""
         setup = self.setup
         timesteps = setup.scheduler.timesteps
-        handle = self._attach(rule, mask, state if start else None)
+        handle = self._attach(rule, state if start else None)
         try:
             for i in range(start, self.num_steps):
                 pred = setup.conditioning.call(setup.model, x, timesteps[i], self.cond, setup.cfg)

@@ -59,12 +59,15 @@ NULL_CLASS = NUM_CLASSES
 """Null class id of the reference model (= ``config.num_embeds_ada_norm``); see :func:`null_class_id`."""
 
 
-def _model_dir(path: str | os.PathLike[str] | None) -> Path:
-    directory = _MODEL_DIR if path is None else Path(path)
+def _model_dir(
+    path: str | os.PathLike[str] | None,
+    packaged: Path = _MODEL_DIR,
+    command: str = "python -m harmonica.reference.train",
+) -> Path:
+    directory = packaged if path is None else Path(path)
     if not (directory / "config.json").is_file():
         hint = (
-            "the packaged reference weights are missing; train them with "
-            f"`python -m harmonica.reference.train --out {_MODEL_DIR}`"
+            f"the packaged reference weights are missing; train them with `{command} --out {packaged}`"
             if path is None
             else "expected a diffusers model folder (config.json + weights)"
         )
@@ -113,16 +116,7 @@ def load_flow_model(
     Sample it with :func:`load_flow_scheduler` and the prompts of :func:`load_flow_prompts`."""
     from diffusers import SD3Transformer2DModel
 
-    directory = _FLOW_DIR if path is None else Path(path)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no model in {directory}: "
-            + (
-                f"train it with `python -m harmonica.reference.flow --out {_FLOW_DIR}`"
-                if path is None
-                else "expected a diffusers model folder (config.json + weights)"
-            )
-        )
+    directory = _model_dir(path, _FLOW_DIR, "python -m harmonica.reference.flow --steps 2000")
     model = SD3Transformer2DModel.from_pretrained(directory, torch_dtype=dtype, low_cpu_mem_usage=False)
     return model.eval()
 
