@@ -145,6 +145,63 @@ def test_ada_zero_projects_only_the_chunks_a_step_uses(runs, bias):
             assert chunk is None
 
 
+@pytest.mark.parametrize("change", ["in place", "new parameter", "new data", "hooked"])
+def test_reuse_step_gates_follow_the_projection_weights(change):
+    """A step that reuses every unit keeps views of each block's gate rows between steps; changing
+    the projection's weights in any way between two generations must show in the next reuse step,
+    as it does in a fresh enable_cache on the changed model."""
+    model = make_model("dit")
+    schedule = CacheSchedule.fora(2, len(units(model)), 2)  # step 1 reuses every unit
+    labels, _ = make_cond("dit", 2)
+    x = noise(2)
+
+    def generation(m):
+        with torch.no_grad():
+            m(x, timestep=torch.tensor([999, 999]), class_labels=labels)
+            return m(x, timestep=torch.tensor([500, 500]), class_labels=labels).sample
+
+    enable_cache(model, schedule)
+    before = generation(model)  # builds the views
+    linear = model.transformer_blocks[1].norm1.linear
+    width = linear.out_features // 6
+    with torch.no_grad():
+        if change == "in place":
+            linear.weight[2 * width : 3 * width].mul_(-2.0)
+        elif change == "new parameter":
+            linear.weight = torch.nn.Parameter(linear.weight * -2.0)
+        elif change == "new data":
+            linear.weight.data = linear.weight.data * -2.0
+        else:  # a hook that changes the gates must run
+            linear.register_forward_hook(lambda m, args, out: out * -2.0)
+    got = generation(model)
+    fresh = copy.deepcopy(model)
+    disable_cache(fresh)
+    enable_cache(fresh, schedule)
+    torch.testing.assert_close(got, generation(fresh), rtol=0, atol=0)
+    assert not torch.allclose(got, before)
+
+
+def test_a_model_with_kept_gate_views_deep_copies():
+    """The kept views hold no autograd link to trainable parameters (deepcopy would refuse them),
+    and a copy's views follow the copy's weights."""
+    model = make_model("dit").requires_grad_(True)
+    enable_cache(model, CacheSchedule.fora(2, len(units(model)), 2))
+    labels, _ = make_cond("dit", 2)
+
+    def generation(m):
+        with torch.no_grad():
+            m(noise(2), timestep=torch.tensor([999, 999]), class_labels=labels)
+            return m(noise(2), timestep=torch.tensor([500, 500]), class_labels=labels).sample
+
+    expected = generation(model)  # keeps the gate views
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(generation(twin), expected, rtol=0, atol=0)
+    with torch.no_grad():
+        twin.transformer_blocks[0].norm1.linear.weight.mul_(-1.0)
+    assert not torch.allclose(generation(twin), expected)
+    torch.testing.assert_close(generation(model), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["dit", "pixart"])
 def test_cached_blocks_share_the_original_parameters(kind):
     model = make_model(kind)

@@ -23,7 +23,15 @@ from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 from torch.nn import functional as F
 
-from .base import BlockAdapter, Branch, CachedBlock, CallState, UnsupportedModelError
+from .base import (
+    BlockAdapter,
+    Branch,
+    CachedBlock,
+    CallState,
+    UnsupportedModelError,
+    _unhooked,
+    project_chunks,
+)
 from .base import as_row as _as_row
 
 if TYPE_CHECKING:
@@ -79,6 +87,8 @@ class CachedTransformerBlock(CachedBlock):
         self._embedding_trainable = False
         # Set by _SharedEmbeddings: see _plain_embedding (the embedding without module calls).
         self._embedding_plain: tuple[Any, ...] | None = None
+        # Set by _gates: (weight, bias, their data pointers, _gate_rows views of them).
+        self._gate_views: tuple[Any, ...] | None = None
         ff_norm = self._ff_norm()
         plain_norm = ff_norm.weight is None and ff_norm.bias is None
         # The fused op normalises without affine weights; affine norms take the unfused path.
@@ -118,9 +128,11 @@ class CachedTransformerBlock(CachedBlock):
             # AdaLayerNormZero.forward, with its LayerNorm moved into the branch
             emb = handle._embeddings.conditioning(self, timestep, class_labels, x.dtype)
             needed = (handle.computes(self._attn1_unit), ff_runs)
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_zero_chunks(
-                self.norm1.linear, emb, needed
-            )
+            if any(needed):
+                chunks = _ada_zero_chunks(self.norm1.linear, emb, needed)
+            else:
+                chunks = self._gates(emb)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks
         else:
             modulation = self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
@@ -142,6 +154,30 @@ class CachedTransformerBlock(CachedBlock):
             x, h = self._residual_before_ff(self._attn2_unit, x, None, attn2, shift_mlp, scale_mlp, ff_runs)
 
         return handle.unit_residual(self._ff_unit, x, gate_mlp, functools.partial(self._feed_forward, h))
+
+    def _gates(self, emb: torch.Tensor) -> list[torch.Tensor | None]:
+        """:func:`_ada_zero_chunks` with no unit computed (only the two gates), from views of the
+        projection's gate rows made once and kept while its weight and bias stay the same tensors
+        with the same storage (a reuse step of a small model is bound by host time, and building the
+        views is a third of this projection's)."""
+        linear = self.norm1.linear
+        if torch.compiler.is_compiling() or type(linear) is not nn.Linear or not _unhooked(linear):
+            return _ada_zero_chunks(linear, emb, (False, False))  # traced: no host-side memo
+        weight, bias = linear.weight, linear.bias
+        if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            return _ada_zero_gates(*_gate_rows(weight, bias), emb)  # the kept views are detached
+        views = self._gate_views
+        if (
+            views is None
+            or views[0] is not weight
+            or views[1] is not bias
+            or views[2] != weight.data_ptr()
+            or views[3] != (None if bias is None else bias.data_ptr())
+        ):
+            pointers = (weight.data_ptr(), None if bias is None else bias.data_ptr())
+            detached = (weight.detach(), None if bias is None else bias.detach())  # no autograd view link
+            views = self._gate_views = (weight, bias, *pointers, *_gate_rows(*detached))
+        return _ada_zero_gates(views[4], views[5], emb)
 
     def _self_attention(
         self,
@@ -197,39 +233,30 @@ def _ada_zero_chunks(
     the two gates alone (every unit reused) one batched matmul over their two row blocks (one launch
     instead of two: such a step is launch-bound on a GPU).
     """
-    if all(runs):
-        return list(linear(emb).chunk(6, dim=1))
-    if not any(runs):
-        # nn.Module attribute reads cost ~1 us each on the host: read the parameters once
-        weight, bias = linear.weight, linear.bias
-        if bias is not None and weight.is_contiguous() and bias.is_contiguous():
-            return _ada_zero_gates(weight, bias, emb)
     attn_runs, ff_runs = runs
-    needed = (attn_runs, attn_runs, True, ff_runs, ff_runs, True)
-    width = linear.out_features // 6
-    chunks: list[torch.Tensor | None] = [None] * 6
-    start = 0
-    while start < 6:
-        if not needed[start]:
-            start += 1
-            continue
-        end = start
-        while end < 6 and needed[end]:
-            end += 1
-        rows = slice(start * width, end * width)
-        bias = None if linear.bias is None else linear.bias[rows]
-        chunks[start:end] = F.linear(emb, linear.weight[rows], bias).chunk(end - start, dim=1)
-        start = end
-    return chunks
+    if any(runs) or type(linear) is not nn.Linear or not _unhooked(linear):
+        return project_chunks(linear, emb, 6, (attn_runs, attn_runs, True, ff_runs, ff_runs, True))
+    return _ada_zero_gates(*_gate_rows(linear.weight, linear.bias), emb)
 
 
-def _ada_zero_gates(weight: torch.Tensor, bias: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor | None]:
-    """:func:`_ada_zero_chunks` for the two gates only (chunks 2 and 5), as one ``baddbmm``."""
-    width, dim = weight.shape[0] // 6, weight.shape[1]
-    # The 6 chunks as [2, 3, W, D]: index 2 of the middle dim is chunk 2 and chunk 5 (views, no copy).
-    rows = weight.view(2, 3, width, dim)[:, 2]
-    shifts = bias.view(2, 3, 1, width)[:, 2]
-    gate_msa, gate_mlp = torch.baddbmm(shifts, emb.expand(2, *emb.shape), rows.transpose(1, 2)).unbind(0)
+def _gate_rows(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Views of an adaLN-Zero projection's two gate chunks (2 and 5): their weight rows transposed,
+    ``[2, D, W]``, and their biases ``[2, 1, W]`` (None without bias), for one batched matmul."""
+    width = weight.shape[0] // 6
+    # The 6 chunks as [2, 3, W, ...]: index 2 of the middle dim is chunk 2 and chunk 5 (views, no copy).
+    rows = weight.unflatten(0, (2, 3, width))[:, 2]
+    shifts = None if bias is None else bias.unflatten(0, (2, 3, 1, width))[:, 2]
+    return rows.transpose(1, 2), shifts
+
+
+def _ada_zero_gates(
+    rows_t: torch.Tensor, shifts: torch.Tensor | None, emb: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """:func:`_ada_zero_chunks` for the two gates only, from :func:`_gate_rows`, in one launch."""
+    if shifts is None:
+        gate_msa, gate_mlp = torch.matmul(emb, rows_t).unbind(0)
+    else:
+        gate_msa, gate_mlp = torch.baddbmm(shifts, emb.expand(2, *emb.shape), rows_t).unbind(0)
     return [None, None, gate_msa, None, None, gate_mlp]
 
 
