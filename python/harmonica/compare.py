@@ -497,8 +497,11 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
         folder = Path(model)
         transformer, folder_scheduler = load_local(folder)  # pipeline or transformer folder, no downloads
         vae = None
-        # The flow families' VAEs (FLUX's packed latents, Wan's 3D VAE) are not decoded: latents out.
-        if (folder / "vae" / "config.json").is_file() and not is_flow_family(transformer):
+        config = folder / "vae" / "config.json"
+        if config.is_file() and (
+            not is_flow_family(transformer)
+            or json.loads(config.read_text()).get("_class_name") == "AutoencoderKL"
+        ):
             from diffusers import AutoencoderKL
 
             vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval()
@@ -515,22 +518,55 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
         if scheduler is None:
             example = "FlowMatchEulerDiscreteScheduler" if is_flow_family(transformer) else "a DDIMScheduler"
             raise ValueError(f"a bare transformer needs its sampler: pass scheduler=... (e.g. {example})")
-        vae = None if is_flow_family(transformer) else getattr(model, "vae", None)
+        vae = getattr(model, "vae", None)
+        if vae is not None and is_flow_family(transformer) and not _decodes(vae):
+            vae = None
         return type(transformer).__name__, transformer.eval(), scheduler, vae, False
     raise ValueError(
         f"model must be None, a folder path, a pipeline or a transformer; got {type(model).__name__}"
     )
 
 
+def _decodes(vae: Any) -> bool:
+    """Whether samples are decoded with this flow pipeline's VAE: diffusers' ``AutoencoderKL`` (SD3,
+    FLUX.1). Wan's and Qwen-Image's video VAEs and FLUX.2's are not decoded yet: latents out."""
+    from diffusers import AutoencoderKL
+
+    return type(vae) is AutoencoderKL
+
+
 def _decoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents to images in [-1, 1] as the pipelines decode them: ``vae.decode(latents / scaling_factor
+    + shift_factor)`` (SD3's and FLUX.1's VAEs have a shift; DiT's and PixArt's none), FLUX.1's packed
+    ``[B, N, 4C]`` tokens unpacked to ``[B, C, 2√N, 2√N]`` first, as ``FluxPipeline`` does."""
+    scale = getattr(vae.config, "scaling_factor", None) or 1.0
+    shift = getattr(vae.config, "shift_factor", None)
+
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        scale = getattr(vae.config, "scaling_factor", 1.0)
+        if latents.dim() == 3:
+            latents = _unpack_tokens(latents)
         param = next(vae.parameters())
-        images = vae.decode(latents.to(param.device, param.dtype) / scale).sample
+        latents = latents.to(param.device, param.dtype) / scale
+        if shift is not None:
+            latents = latents + shift
+        images = vae.decode(latents).sample
         return images.float().clamp(-1, 1).cpu()
 
     return decode
+
+
+def _unpack_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX.1's packed latents ``[B, N, 4C]`` (2×2 patches of a square grid) as ``[B, C, H, W]``."""
+    batch, tokens, channels = latents.shape
+    side = math.isqrt(tokens)
+    if side * side != tokens or channels % 4:
+        raise ValueError(
+            f"cannot unpack latents of shape {tuple(latents.shape)} for the VAE: expected FLUX.1's packed "
+            "[B, N, 4C] tokens of a square image"
+        )
+    patches = latents.view(batch, side, side, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, channels // 4, 2 * side, 2 * side)
 
 
 def _workload(

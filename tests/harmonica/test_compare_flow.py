@@ -226,10 +226,13 @@ def test_sample_images_fora_forecast_with_compare_uncached(kind, tmp_path):
     torch.testing.assert_close(uncached, result.uncached)
 
 
-def test_sample_cli_on_a_flux_pipeline_folder(tmp_path, capsys):
+@pytest.mark.parametrize("with_vae", [False, True])
+def test_sample_cli_on_a_flux_pipeline_folder(tmp_path, capsys, with_vae):
     model = tiny("flux")
     model.save_pretrained(tmp_path / "pipe" / "transformer")
     _scheduler().save_pretrained(tmp_path / "pipe" / "scheduler")
+    if with_vae:
+        _vae(2).save_pretrained(tmp_path / "pipe" / "vae")
     save_file(_pool("flux", 2), str(tmp_path / "prompts.safetensors"))
     out = tmp_path / "flux.png"
     argv = [
@@ -252,6 +255,7 @@ def test_sample_cli_on_a_flux_pipeline_folder(tmp_path, capsys):
     assert out.is_file()
     text = capsys.readouterr().out
     assert "FluxTransformer2DModel" in text and "FORA N=2" in text
+    assert ("no VAE: the PNG shows latent channels" in text) is not with_vae  # decoded with its VAE
 
 
 @pytest.mark.parametrize(
@@ -349,3 +353,78 @@ def test_load_local_reads_a_wan_folder_exactly(tmp_path):
     expected = model.state_dict()
     assert loaded.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+
+def _vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=latent_channels,
+        scaling_factor=1.5,
+        shift_factor=0.2,  # SD3's and FLUX.1's VAEs have one; DiT's has none
+    ).eval()
+
+
+def _pipeline_with_vae(kind: str):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    none = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if kind == "flux":  # packed tokens: 4 VAE channels per token channel group
+        return FluxPipeline(scheduler=_scheduler(), transformer=tiny(kind), vae=_vae(2), **none)
+    return StableDiffusion3Pipeline(
+        scheduler=_scheduler(),
+        transformer=tiny(kind),
+        vae=_vae(4),
+        text_encoder_3=None,
+        tokenizer_3=None,
+        **none,
+    )
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_latents_are_decoded_as_the_pipeline_decodes_them(kind):
+    """compare's decoder against diffusers' own pipeline: its latent output decoded here equals its
+    image output (postprocessed to [0, 1]) from the same seed."""
+    from harmonica.compare import _decoder
+
+    pipe = _pipeline_with_vae(kind)
+    pipe.set_progress_bar_config(disable=True)
+    text, pooled = prompts(1)
+    inputs = dict(prompt_embeds=text, pooled_prompt_embeds=pooled, num_inference_steps=2, height=16, width=16)
+    if kind == "sd3":
+        inputs.update(negative_prompt_embeds=torch.zeros_like(text), negative_pooled_prompt_embeds=pooled * 0)
+
+    def run(output_type):
+        return pipe(**inputs, output_type=output_type, generator=torch.Generator().manual_seed(0)).images
+
+    latents, images = run("latent"), run("pt")
+    assert latents.dim() == (3 if kind == "flux" else 4)
+    torch.testing.assert_close(_decoder(pipe.vae)(latents), images * 2 - 1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_compare_on_a_pipeline_with_its_vae_reports_pixels(kind):
+    pipe = _pipeline_with_vae(kind)
+    report = compare(
+        pipe,
+        methods=[method_from_spec("fora", 2)],
+        prompt_embeds=_pool(kind),
+        latent_size=SIDE,
+        num_inference_steps=STEPS,
+        guidance_scale=2.0,
+        batch_size=2,
+        timing_repeats=1,
+        progress=False,
+        verbose=False,
+    )
+    assert report.context["output_space"] == "pixels"
+    row = report.row("FORA N=2")
+    assert row.status == "ok" and row.psnr is not None and math.isfinite(row.psnr)
