@@ -498,13 +498,13 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
         transformer, folder_scheduler = load_local(folder)  # pipeline or transformer folder, no downloads
         vae = None
         config = folder / "vae" / "config.json"
-        if config.is_file() and (
-            not is_flow_family(transformer)
-            or json.loads(config.read_text()).get("_class_name") == "AutoencoderKL"
-        ):
-            from diffusers import AutoencoderKL
+        kind = None
+        if config.is_file():
+            kind = _vae_class(config) if is_flow_family(transformer) else "AutoencoderKL"
+        if kind in _DECODED_VAES:
+            import diffusers
 
-            vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval()
+            vae = getattr(diffusers, kind).from_pretrained(folder / "vae", local_files_only=True).eval()
         return folder.name, transformer, scheduler or folder_scheduler, vae, False
     if isinstance(model, nn.Module) or hasattr(model, "transformer"):
         if getattr(model, "transformer_2", None) is not None:
@@ -527,42 +527,75 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
     )
 
 
+_DECODED_VAES = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLQwenImage")
+
+
+def _vae_class(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        message = f"{config} is not a readable diffusers VAE config ({err}); fix or remove it"
+        raise ValueError(message) from err
+
+
 def _decodes(vae: Any) -> bool:
     """Whether samples are decoded with this flow pipeline's VAE: diffusers' ``AutoencoderKL`` (SD3,
-    FLUX.1). Wan's and Qwen-Image's video VAEs and FLUX.2's are not decoded yet: latents out."""
-    from diffusers import AutoencoderKL
-
-    return type(vae) is AutoencoderKL
+    FLUX.1), ``AutoencoderKLWan`` (Wan) and ``AutoencoderKLQwenImage``. FLUX.2's VAE normalises its
+    latents with batch statistics of its own and is not run yet: latents out."""
+    return type(vae).__name__ in _DECODED_VAES
 
 
 def _decoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Latents to images in [-1, 1] as the pipelines decode them: ``vae.decode(latents / scaling_factor
-    + shift_factor)`` (SD3's and FLUX.1's VAEs have a shift; DiT's and PixArt's none), FLUX.1's packed
-    ``[B, N, 4C]`` tokens unpacked to ``[B, C, 2√N, 2√N]`` first, as ``FluxPipeline`` does."""
-    scale = getattr(vae.config, "scaling_factor", None) or 1.0
-    shift = getattr(vae.config, "shift_factor", None)
+    """Latents to images in [-1, 1], as each family's pipeline decodes them:
+
+    - ``AutoencoderKL``: ``vae.decode(latents / scaling_factor + shift_factor)`` (SD3's and FLUX.1's
+      VAEs have a shift, DiT's and PixArt's none); FLUX.1's packed ``[B, N, 4C]`` tokens are
+      unpacked to ``[B, C, 2√N, 2√N]`` first, as ``FluxPipeline`` does;
+    - Wan's and Qwen-Image's video VAEs: ``latents / (1 / latents_std) + latents_mean`` per channel;
+      Qwen-Image's packed tokens unpacked to one frame (its image), Wan's frames stacked vertically.
+    """
+    config = vae.config
+    video = type(vae).__name__ != "AutoencoderKL"
+    if video:
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape)
+        inverse_std = 1.0 / torch.tensor(config.latents_std).view(shape)
+
+        def normalise(latents: torch.Tensor) -> torch.Tensor:
+            return latents / inverse_std.to(latents) + mean.to(latents)
+
+    else:
+        scale = getattr(config, "scaling_factor", None) or 1.0
+        shift = getattr(config, "shift_factor", None)
+
+        def normalise(latents: torch.Tensor) -> torch.Tensor:
+            latents = latents / scale
+            return latents if shift is None else latents + shift
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        if latents.dim() == 3:
+        packed = latents.dim() == 3
+        if packed:
             latents = _unpack_tokens(latents)
+            if video:
+                latents = latents.unsqueeze(2)  # one frame
         param = next(vae.parameters())
-        latents = latents.to(param.device, param.dtype) / scale
-        if shift is not None:
-            latents = latents + shift
-        images = vae.decode(latents).sample
+        images = vae.decode(normalise(latents.to(param.device, param.dtype))).sample
+        if video:
+            images = images[:, :, 0] if packed else images.flatten(2, 3)
         return images.float().clamp(-1, 1).cpu()
 
     return decode
 
 
 def _unpack_tokens(latents: torch.Tensor) -> torch.Tensor:
-    """FLUX.1's packed latents ``[B, N, 4C]`` (2×2 patches of a square grid) as ``[B, C, H, W]``."""
+    """Packed latents ``[B, N, 4C]`` (FLUX.1, Qwen-Image: 2×2 patches of a square grid) as
+    ``[B, C, H, W]``."""
     batch, tokens, channels = latents.shape
     side = math.isqrt(tokens)
     if side * side != tokens or channels % 4:
         raise ValueError(
-            f"cannot unpack latents of shape {tuple(latents.shape)} for the VAE: expected FLUX.1's packed "
+            f"cannot unpack latents of shape {tuple(latents.shape)} for the VAE: expected packed "
             "[B, N, 4C] tokens of a square image"
         )
     patches = latents.view(batch, side, side, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)

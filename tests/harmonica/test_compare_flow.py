@@ -19,7 +19,7 @@ from harmonica.cli import main
 from harmonica.compare import compare, flow_setup, latents_as_images, method_from_spec
 from harmonica.sample_cli import sample_images
 
-from .family_models import euler, prompts, tiny
+from .family_models import CHANNELS, euler, prompts, tiny
 
 STEPS = 6
 SIDE = 4  # image tokens per side
@@ -373,10 +373,26 @@ def _vae(latent_channels: int):
     ).eval()
 
 
-def _pipeline_with_vae(kind: str):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+def _video_vae(kind: str):
+    from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
 
-    none = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    torch.manual_seed(0)
+    settings = dict(
+        base_dim=8, z_dim=CHANNELS, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]
+    )
+    settings.update(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0])
+    return (AutoencoderKLWan if kind == "wan" else AutoencoderKLQwenImage)(**settings).eval()
+
+
+def _pipeline_with_vae(kind: str):
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline
+
+    none = dict(text_encoder=None, tokenizer=None)
+    if kind == "wan":
+        return WanPipeline(scheduler=_scheduler(), transformer=tiny(kind), vae=_video_vae(kind), **none)
+    if kind == "qwen":
+        return QwenImagePipeline(scheduler=_scheduler(), transformer=tiny(kind), vae=_video_vae(kind), **none)
+    none.update(text_encoder_2=None, tokenizer_2=None)
     if kind == "flux":  # packed tokens: 4 VAE channels per token channel group
         return FluxPipeline(scheduler=_scheduler(), transformer=tiny(kind), vae=_vae(2), **none)
     return StableDiffusion3Pipeline(
@@ -389,28 +405,37 @@ def _pipeline_with_vae(kind: str):
     )
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "wan", "qwen"])
 def test_latents_are_decoded_as_the_pipeline_decodes_them(kind):
     """compare's decoder against diffusers' own pipeline: its latent output decoded here equals its
-    image output (postprocessed to [0, 1]) from the same seed."""
+    image output (postprocessed to [0, 1]) from the same seed (Wan: frames stacked vertically)."""
     from harmonica.compare import _decoder
 
     pipe = _pipeline_with_vae(kind)
     pipe.set_progress_bar_config(disable=True)
     text, pooled = prompts(1)
-    inputs = dict(prompt_embeds=text, pooled_prompt_embeds=pooled, num_inference_steps=2, height=16, width=16)
+    inputs = dict(prompt_embeds=text, num_inference_steps=2, height=16, width=16)
+    if kind in ("sd3", "flux"):
+        inputs.update(pooled_prompt_embeds=pooled)
     if kind == "sd3":
         inputs.update(negative_prompt_embeds=torch.zeros_like(text), negative_pooled_prompt_embeds=pooled * 0)
+    if kind == "wan":
+        inputs.update(num_frames=2, negative_prompt_embeds=torch.zeros_like(text))
+    if kind == "qwen":
+        inputs.update(prompt_embeds_mask=torch.ones(1, text.shape[1], dtype=torch.long))
 
     def run(output_type):
-        return pipe(**inputs, output_type=output_type, generator=torch.Generator().manual_seed(0)).images
+        result = pipe(**inputs, output_type=output_type, generator=torch.Generator().manual_seed(0))
+        return result.frames if kind == "wan" else result.images
 
     latents, images = run("latent"), run("pt")
-    assert latents.dim() == (3 if kind == "flux" else 4)
+    assert latents.dim() == {"sd3": 4, "flux": 3, "wan": 5, "qwen": 3}[kind]
+    if kind == "wan":  # [B, F, C, H, W] -> [B, C, F·H, W]
+        images = images.permute(0, 2, 1, 3, 4).flatten(2, 3)
     torch.testing.assert_close(_decoder(pipe.vae)(latents), images * 2 - 1, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "wan"])
 def test_compare_on_a_pipeline_with_its_vae_reports_pixels(kind):
     pipe = _pipeline_with_vae(kind)
     report = compare(
@@ -428,3 +453,12 @@ def test_compare_on_a_pipeline_with_its_vae_reports_pixels(kind):
     assert report.context["output_space"] == "pixels"
     row = report.row("FORA N=2")
     assert row.status == "ok" and row.psnr is not None and math.isfinite(row.psnr)
+
+
+def test_a_corrupted_vae_config_in_a_flow_folder_is_named(tmp_path):
+    tiny("flux").save_pretrained(tmp_path / "pipe" / "transformer")
+    _scheduler().save_pretrained(tmp_path / "pipe" / "scheduler")
+    (tmp_path / "pipe" / "vae").mkdir()
+    (tmp_path / "pipe" / "vae" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"vae/config.json is not a readable diffusers VAE config"):
+        sample_images(tmp_path / "pipe", prompt_embeds=_pool("flux", 2), latent_size=4, num_inference_steps=2)
