@@ -527,7 +527,7 @@ def _load(model: Any, scheduler: Any) -> tuple[str, nn.Module, Any, Any, bool]:
     )
 
 
-_DECODED_VAES = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLQwenImage")
+_DECODED_VAES = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLQwenImage", "AutoencoderKLFlux2")
 
 
 def _vae_class(config: Path) -> str | None:
@@ -539,9 +539,8 @@ def _vae_class(config: Path) -> str | None:
 
 
 def _decodes(vae: Any) -> bool:
-    """Whether samples are decoded with this flow pipeline's VAE: diffusers' ``AutoencoderKL`` (SD3,
-    FLUX.1), ``AutoencoderKLWan`` (Wan) and ``AutoencoderKLQwenImage``. FLUX.2's VAE normalises its
-    latents with batch statistics of its own and is not run yet: latents out."""
+    """Whether samples are decoded with this flow pipeline's VAE (those of SD3, FLUX.1/.2, Wan and
+    Qwen-Image, see :func:`_decoder`); another VAE class leaves the samples as latents."""
     return type(vae).__name__ in _DECODED_VAES
 
 
@@ -552,52 +551,68 @@ def _decoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
       VAEs have a shift, DiT's and PixArt's none); FLUX.1's packed ``[B, N, 4C]`` tokens are
       unpacked to ``[B, C, 2√N, 2√N]`` first, as ``FluxPipeline`` does;
     - Wan's and Qwen-Image's video VAEs: ``latents / (1 / latents_std) + latents_mean`` per channel;
-      Qwen-Image's packed tokens unpacked to one frame (its image), Wan's frames stacked vertically.
+      Qwen-Image's packed tokens unpacked to one frame (its image), Wan's frames stacked vertically;
+    - FLUX.2's: its tokens laid out on their row-major grid, ``latents · σ + μ`` with the VAE's
+      batch-norm statistics (σ = √(running_var + eps)), then the 2×2 patches unfolded.
     """
     config = vae.config
-    video = type(vae).__name__ != "AutoencoderKL"
-    if video:
+    kind = type(vae).__name__
+    if kind == "AutoencoderKLFlux2":
+
+        def prepare(latents: torch.Tensor) -> torch.Tensor:
+            batch, tokens, channels = latents.shape
+            side = _square_side(latents)
+            grid = latents.reshape(batch, side, side, channels).permute(0, 3, 1, 2)
+            mean = vae.bn.running_mean.view(1, -1, 1, 1).to(grid)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + config.batch_norm_eps).to(grid)
+            grid = grid * std + mean
+            patches = grid.reshape(batch, channels // 4, 2, 2, side, side).permute(0, 1, 4, 2, 5, 3)
+            return patches.reshape(batch, channels // 4, 2 * side, 2 * side)
+
+    elif kind == "AutoencoderKL":
+        scale = getattr(config, "scaling_factor", None) or 1.0
+        shift = getattr(config, "shift_factor", None)
+
+        def prepare(latents: torch.Tensor) -> torch.Tensor:
+            latents = (_unpack_tokens(latents) if latents.dim() == 3 else latents) / scale
+            return latents if shift is None else latents + shift
+
+    else:
         shape = (1, config.z_dim, 1, 1, 1)
         mean = torch.tensor(config.latents_mean).view(shape)
         inverse_std = 1.0 / torch.tensor(config.latents_std).view(shape)
 
-        def normalise(latents: torch.Tensor) -> torch.Tensor:
+        def prepare(latents: torch.Tensor) -> torch.Tensor:
+            if latents.dim() == 3:
+                latents = _unpack_tokens(latents).unsqueeze(2)  # Qwen-Image: one frame
             return latents / inverse_std.to(latents) + mean.to(latents)
-
-    else:
-        scale = getattr(config, "scaling_factor", None) or 1.0
-        shift = getattr(config, "shift_factor", None)
-
-        def normalise(latents: torch.Tensor) -> torch.Tensor:
-            latents = latents / scale
-            return latents if shift is None else latents + shift
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        packed = latents.dim() == 3
-        if packed:
-            latents = _unpack_tokens(latents)
-            if video:
-                latents = latents.unsqueeze(2)  # one frame
         param = next(vae.parameters())
-        images = vae.decode(normalise(latents.to(param.device, param.dtype))).sample
-        if video:
-            images = images[:, :, 0] if packed else images.flatten(2, 3)
+        images = vae.decode(prepare(latents.to(param.device, param.dtype))).sample
+        if images.dim() == 5:  # a video VAE: Qwen-Image's one frame, Wan's frames stacked vertically
+            images = images[:, :, 0] if latents.dim() == 3 else images.flatten(2, 3)
         return images.float().clamp(-1, 1).cpu()
 
     return decode
 
 
-def _unpack_tokens(latents: torch.Tensor) -> torch.Tensor:
-    """Packed latents ``[B, N, 4C]`` (FLUX.1, Qwen-Image: 2×2 patches of a square grid) as
-    ``[B, C, H, W]``."""
-    batch, tokens, channels = latents.shape
-    side = math.isqrt(tokens)
-    if side * side != tokens or channels % 4:
+def _square_side(latents: torch.Tensor) -> int:
+    side = math.isqrt(latents.shape[1])
+    if side * side != latents.shape[1] or latents.shape[2] % 4:
         raise ValueError(
             f"cannot unpack latents of shape {tuple(latents.shape)} for the VAE: expected packed "
             "[B, N, 4C] tokens of a square image"
         )
+    return side
+
+
+def _unpack_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """Packed latents ``[B, N, 4C]`` (FLUX.1, Qwen-Image: 2×2 patches of a square grid) as
+    ``[B, C, H, W]``."""
+    batch, _, channels = latents.shape
+    side = _square_side(latents)
     patches = latents.view(batch, side, side, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return patches.reshape(batch, channels // 4, 2 * side, 2 * side)
 

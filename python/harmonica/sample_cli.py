@@ -243,7 +243,7 @@ def sample_images(
             supported family, or a pipeline or transformer object (a bare transformer needs
             ``scheduler``). FLUX.1/.2, SD3, Wan and Qwen-Image are sampled with a flow-matching loop
             from a prompt-embedding pool (as :func:`harmonica.compare.compare`), decoded by the
-            pipeline's VAE when it has one (FLUX.2's and a bare transformer's: latents).
+            pipeline's VAE when it has one (a bare transformer's: latents).
         scheduler: the sampler; default: the folder's or pipeline's (flow-matching families: a
             flow-matching one such as ``FlowMatchEulerDiscreteScheduler``).
         router: a trained router file (or :class:`Router`) for this model and step count, applied at

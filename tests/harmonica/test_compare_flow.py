@@ -384,10 +384,36 @@ def _video_vae(kind: str):
     return (AutoencoderKLWan if kind == "wan" else AutoencoderKLQwenImage)(**settings).eval()
 
 
+def _flux2_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=2,  # 2x2 patches: 8 token channels
+    ).eval()
+    with torch.no_grad():  # batch-norm statistics the decode must apply
+        vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 8))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 8))
+    return vae
+
+
 def _pipeline_with_vae(kind: str):
-    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline
+    from diffusers import (
+        Flux2Pipeline,
+        FluxPipeline,
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
+        WanPipeline,
+    )
 
     none = dict(text_encoder=None, tokenizer=None)
+    if kind == "flux2":
+        return Flux2Pipeline(scheduler=_scheduler(), transformer=tiny(kind), vae=_flux2_vae(), **none)
     if kind == "wan":
         return WanPipeline(scheduler=_scheduler(), transformer=tiny(kind), vae=_video_vae(kind), **none)
     if kind == "qwen":
@@ -405,7 +431,7 @@ def _pipeline_with_vae(kind: str):
     )
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "wan", "qwen"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "flux2", "wan", "qwen"])
 def test_latents_are_decoded_as_the_pipeline_decodes_them(kind):
     """compare's decoder against diffusers' own pipeline: its latent output decoded here equals its
     image output (postprocessed to [0, 1]) from the same seed (Wan: frames stacked vertically)."""
@@ -429,13 +455,13 @@ def test_latents_are_decoded_as_the_pipeline_decodes_them(kind):
         return result.frames if kind == "wan" else result.images
 
     latents, images = run("latent"), run("pt")
-    assert latents.dim() == {"sd3": 4, "flux": 3, "wan": 5, "qwen": 3}[kind]
+    assert latents.dim() == {"sd3": 4, "flux": 3, "flux2": 3, "wan": 5, "qwen": 3}[kind]
     if kind == "wan":  # [B, F, C, H, W] -> [B, C, F·H, W]
         images = images.permute(0, 2, 1, 3, 4).flatten(2, 3)
     torch.testing.assert_close(_decoder(pipe.vae)(latents), images * 2 - 1, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "wan"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "flux2", "wan"])
 def test_compare_on_a_pipeline_with_its_vae_reports_pixels(kind):
     pipe = _pipeline_with_vae(kind)
     report = compare(
