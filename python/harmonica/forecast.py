@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .cache import CacheHandle, CacheStateError, attach_handle, disable_cache
-from .models import supported_class, transformer_of, units
+from .models import single_transformer, supported_class, units
 from .schedule import CacheSchedule
 
 __all__ = ["ForecastFit", "fit_forecast"]
@@ -161,7 +161,7 @@ def fit_forecast(
     """
     from .training import _conditioning_for, _Group, _Setup
 
-    transformer = transformer_of(pipe_or_transformer)
+    transformer = single_transformer(pipe_or_transformer, "fit forecast coefficients")
     supported_class(transformer)
     if not isinstance(schedule, CacheSchedule):
         raise ValueError(f"pass the CacheSchedule whose forecasts to fit, got {type(schedule).__name__}")

@@ -88,6 +88,21 @@ def transformer_of(pipe_or_transformer: Any) -> nn.Module:
     return candidate
 
 
+def single_transformer(pipe_or_transformer: Any, action: str) -> nn.Module:
+    """:func:`transformer_of` for ``action`` (a verb phrase), which runs one transformer over every
+    step: a pipeline with two (Wan 2.2's stages) is refused, since either one would be treated as
+    running steps the other runs."""
+    if getattr(pipe_or_transformer, "transformer_2", None) is not None:
+        raise ValueError(
+            f"cannot {action} on this pipeline: it runs two transformers (Wan 2.2: transformer for the "
+            "high-noise steps, transformer_2 for the low-noise ones) and this runs one over every step. "
+            "Pass one of them with scheduler=pipe.scheduler (it is then treated as running all steps), "
+            "or cache the pipeline with a schedule per transformer: enable_cache(pipe, (schedule_1, "
+            "schedule_2)), each sized for its transformer's steps (harmonica.cache.stage_steps(pipe))"
+        )
+    return transformer_of(pipe_or_transformer)
+
+
 def units(model: nn.Module) -> list[str]:
     """Names of the routable units of ``model``, in schedule-column order.
 

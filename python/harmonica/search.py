@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CacheHandle, CacheStateError, attach_handle, disable_cache
-from .models import flop_profile, supported_class, transformer_of, units
+from .models import flop_profile, single_transformer, supported_class, units
 from .router import FIRST_STEP_LOGIT, Router
 from .schedule import DEFAULT_WARMUP, CacheSchedule, _check_max_age, _check_order
 from .training import (
@@ -153,7 +153,7 @@ def search_schedule(
             ``start`` of another shape or for another model.
         UnsupportedModelError: the model has no routable units.
     """
-    transformer = transformer_of(pipe_or_transformer)
+    transformer = single_transformer(pipe_or_transformer, "search a schedule")
     supported_class(transformer)
     names = units(transformer)
     targets = [target_cur] if isinstance(target_cur, (int, float)) else list(target_cur)

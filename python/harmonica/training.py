@@ -67,7 +67,13 @@ from ._checks import check_output_dir, digest_module, digest_tensors, scheduler_
 from ._io import atomic_write
 from .adapters import adapter_for
 from .cache import CacheHandle, CacheStateError, _as_row, attach_handle, disable_cache
-from .models import default_latent_size, fingerprint, supported_class, transformer_of, units
+from .models import (
+    default_latent_size,
+    fingerprint,
+    single_transformer,
+    supported_class,
+    units,
+)
 from .router import LOGIT_BOUND, Router
 from .schedule import DEFAULT_RULE, CacheSchedule, _check_order, rule_coefficients
 
@@ -1048,7 +1054,7 @@ def train_router(
             f"{DEFAULT_TARGET_CUR} (pass target_cur= or beta= to choose)",
             file=sys.stderr,
         )
-    transformer = transformer_of(pipe_or_transformer)
+    transformer = single_transformer(pipe_or_transformer, "train a router")
     supported_class(transformer)
     if scheduler is None:
         scheduler = getattr(pipe_or_transformer, "scheduler", None)
