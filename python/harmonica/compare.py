@@ -17,8 +17,9 @@ MagCache, PAB and cache-dit's DBCache through their own APIs, see :mod:`harmonic
   digits and the share of samples classified as the class asked for.
 
 The default model is the reference digits DiT (:mod:`harmonica.reference`); a local diffusers
-DiT or PixArt pipeline folder or transformer folder works too (:func:`harmonica.models.load_local`:
-nothing is downloaded). Results: a terminal table and, with ``out_dir``,
+pipeline or transformer folder of any supported family works too (:func:`harmonica.models.load_local`:
+nothing is downloaded), its samples decoded by the pipeline's VAE when it has one (:func:`_decoder`).
+Results: a terminal table and, with ``out_dir``,
 ``report.md``, ``report.json``, ``pareto.png`` (speedup vs PSNR and vs FID) and ``executed.png``
 (which units each method ran at which step), all written atomically.
 """
