@@ -561,7 +561,7 @@ def _decoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     if kind == "AutoencoderKLFlux2":
 
         def prepare(latents: torch.Tensor) -> torch.Tensor:
-            batch, tokens, channels = latents.shape
+            batch, _, channels = latents.shape
             side = _square_side(latents)
             grid = latents.reshape(batch, side, side, channels).permute(0, 3, 1, 2)
             mean = vae.bn.running_mean.view(1, -1, 1, 1).to(grid)
