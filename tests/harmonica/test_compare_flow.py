@@ -20,6 +20,7 @@ from harmonica.compare import compare, flow_setup, latents_as_images, method_fro
 from harmonica.sample_cli import sample_images
 
 from .family_models import CHANNELS, euler, prompts, tiny
+from .tiny_models import tiny_vae
 
 STEPS = 6
 SIDE = 4  # image tokens per side
@@ -378,21 +379,8 @@ def test_load_local_reads_a_wan_folder_exactly(tmp_path):
 
 
 def _vae(latent_channels: int):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=latent_channels,
-        scaling_factor=1.5,
-        shift_factor=0.2,  # SD3's and FLUX.1's VAEs have one; DiT's has none
-    ).eval()
+    # SD3's and FLUX.1's VAEs scale and shift their latents; DiT's only scales
+    return tiny_vae(latent_channels=latent_channels, scaling_factor=1.5, shift_factor=0.2)
 
 
 def _video_vae(kind: str):

@@ -58,10 +58,10 @@ def tiny_pixart(num_layers: int = 2, seed: int = 0, **overrides) -> PixArtTransf
     return PixArtTransformer2DModel(**config).eval()
 
 
-def tiny_vae() -> AutoencoderKL:
-    """A 2-level AutoencoderKL (scale factor 2) with 4 latent channels."""
+def tiny_vae(**overrides) -> AutoencoderKL:
+    """A 2-level AutoencoderKL (scale factor 2) with 4 latent channels (``overrides``: its config)."""
     torch.manual_seed(0)
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -71,7 +71,9 @@ def tiny_vae() -> AutoencoderKL:
         norm_num_groups=4,
         latent_channels=CHANNELS,
         sample_size=2 * LATENT,
-    ).eval()
+    )
+    config.update(overrides)
+    return AutoencoderKL(**config).eval()
 
 
 def ddim() -> DDIMScheduler:
