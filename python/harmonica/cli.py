@@ -543,7 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--exchanges", type=int, default=0, help="passes of whole-step exchanges at each target (default: 0)"
     )
-    r.add_argument("--batch", type=int, default=8, help="noise samples the errors are measured on")
+    r.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="noise samples the errors are measured on (default: 8, 16 with --exchanges)",
+    )
     r.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument(

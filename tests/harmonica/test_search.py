@@ -169,6 +169,15 @@ def test_exchanges_never_break_the_age_cap_and_bad_counts_are_refused():
         search_schedule(model, ddim(), num_steps=6, target_cur=0.3, exchanges=-1, progress=False)
 
 
+@pytest.mark.parametrize(("exchanges", "batch"), [(0, 8), (1, 16)])
+def test_exchanges_measure_on_16_samples_by_default(exchanges, batch):
+    """A pass keeps the best of many measured swaps: by default it measures on 16 samples, not 8."""
+    result = search_schedule(
+        tiny_dit(num_layers=1), ddim(), num_steps=4, target_cur=0.3, exchanges=exchanges, progress=False
+    )
+    assert result.router.training_settings["batch_size"] == batch
+
+
 def test_search_reaches_each_target_exactly_and_encodes_it_as_a_router(tmp_path):
     model = tiny_dit(num_layers=2)
     num_units = len(units(model))
