@@ -253,7 +253,7 @@ class CacheHandle:
         self._active_branch = 0
         self._branch_states = {}
         self._last_input = None
-        self._embeddings.end_call()
+        self._embeddings.end_call(last_step=True)
 
     def _save_generation(self) -> dict[str, Any]:
         """A copy of the generation in progress between two transformer calls (caches, histories,
@@ -592,7 +592,7 @@ def _stepped_class(cls: type[nn.Module]) -> type[nn.Module]:
                         "model; cast the model instead, e.g. model.to(torch.bfloat16), or disable_cache)"
                     ) from err
                 raise
-            handle._embeddings.end_call()
+            handle._embeddings.end_call(last_step=handle.step == handle._schedule.num_steps - 1)
             handle._end_step()
         finally:
             handle._call_lock.release()

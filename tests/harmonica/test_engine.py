@@ -181,6 +181,30 @@ def test_reuse_step_gates_follow_the_projection_weights(change):
     assert not torch.allclose(got, before)
 
 
+def test_kept_gate_views_last_one_generation():
+    """Built at a generation's first reuse step, dropped after its last step (or a reset), so a
+    later model.to() never leaves the old weights alive behind them."""
+    model = make_model("dit")
+    handle = enable_cache(model, CacheSchedule.fora(3, len(units(model)), 3))  # steps 1, 2 reuse all
+    labels, _ = make_cond("dit", 2)
+    blocks = model.transformer_blocks
+
+    def step(t):
+        with torch.no_grad():
+            model(noise(2), timestep=torch.tensor([t, t]), class_labels=labels)
+
+    step(999)
+    assert all(b._gate_views is None for b in blocks)  # step 0 computes every unit
+    step(600)
+    assert all(b._gate_views is not None for b in blocks)
+    step(300)  # the last step
+    assert all(b._gate_views is None for b in blocks)
+    step(999)
+    step(600)
+    handle.reset()
+    assert all(b._gate_views is None for b in blocks)
+
+
 def test_a_model_with_kept_gate_views_deep_copies():
     """The kept views hold no autograd link to trainable parameters (deepcopy would refuse them),
     and a copy's views follow the copy's weights."""

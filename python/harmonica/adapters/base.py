@@ -260,13 +260,14 @@ class CallState:
     """Per-transformer-call state an adapter may keep (e.g. DiT's shared conditioning embedding).
 
     The handle calls :meth:`begin_call` before each transformer forward (outside any compiled
-    graph), :meth:`end_call` after it and on reset, and :meth:`release` on ``disable_cache``.
+    graph), :meth:`end_call` after it (``last_step``: the generation's last call) and on reset (as a
+    last step), and :meth:`release` on ``disable_cache``.
     """
 
     def begin_call(self, *, first_step: bool) -> None:
         pass
 
-    def end_call(self) -> None:
+    def end_call(self, *, last_step: bool = False) -> None:
         pass
 
     def release(self) -> None:

@@ -157,9 +157,10 @@ class CachedTransformerBlock(CachedBlock):
 
     def _gates(self, emb: torch.Tensor) -> list[torch.Tensor | None]:
         """:func:`_ada_zero_chunks` with no unit computed (only the two gates), from views of the
-        projection's gate rows made once and kept while its weight and bias stay the same tensors
-        with the same storage (a reuse step of a small model is bound by host time, and building the
-        views is a third of this projection's)."""
+        projection's gate rows made once per generation and kept while its weight and bias stay the
+        same tensors with the same storage (a reuse step of a small model is bound by host time, and
+        building the views is a third of this projection's); dropped after the generation's last
+        step (:meth:`_SharedEmbeddings.end_call`), so they never keep moved weights alive."""
         linear = self.norm1.linear
         if torch.compiler.is_compiling() or type(linear) is not nn.Linear or not _unhooked(linear):
             return _ada_zero_chunks(linear, emb, (False, False))  # traced: no host-side memo
@@ -311,8 +312,11 @@ class _SharedEmbeddings(CallState):
                 self._state = state
 
     @torch.compiler.disable
-    def end_call(self) -> None:
+    def end_call(self, *, last_step: bool = False) -> None:
         self._memo.clear()
+        if last_step:  # the kept gate views would hold weights a later .to() moves away
+            for block in self._blocks:
+                block._gate_views = None
 
     def conditioning(
         self,
