@@ -387,6 +387,22 @@ def _threads(text: str) -> int:
     return value
 
 
+def _add_conditions(parser: argparse.ArgumentParser) -> None:
+    """``--prompt-embeds`` and ``--latent-size`` of train, search and fit (see :func:`_conditions`)."""
+    parser.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [P, L, C] (and "
+        "pooled_prompt_embeds [P, D] for FLUX.1 / SD3)",
+    )
+    parser.add_argument(
+        "--latent-size",
+        type=int,
+        default=None,
+        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harmonica", description="Learned feature caching for Diffusion Transformers"
@@ -498,18 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--write-threshold", type=float, default=0.1, help="cache-write threshold on r")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data", default=None, help="L2C: real samples (.safetensors/.pt or image folder)")
-    t.add_argument(
-        "--prompt-embeds",
-        default=None,
-        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [P, L, C] (and "
-        "pooled_prompt_embeds [P, D] for FLUX.1 / SD3)",
-    )
-    t.add_argument(
-        "--latent-size",
-        type=int,
-        default=None,
-        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
-    )
+    _add_conditions(t)
     t.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     t.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
@@ -551,18 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument(
-        "--prompt-embeds",
-        default=None,
-        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [P, L, C] (and "
-        "pooled_prompt_embeds [P, D] for FLUX.1 / SD3)",
-    )
-    r.add_argument(
-        "--latent-size",
-        type=int,
-        default=None,
-        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
-    )
+    _add_conditions(r)
     r.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     r.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")
@@ -583,18 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch", type=int, default=16, help="noise samples the fit sees")
     f.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument(
-        "--prompt-embeds",
-        default=None,
-        help="PixArt, FLUX, SD3, Wan, Qwen-Image: safetensors with prompt_embeds [P, L, C] (and "
-        "pooled_prompt_embeds [P, D] for FLUX.1 / SD3)",
-    )
-    f.add_argument(
-        "--latent-size",
-        type=int,
-        default=None,
-        help="FLUX, SD3, Wan, Qwen-Image: image tokens per side (default: SD3's native size, else 32)",
-    )
+    _add_conditions(f)
     f.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     f.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch's default)")

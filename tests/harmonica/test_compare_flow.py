@@ -20,7 +20,7 @@ from harmonica.compare import compare, flow_setup, latents_as_images, method_fro
 from harmonica.sample_cli import sample_images
 
 from .family_models import CHANNELS, euler, prompts, tiny
-from .tiny_models import tiny_vae
+from .tiny_models import tiny_dit, tiny_vae
 
 STEPS = 6
 SIDE = 4  # image tokens per side
@@ -36,6 +36,23 @@ def _pool(kind: str, count: int = 3) -> dict[str, torch.Tensor]:
     if kind in ("flux", "sd3"):
         pool["pooled_prompt_embeds"] = pooled
     return pool
+
+
+def _compare(model, kind: str, methods, **kwargs):
+    """A quick compare run on a tiny flow model or pipeline: the prompt pool, SIDE, STEPS, batch 2."""
+    return compare(
+        model,
+        methods=methods,
+        prompt_embeds=_pool(kind),
+        latent_size=SIDE,
+        num_inference_steps=STEPS,
+        guidance_scale=2.0,
+        batch_size=2,
+        timing_repeats=1,
+        progress=False,
+        verbose=False,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("kind", ["flux", "wan", "sd3"])
@@ -66,19 +83,7 @@ def test_compare_fora_forecast_and_peers(kind):
         method_from_spec("pab", 2),
         method_from_spec("taylorseer", "2"),
     ]
-    report = compare(
-        model,
-        scheduler=_scheduler(),
-        methods=methods,
-        prompt_embeds=_pool(kind),
-        latent_size=SIDE,
-        num_inference_steps=STEPS,
-        guidance_scale=2.0,
-        batch_size=2,
-        timing_repeats=1,
-        progress=False,
-        verbose=False,
-    )
+    report = _compare(model, kind, methods, scheduler=_scheduler())
     num_units = len(units(model))
     assert report.context["model_class"] == type(model).__name__
     assert report.context["num_units"] == num_units and report.context["num_samples"] == 3
@@ -294,8 +299,6 @@ def test_bare_flow_transformer_needs_a_scheduler_and_latent_size_is_for_flow_mod
         compare(
             tiny("wan", num_layers=1), methods={"fora": ["2"]}, prompt_embeds=_pool("wan"), progress=False
         )
-    from .tiny_models import tiny_dit
-
     with pytest.raises(ValueError, match="latent_size"):
         sample_images(tiny_dit(), scheduler=DDIMScheduler(), latent_size=4, progress=False)
 
@@ -474,18 +477,7 @@ def test_latents_are_decoded_as_the_pipeline_decodes_them(kind):
 @pytest.mark.parametrize("kind", ["sd3", "flux", "flux2", "wan"])
 def test_compare_on_a_pipeline_with_its_vae_reports_pixels(kind):
     pipe = _pipeline_with_vae(kind)
-    report = compare(
-        pipe,
-        methods=[method_from_spec("fora", 2)],
-        prompt_embeds=_pool(kind),
-        latent_size=SIDE,
-        num_inference_steps=STEPS,
-        guidance_scale=2.0,
-        batch_size=2,
-        timing_repeats=1,
-        progress=False,
-        verbose=False,
-    )
+    report = _compare(pipe, kind, [method_from_spec("fora", 2)])
     assert report.context["output_space"] == "pixels"
     row = report.row("FORA N=2")
     assert row.status == "ok" and row.psnr is not None and math.isfinite(row.psnr)
