@@ -288,6 +288,11 @@ class CacheHandle:
             )
         return row[unit]
 
+    def computes_none(self) -> bool:
+        """Whether the current step computes no unit at all (a host-side constant)."""
+        row = self._row
+        return row is not None and not any(row)
+
     def unit_residual(
         self, unit: int, x: torch.Tensor, gate: torch.Tensor | None, branch: Branch
     ) -> torch.Tensor:

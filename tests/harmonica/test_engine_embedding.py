@@ -96,3 +96,54 @@ def test_module_calls_run_when_they_could_matter(plain_uses, case):
     assert False in plain_uses
     if case != "training label dropout":
         assert calls, "the module calls must run so that the hook or patch sees them"
+
+
+def _generation(model, steps: int) -> list[torch.Tensor]:
+    return [_step(model, t) for t in range(999, 999 - 50 * steps, -50)]
+
+
+def test_stacked_embeddings_of_a_reuse_step_equal_the_per_block_ones(monkeypatch):
+    """On steps that compute no unit every block's embedding comes from one stacked computation:
+    the same values as each block's own MLP (to rounding), dropped with the generation."""
+    from harmonica.adapters import basic
+
+    model = _untied_dit()
+    handle = enable_cache(model, CacheSchedule.fora(4, len(units(model)), 2))  # steps 1 and 3 reuse all
+    built = []
+    original_build = basic._StackedEmbedders.build
+    monkeypatch.setattr(
+        basic._StackedEmbedders, "build", lambda leaders: built.append(1) or original_build(leaders)
+    )
+    stacked = _generation(model, 4)
+    assert built == [1], "one stack per generation, built at its first step that reuses every unit"
+    assert handle._embeddings._stack is None, "the stack must not outlive its generation"
+    monkeypatch.setattr(basic._StackedEmbedders, "build", lambda leaders: None)
+    handle.reset()
+    per_block = _generation(model, 4)
+    for i, (a, b) in enumerate(zip(stacked, per_block, strict=True)):
+        if i % 2 == 0:  # steps that compute: the per-block maths, bit for bit
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(a, _step(model, 999)), "a reuse step must differ from a computed one"
+
+
+def test_stacked_embeddings_step_aside_for_a_hook_or_changed_weights():
+    model = _untied_dit()
+    enable_cache(model, CacheSchedule.fora(2, len(units(model)), 2))
+    calls = []
+    hook = model.transformer_blocks[2].norm1.emb.timestep_embedder.linear_2.register_forward_hook(
+        lambda m, a, out: calls.append(1)
+    )
+    _generation(model, 2)
+    hook.remove()
+    assert calls == [1, 1], "a hooked embedder must be called at every step, reused or not"
+    reference = _generation(model, 2)
+    # New weights for one embedder between generations: the next stack holds them.
+    with torch.no_grad():
+        model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.weight.mul_(1.5)
+    changed = _generation(model, 2)
+    assert not torch.equal(changed[1], reference[1])
+    disable_cache(model)
+    enable_cache(model, CacheSchedule.fora(2, len(units(model)), 2))
+    torch.testing.assert_close(_generation(model, 2)[1], changed[1], rtol=0, atol=0)
