@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from . import kernels
 
 _TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_FP32_POINTERS = {"partial_gate_ptr", "partial_r_ptr", "r_ptr", "coeffs_ptr"}
+_FP32_POINTERS = {"partial_gate_ptr", "partial_r_ptr", "r_ptr", "grad_r_ptr", "coeffs_ptr"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,17 @@ def _specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, dict, int, 
         (kernels._gated_residual_kernel, {**tile, "WRITE_CACHE": True}, warps, D),
         (kernels._routed_gated_residual_kernel, tile, warps, D),
         (kernels._routed_gated_residual_backward_kernel, tile, warps, D),
+        (
+            kernels._routed_gated_residual_backward_finish_kernel,
+            {
+                "HAS_GATE": True,
+                "BLOCK_R": kernels._FINISH_BLOCK_R,
+                "BLOCK_D": min(triton.next_power_of_2(D), kernels._FINISH_BLOCK_D),
+                "BLOCK_P": kernels._FINISH_BLOCK_P,
+            },
+            4,
+            D,
+        ),
     ]
     _, _, _, _, _, chunks = kernels.norm_config(B, N, D)
     norm_widths = (triton.next_power_of_2(D), D) if chunks else (D, 1152)
@@ -181,7 +192,8 @@ def report(
                 KernelReport(
                     kernel=kernel_label(fn, constexprs),
                     width=width,
-                    config=f"BLOCK_N={constexprs['BLOCK_N']} BLOCK_D={constexprs['BLOCK_D']} warps={warps}",
+                    config=" ".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
+                    + f" warps={warps}",
                     dtype=dtype,
                     loads=len(re.findall(r"\bld\.global\.", ptx)),
                     narrow_streamed_loads=sum(

@@ -237,6 +237,50 @@ def _routed_gated_residual_backward_kernel(
 
 
 @triton.jit
+def _routed_gated_residual_backward_finish_kernel(
+    partial_gate_ptr,
+    partial_r_ptr,
+    grad_gate_ptr,
+    grad_r_ptr,
+    ROWS,
+    D,
+    n_partial_r,
+    HAS_GATE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """The backward's reductions and casts in one launch. Program (pid_b, pid_d): grad_gate[pid_b, d]
+    = the sum of partial_gate rows pid_b * ROWS ... (pid_b + 1) * ROWS - 1 (a sample's token tiles, or
+    every sample's for a broadcast gate); program (0, 0) also grad_r = the sum of the n_partial_r
+    partials of r. Fixed order, fp32, rounded once to each output's dtype."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    if HAS_GATE:
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        rows = tl.arange(0, BLOCK_R)
+        base = pid_b.to(tl.int64) * ROWS
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for start in range(0, ROWS, BLOCK_R):
+            row = start + rows
+            mask = (row < ROWS)[:, None] & d_mask[None, :]
+            acc += tl.load(partial_gate_ptr + (base + row)[:, None] * D + d[None, :], mask=mask, other=0.0)
+        grad_gate = tl.sum(acc, axis=0)
+        tl.store(
+            grad_gate_ptr + pid_b.to(tl.int64) * D + d,
+            _cast_for_store(grad_gate, grad_gate_ptr.dtype.element_ty),
+            mask=d_mask,
+        )
+    if pid_b + pid_d == 0:
+        index = tl.arange(0, BLOCK_P)
+        acc_r = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for start in range(0, n_partial_r, BLOCK_P):
+            acc_r += tl.load(partial_r_ptr + start + index, mask=start + index < n_partial_r, other=0.0)
+        tl.store(grad_r_ptr, _cast_for_store(tl.sum(acc_r, axis=0), grad_r_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _gated_residual_norm_modulate_kernel(
     x_ptr,
     gate_ptr,
@@ -584,17 +628,22 @@ def launch_routed_gated_residual_backward(
     cache: torch.Tensor,
     r: torch.Tensor,
     grad_branch: torch.Tensor,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Writes grad_branch; returns the fp32 sums (grad_gate_rows [B or 1 (gate's batch), D] or None,
-    grad_r scalar).
+    grad_gate: torch.Tensor | None,
+    grad_r: torch.Tensor,
+) -> None:
+    """Writes grad_branch, grad_gate (contiguous ``[B or 1 (gate's batch), D]`` in the gate's
+    dtype; None without a gate) and grad_r (one element in r's dtype), in two launches.
 
-    The kernel leaves one fp32 partial per (sample, token tile, feature) for the gate and one per
-    program for r; the last reduction runs as a torch sum on the same device (no host sync)."""
+    The first kernel leaves one fp32 partial per (sample, token tile, feature) for the gate and one
+    per program for r; the second sums them in a fixed order and casts (no host sync, no atomics:
+    the result is deterministic)."""
     B, N, D = grad_out.shape
     device = grad_out.device
     if grad_out.numel() == 0:
-        rows = torch.zeros(B, D, dtype=torch.float32, device=device) if gate is not None else None
-        return rows, torch.zeros((), dtype=torch.float32, device=device)
+        if grad_gate is not None:
+            grad_gate.zero_()
+        grad_r.zero_()
+        return
     grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D)
     partial_r = torch.empty(grid, dtype=torch.float32, device=device)
     partial_gate = (
@@ -618,13 +667,29 @@ def launch_routed_gated_residual_backward(
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
-    if gate is None:
-        grad_gate_rows = None
-    elif gate.shape[0] == 1:  # a broadcast gate: its gradient sums over the batch too, in one reduction
-        grad_gate_rows = partial_gate.sum(dim=(0, 1)).unsqueeze(0)
-    else:
-        grad_gate_rows = partial_gate.sum(dim=1)
-    return grad_gate_rows, partial_r.sum()
+    outputs = 0 if gate is None else gate.shape[0]  # a broadcast gate sums over the batch too
+    finish_d = min(triton.next_power_of_2(D), _FINISH_BLOCK_D)
+    _routed_gated_residual_backward_finish_kernel[
+        (max(outputs, 1), triton.cdiv(D, finish_d) if outputs else 1)
+    ](
+        partial_gate,
+        partial_r,
+        grad_gate if grad_gate is not None else grad_r,
+        grad_r,
+        B * n_tiles // max(outputs, 1),
+        D,
+        partial_r.numel(),
+        HAS_GATE=gate is not None,
+        BLOCK_R=_FINISH_BLOCK_R,
+        BLOCK_D=finish_d,
+        BLOCK_P=_FINISH_BLOCK_P,
+        num_warps=4,
+    )
+
+
+# Tiles of the backward's finishing reductions: [8, 128] partials of the gate (fp32 rows of 512
+# contiguous bytes), 512 partials of r at a time.
+_FINISH_BLOCK_R, _FINISH_BLOCK_D, _FINISH_BLOCK_P = 8, 128, 512
 
 
 def launch_gated_residual_norm_modulate(

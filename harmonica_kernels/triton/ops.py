@@ -187,17 +187,14 @@ def routed_gated_residual_backward(
     r: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_branch = torch.empty_like(branch, memory_format=torch.contiguous_format)
+    grad_gate = None if gate is None else gate.new_empty(gate.shape[0], gate.shape[-1])
+    grad_r = torch.empty((), dtype=r.dtype, device=r.device)
     with _on_device(grad_out):
-        gate_rows, r_sum = kernels.launch_routed_gated_residual_backward(
-            grad_out, gate, _batch_stride(gate), branch, cache, r, grad_branch
+        kernels.launch_routed_gated_residual_backward(
+            grad_out, gate, _batch_stride(gate), branch, cache, r, grad_branch, grad_gate, grad_r
         )
-    if gate is None:
-        grad_gate = grad_out.new_empty(0)
-    else:
-        # .to() always copies here (fp32 -> gate dtype) or reshapes a fresh sum: never an alias.
-        grad_gate = gate_rows.reshape(gate.shape).to(gate.dtype)
-    grad_r = r_sum.reshape(r.shape).to(r.dtype)
-    return grad_branch, grad_gate, grad_r
+    grad_gate = grad_out.new_empty(0) if grad_gate is None else grad_gate.reshape(gate.shape)
+    return grad_branch, grad_gate, grad_r.reshape(r.shape)
 
 
 def gated_residual_norm_modulate(

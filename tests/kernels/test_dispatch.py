@@ -142,3 +142,59 @@ def test_autotuning_keeps_the_fastest_candidate(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", broken_do_bench)
     with pytest.warns(UserWarning, match="autotuning failed"):
         assert kernels._tuned_choice(("op", 3), launch) == candidates[0]
+
+
+def test_triton_backward_is_two_launches_and_no_torch_kernels(monkeypatch):
+    """The routed op's backward on Triton: the streaming kernel and one finishing reduction that
+    also casts; apart from allocating its outputs, no torch op (each would be another launch)."""
+    kernels = pytest.importorskip("harmonica_kernels.triton.kernels")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from harmonica_kernels.triton import ops as triton_ops
+
+    launched: list[str] = []
+    in_kernel = [False]
+
+    class Counted:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(self.fn.__name__)
+                in_kernel[0] = True  # the interpreter's own tensor handling is not ours
+                try:
+                    return self.fn[grid](*args, **kwargs)
+                finally:
+                    in_kernel[0] = False
+
+            return run
+
+    for name in ("_routed_gated_residual_backward_kernel", "_routed_gated_residual_backward_finish_kernel"):
+        monkeypatch.setattr(kernels, name, Counted(getattr(kernels, name)))
+
+    class TorchOps(TorchDispatchMode):
+        ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not in_kernel[0] and not func.is_view and func.__name__.split(".")[0] not in _ALLOCATIONS:
+                self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, gate, branch, cache = make_inputs((3, 70, 300), torch.bfloat16, torch.bfloat16, "chunk", device)
+    r = torch.tensor(0.3, device=device)
+    with TorchOps() as mode:
+        grads = triton_ops.routed_gated_residual_backward(x, gate, branch, cache, r)
+    assert launched == [
+        "_routed_gated_residual_backward_kernel",
+        "_routed_gated_residual_backward_finish_kernel",
+    ]
+    assert not mode.ops, mode.ops
+    for actual, expected in zip(
+        grads, ref.routed_gated_residual_backward(x, gate, branch, cache, r), strict=True
+    ):
+        close(actual.float(), expected.float(), torch.bfloat16 if actual.numel() > 1 else torch.float16)
+
+
+_ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided"}

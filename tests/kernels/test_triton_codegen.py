@@ -19,16 +19,21 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
 # Accesses that are not 128-bit by design: the routing weight r (one scalar per program), the forecast
-# coefficients a and b (two scalars per program) and, in the backward, the per-tile partial sums (one
-# fp32 per feature of a program's tile, and one for r).
+# coefficients a and b (two scalars per program), in the backward the per-tile partial sums (one
+# fp32 per feature of a program's tile, and one for r), and in its finishing reduction the partials
+# of r (a masked count, loaded one by one: a few KB) and the two outputs (one value per thread).
 SCALAR_LOADS = {
     "_routed_gated_residual_kernel": 1,
     "_routed_gated_residual_backward_kernel": 1,
+    "_routed_gated_residual_backward_finish_kernel": 4,
     "_gated_residual_kernel[forecast]": 2,
     "_gated_residual_norm_modulate_kernel[forecast]": 2,
     "_gated_residual_norm_modulate_chunked_kernel[forecast]": 2,
 }
-SCALAR_STORES = {"_routed_gated_residual_backward_kernel": 2}
+SCALAR_STORES = {
+    "_routed_gated_residual_backward_kernel": 2,
+    "_routed_gated_residual_backward_finish_kernel": 2,
+}
 
 
 def _compile_for_sm90(*flags: str) -> list[dict]:
@@ -67,6 +72,7 @@ def test_every_kernel_was_compiled(sm90_reports):
         "_gated_residual_kernel",
         "_routed_gated_residual_kernel",
         "_routed_gated_residual_backward_kernel",
+        "_routed_gated_residual_backward_finish_kernel",
         "_gated_residual_norm_modulate_kernel",
         "_gated_residual_norm_modulate_chunked_kernel",
         "_gated_residual_kernel[forecast]",
@@ -79,7 +85,8 @@ def test_every_kernel_was_compiled(sm90_reports):
 def test_global_accesses_are_128_bit(sm90_reports):
     for r in sm90_reports:
         name = f"{r['kernel']} ({r['dtype']})"
-        assert r["v4_loads"] > 0 and r["v4_stores"] > 0, name
+        narrow_stores = SCALAR_STORES.get(r["kernel"], 0)
+        assert r["v4_loads"] > 0 and (r["v4_stores"] > 0 or r["stores"] <= narrow_stores), name
         assert r["loads"] - r["v4_loads"] <= SCALAR_LOADS.get(r["kernel"], 0), f"{name}: {r}"
         assert r["stores"] - r["v4_stores"] <= SCALAR_STORES.get(r["kernel"], 0), f"{name}: {r}"
 
