@@ -505,7 +505,9 @@ class _StackedEmbedders:
         self, projection: torch.Tensor, class_labels: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         hidden = F.silu(torch.baddbmm(self.b1, projection.expand(len(self.w1), *projection.shape), self.w1))
-        conditioning = torch.baddbmm(self.b2, hidden, self.w2) + self.table[:, class_labels]
+        labels = self.table.index_select(1, class_labels.reshape(-1))  # no host sync on CUDA
+        labels = labels.reshape(len(self.table), *class_labels.shape, -1)
+        conditioning = torch.baddbmm(self.b2, hidden, self.w2) + labels
         return list(zip(conditioning.unbind(0), F.silu(conditioning).unbind(0), strict=True))
 
 
