@@ -138,7 +138,7 @@ def test_update_writes_cache_in_place(backend, device):
 def test_routed_gradients(backend, device, dtype, gate_kind, shape, monkeypatch):
     """Gradients of x, gate, branch and r against autograd through the reference. At the second
     shape Triton's backward leaves 3 token tiles per sample and 3 feature tiles; its finishing
-    reduction runs on tiles small enough that every loop over them takes several masked rounds."""
+    reduction runs (at both shapes) on tiles small enough that its loops take several masked rounds."""
     if backend == "triton":
         from harmonica_kernels.triton import kernels
 

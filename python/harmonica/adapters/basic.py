@@ -375,7 +375,9 @@ class _SharedEmbeddings(CallState):
         most of its host time. Batched matmuls may round differently from ``F.linear``, so steps
         that compute a unit keep the per-block maths (the full schedule stays bit-exact).
         """
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self._stack_trainable()):
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(block._embedding_trainable for block in self._blocks)
+        ):
             return False
         stack = self._stack
         if stack is None:
@@ -386,9 +388,6 @@ class _SharedEmbeddings(CallState):
         for (key, _), value in zip(self._leaders, values, strict=True):
             self._memo[(key, dtype)] = value
         return True
-
-    def _stack_trainable(self) -> bool:
-        return any(block._embedding_trainable for block in self._blocks)
 
     def _serve(
         self, timestep: torch.Tensor, class_labels: torch.Tensor, hidden_dtype: torch.dtype | None = None
