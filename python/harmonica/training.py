@@ -292,6 +292,7 @@ class _RoutedHandle(CacheHandle):
         self.mode = "fill"
         self.r: torch.Tensor | None = None
         self.r_host: list[float] = []
+        self.branches_without_graph = False
         self.write = True
         self.defer_writes = False
         self.pending: dict[int, torch.Tensor] = {}
@@ -310,6 +311,11 @@ class _RoutedHandle(CacheHandle):
         self.r_host = r.detach().float().cpu().tolist()
         self.write = write
         self.defer_writes = defer_writes
+        # Every unit blended at 0 with a gradient (the gradient taken at reuse, or a reused row of the
+        # straight-through forward): the output does not depend on the branches' values, and what the
+        # backward sends into them is multiplied by that 0. So they run without autograd, keeping
+        # none of their activations; the gradient in r needs only their values.
+        self.branches_without_graph = r.requires_grad and not any(self.r_host)
 
     def set_mode(self, mode: str) -> None:
         self.mode = mode
@@ -383,7 +389,11 @@ class _RoutedHandle(CacheHandle):
         if self.mode == "soft" and self.r_host[unit] == 0.0 and not self.r.requires_grad:
             # A hard reuse (λ on the hard schedule, schedule search): the branch is not run at all.
             return cached_gated_residual(x, gate, self._read(unit)[0])
-        y = branch()
+        if self.mode == "soft" and self.branches_without_graph:
+            with torch.no_grad():
+                y = branch()
+        else:
+            y = branch()
         if self.mode == "teacher":
             if self.keep_teacher:
                 self.kept[unit] = y.detach()

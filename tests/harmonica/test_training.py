@@ -921,6 +921,66 @@ def test_forecasts_fitted_on_the_training_calls_solve_their_ridge_least_squares(
         assert (target - X @ fitted).square().sum() <= (target - X @ prior).square().sum()
 
 
+@pytest.mark.parametrize(
+    "gradient_at, logit, forecast_order", [("reuse", 3.0, 0), ("reuse", -3.0, 2), ("hard", -3.0, 2)]
+)
+def test_branches_blended_at_zero_run_without_autograd_and_give_the_same_step(
+    monkeypatch, gradient_at, logit, forecast_order
+):
+    """A row blended at 0 in value (the gradient at reuse, or a reused straight-through row): its
+    branches keep no activations for the backward, and the step (gradient, optimizer state, student,
+    cache) is bit-identical to the one whose branches kept their graph (whose gradient is a sum of
+    exact zeros)."""
+    from harmonica.training import RowAdamW, _State, _train_step
+
+    model = tiny_dit(num_layers=3, attention_head_dim=10)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    labels = torch.tensor([1, 8, 4])
+    set_soft = _RoutedHandle.set_soft
+    runs = {}
+    for keep_graph in (False, True):
+        if keep_graph:
+
+            def with_graph(self, *args, **kwargs):
+                set_soft(self, *args, **kwargs)
+                self.branches_without_graph = False
+
+            monkeypatch.setattr(_RoutedHandle, "set_soft", with_graph)
+        setup = _setup(model, forecast_order=forecast_order)
+        router = Router.for_model(model, STEPS, seed=5)
+        with torch.no_grad():
+            router.logits.fill_(logit)
+        config = _config(
+            straight_through=True, lr=0.1, gradient_at=gradient_at, forecast_order=forecast_order
+        )
+        optimizer = RowAdamW(router.logits, lr=config.lr)
+        setup.handle.reset()
+        with torch.no_grad():
+            for step, t in enumerate((900, 800, 700)):
+                setup.handle.set_mode("fill")
+                x_t = x + 0.1 * step
+                _call(setup, x_t, labels, step, torch.tensor(t))
+        state = _State(beta=0.0, lam=torch.ones(STEPS))
+        saved = []
+
+        def pack(tensor, saved=saved):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            student, _, _ = _train_step(
+                setup, router, optimizer, config, state, x, torch.tensor(600), labels, 3, 1.0
+            )
+        runs[keep_graph] = (sum(saved), optimizer.exp_avg[3].clone(), student, setup.handle.snapshot()[0])
+        disable_cache(model)
+    (lean, *step), (full, *expected) = runs[False], runs[True]
+    assert lean < full / 2, (lean, full)
+    assert step[0].abs().min() > 0
+    for a, b in zip(step, expected, strict=True):
+        for u, v in zip(a, b, strict=True) if isinstance(a, list) else [(a, b)]:
+            assert torch.equal(u, v)
+
+
 @pytest.mark.parametrize("forecast_order", [0, 2])
 def test_gradient_at_reuse_gives_a_computed_row_the_cost_of_caching_it(forecast_order):
     """A row the hard schedule computes: with ``gradient_at="hard"`` its student is the teacher and the
