@@ -99,7 +99,7 @@ def render_payload(payload: dict[str, Any], *, link_from: str | os.PathLike[str]
     elif suite == "e2e":
         parts.extend(_e2e_tables(rows))
     else:
-        parts.append(_generic_table(rows))
+        parts.extend(_generic_tables(rows))
     return "\n\n".join(parts)
 
 
@@ -341,12 +341,28 @@ def _e2e_title(group: str, rows: list[dict[str, Any]]) -> str:
 _SKIP = {"suite", "session", "group", "impl"}
 
 
-def _generic_table(rows: list[dict[str, Any]]) -> str:
+_MAX_COLUMNS = 12
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
     keys = _first_seen(
         k for r in rows for k, v in r.items() if k not in _SKIP and not isinstance(v, (dict, list))
     )
     priority = [k for k in ("median_s", "speedup") if k in keys]
-    keys = (priority + [k for k in keys if k not in priority])[:12]
+    return priority + [k for k in keys if k not in priority]
+
+
+def _generic_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """One table of every row, or, when the rows need more than :data:`_MAX_COLUMNS` columns
+    together, one table per group (the rows of one measurement share their columns)."""
+    if len(_columns(rows)) <= _MAX_COLUMNS:
+        return [_generic_table(rows)]
+    groups = _first_seen(r.get("group") for r in rows)
+    return [_generic_table([r for r in rows if r.get("group") == g]) for g in groups]
+
+
+def _generic_table(rows: list[dict[str, Any]]) -> str:
+    keys = _columns(rows)[:_MAX_COLUMNS]
     header = ["group", "impl", *keys]
     body = []
     for r in rows:

@@ -172,6 +172,18 @@ def test_other_suites_render_as_plain_tables(results):
     assert "| SDT step | harmonica | 200 ms | 5 |" in text
 
 
+def test_plain_tables_split_by_group_when_their_columns_do_not_fit_one():
+    """Up to 12 columns one table; beyond, one table per group, so no row loses its columns."""
+    narrow = [{"group": "a", "impl": "x", "median_s": 0.5, **{f"k{i}": i for i in range(5)}}]
+    wide = [{"group": "b", "impl": "y", **{f"w{i}": i for i in range(8)}}]
+    assert render_payload({"suite": "training", "rows": narrow}).count("| group | impl |") == 1
+    text = render_payload({"suite": "training", "rows": narrow + wide})
+    assert text.count("| group | impl |") == 2
+    assert "| group | impl | median_s | k0 | k1 | k2 | k3 | k4 |" in text
+    assert "| group | impl | w0 | w1 | w2 | w3 | w4 | w5 | w6 | w7 |" in text
+    assert "| b | y | 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7 |" in text
+
+
 def test_update_readme_rewrites_only_marked_sections(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(
