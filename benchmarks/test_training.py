@@ -132,6 +132,7 @@ def test_training_iteration_vs_sampling_step(recorder, device):
         batch_size=batch,
         lambda_every=10 * iterations,
         lr=0.01,
+        exchanges=0,  # the polish samples without autograd; the default-router row times it
         progress=False,
         callback=on_round,
     )
@@ -203,3 +204,85 @@ def test_default_router_training_on_the_reference_model(recorder, device):
     )
     # tied steps: the usage moves by whole steps (1 / T), so it lands within half a step of 35 %
     assert abs(result.router.training_settings["cur"] - 0.35) <= 0.5 / steps + 1e-6
+
+
+def _allocated_peak(fn) -> int:
+    """Peak bytes held by the CPU allocator while ``fn`` runs, above what it held before: the running
+    total the profiler records with each allocation and free (the CPU allocator keeps no high-water
+    mark of its own)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/trace.json"
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals) - totals[0] if totals else 0
+
+
+def test_default_training_memory_at_dit_xl2_width(recorder, device):
+    """Peak memory of ``train_router`` with its defaults at DiT-XL/2's width (16 heads × 72, 256
+    tokens, batch 16 + CFG, bf16), measured on the CPU allocator at 2 and 4 blocks and extrapolated
+    linearly to DiT-XL/2's 28 (activations, caches and forecast histories grow by block; the rest
+    does not), plus the weights. T = 6 (one trajectory of 5 iterations, the fit and one exchange pass):
+    an iteration, a fit or a polish run holds the same at any T, and from step 3 on the order-2
+    histories are full. Issue 13's bar is ≤ 12 GB on a GPU. The same estimate made with the trainer
+    of the H100 row (reuse only, the student's branches keeping their graph; 10.1 GB measured there)
+    gives 10.0 GB. λ is not estimated (``lambda_variant="none"``): the default variant's runs sample
+    without autograd and keep only each step's latents. ``smoke``: 1 and 2 blocks of width 32, T = 4."""
+    if device != "cpu":
+        pytest.skip("the CPU allocator estimate; on CUDA the iteration row above measures the peak")
+    size = bench_size()
+    if size == "gpu":
+        pytest.skip("a CPU estimate of the GPU figure")
+    heads, head_dim, side, batch, steps, depths = (
+        (16, 72, 32, 16, 6, (2, 4)) if size == "cpu" else (2, 16, 8, 2, 4, (1, 2))
+    )
+
+    def dit(depth: int) -> DiTTransformer2DModel:
+        return DiTTransformer2DModel(
+            num_attention_heads=heads, attention_head_dim=head_dim, num_layers=depth, sample_size=side,
+            in_channels=4, out_channels=8,
+        ).to(torch.bfloat16)  # fmt: skip
+
+    full_depth = 28
+    with torch.device("meta"):
+        weights = sum(p.numel() * 2 for p in dit(full_depth).parameters())
+    peaks = {}
+    for depth in depths:
+        torch.manual_seed(0)
+        model = dit(depth).eval()
+        peaks[depth] = _allocated_peak(
+            lambda model=model: train_router(
+                model,
+                DDIMScheduler(num_train_timesteps=1000, clip_sample=False),
+                num_steps=steps,
+                iterations=steps - 1,
+                batch_size=batch,
+                lambda_variant="none",
+                exchanges=1,
+                progress=False,
+            )
+        )
+    (small, a), (large, b) = peaks.items()
+    per_block = (b - a) / (large - small)
+    estimate = a + per_block * (full_depth - small) + weights
+    recorder.add(
+        "training",
+        dict(
+            group=f"DiT-XL/2 width ({heads}×{head_dim}, {side * side // 4} tokens), T={steps}, batch "
+            f"{batch}+CFG, bfloat16, CPU allocator",
+            impl=f"train_router defaults: peak memory, {full_depth} blocks estimated",
+            peak_gb=_gb(int(estimate)),
+            weight_gb=_gb(weights),
+            per_block_gb=_gb(int(per_block)),
+            measured=f"{small} blocks {_gb(a)} GB, {large} blocks {_gb(b)} GB (above the weights)",
+        ),
+    )
+    assert b > a > 0

@@ -971,7 +971,9 @@ def train_router(
         gradient_at: with ``straight_through``, where a row's gradient is taken: ``"reuse"``
             (default) from the forward with the row reused, i.e. the fidelity cost of caching it, for
             computed rows too; ``"hard"`` at the hard decision, where a computed row's student equals
-            the teacher and only β moves it. Either way x advances with the hard schedule.
+            the teacher and only β moves it. Either way x advances with the hard schedule. A row
+            whose forward reuses every unit runs its branches without autograd (their gradient is
+            0), so ``"reuse"`` holds no branch activations for the backward.
         max_age: cap on the age of a reused cache entry in steps (None: no cap); over it a unit
             computes, in training and in the router's schedule. Default ``"auto"``: 2 for
             ``"harmonica"``, none for L2C.
