@@ -3,6 +3,7 @@ budget mode, checkpoints and resume, L2C's pinned refresh steps, torchrun, the C
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -201,6 +202,34 @@ def test_leave_one_out_lambda_matches_independent_runs(dit):
         forced = _sample(setup, x, labels, probabilities, lambda i, t=t: i != t)
         expected.append(torch.nn.functional.mse_loss(forced.double(), soft.double()).item())
     torch.testing.assert_close(lam[1:], _floored(torch.tensor(expected)), rtol=1e-4, atol=1e-12)
+
+
+def test_leave_one_out_lambda_keeps_the_caches_every_sqrt_t_steps(dit, monkeypatch):
+    """T = 10: 4 copies of the caches (before steps 0, 3, 6 and 9), not one per step, and λ equal to
+    the one computed from a copy per step (the steps between are run again, the same way)."""
+    import harmonica.training as training
+
+    steps = 10
+    gen = torch.Generator().manual_seed(8)
+    probabilities = torch.sigmoid(torch.randn(steps, len(units(dit)), generator=gen) - 1)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    labels = torch.tensor([2, 7])
+    lams, copies = [], []
+    snapshot = _RoutedHandle.snapshot
+    for stride_of in (math.isqrt, lambda n: 1):
+        monkeypatch.setattr(training.math, "isqrt", stride_of)
+        setup = _setup(dit, steps=steps)
+        made = []
+        monkeypatch.setattr(
+            setup.handle,
+            "snapshot",
+            lambda handle=setup.handle, made=made: made.append(1) or snapshot(handle),
+        )
+        lams.append(estimate_lambda(setup, probabilities, x, labels, "leave_one_out"))
+        copies.append(len(made))
+        disable_cache(dit)
+    assert copies == [4, steps]
+    assert torch.equal(lams[0], lams[1])
 
 
 def test_training_pulls_logits_by_the_budget_term():
