@@ -977,8 +977,9 @@ def train_router(
         lambda_every: C, iterations between λ re-estimations (IEPO).
         lambda_variant: ``"marginal"`` (released code, default), ``"leave_one_out"`` (poster) or
             ``"none"`` (λ ≡ 1: the SDT-only ablation). ``"leave_one_out"`` keeps a copy of the
-            caches every ⌊√(T−1)⌋ steps for its estimate (4 at T = 20; with order-2 forecasting at
-            DiT-XL/2, batch 16 + CFG, bf16, 3.2 GB each).
+            caches every ⌊√(T−1)⌋ steps for its estimate (at T = 20 before steps 4, 8, 12 and 16, the
+            one before step 0 being empty; with order-2 forecasting at DiT-XL/2, batch 16 + CFG,
+            bf16, 3.2 GB each).
         lambda_batch_size: noise samples for λ's sampling runs (default: the trajectory's own batch).
         lambda_on: ``"soft"`` measures λ with the soft router (the paper), ``"hard"`` with its hard
             schedule at ``threshold`` (what inference runs). Same cost: ~T²/2 sampling forwards.
