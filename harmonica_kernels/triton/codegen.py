@@ -75,16 +75,10 @@ def _specs(B: int, N: int, D: int) -> list[tuple[triton.JITFunction, dict, int, 
     specs = [
         (kernels._gated_residual_kernel, {**tile, "WRITE_CACHE": True}, warps, D),
         (kernels._routed_gated_residual_kernel, tile, warps, D),
-        (kernels._routed_gated_residual_backward_kernel, tile, warps, D),
         (
-            kernels._routed_gated_residual_backward_finish_kernel,
-            {
-                "HAS_GATE": True,
-                "BLOCK_R": kernels._FINISH_BLOCK_R,
-                "BLOCK_D": min(triton.next_power_of_2(D), kernels._FINISH_BLOCK_D),
-                "BLOCK_P": kernels._FINISH_BLOCK_P,
-            },
-            4,
+            kernels._routed_gated_residual_backward_kernel,
+            {**tile, "BLOCK_R": kernels._SUM_BLOCK_R, "BLOCK_P": kernels._SUM_BLOCK_P},
+            warps,
             D,
         ),
     ]
@@ -134,6 +128,8 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, dtype: str, arch: int, 
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "arrivals_ptr":
+            signature[name] = "*i32"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TRITON_TYPES[dtype]}"
             attrs[(index,)] = [["tt.divisibility", 16]]

@@ -201,20 +201,36 @@ def _routed_gated_residual_backward_kernel(
     cache_ptr,
     r_ptr,
     grad_branch_ptr,
+    grad_gate_ptr,
+    grad_r_ptr,
     partial_gate_ptr,
     partial_r_ptr,
+    arrivals_ptr,
     N,
     D,
     gate_stride_b,
     n_tiles,
+    gate_rows,
     HAS_GATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """grad_branch = g * gate * r (stored); per-tile fp32 partial sums of g * mixed over the tile's
-    tokens (-> partial_gate[b, n_tile, d]) and of g * gate * (branch - cache) over the whole tile
-    (-> partial_r[pid_bn, pid_d]). Masked lanes load 0, so they add nothing to the sums."""
+    """The whole backward in one launch. Each program stores grad_branch = g * gate * r for its tile
+    and fp32 partial sums: of g * mixed over its tokens (-> partial_gate[pid_bn, d]) and of
+    g * gate * (branch - cache) over its tile (-> partial_r[program]). Then it counts itself in
+    ``arrivals`` (int32, zero on entry; slot 0 for r, 1 + row * n_d_tiles + pid_d for each feature
+    tile of each grad_gate row): the last program of a grad_gate tile sums that tile's ``gate_rows``
+    partial rows (a sample's token tiles, or every sample's for a broadcast gate), the last program
+    of the grid sums r's partials, and each sets its slot back to zero for the next launch. The
+    arrival is an acquire-release atomic after a barrier, so the partials of every earlier arrival
+    are visible to the program that sums them; they are read through L2 (``.cg``). The sums run in
+    a fixed order whichever program arrives last: the result is deterministic."""
     b, offsets, d, d_mask, mask = _tile_offsets(N, D, n_tiles, BLOCK_N, BLOCK_D)
+    pid_bn = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    program = pid_bn * tl.num_programs(1) + pid_d
     r = tl.load(r_ptr).to(tl.float32)
     g = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     branch = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -224,60 +240,49 @@ def _routed_gated_residual_backward_kernel(
         gate = _load_row(gate_ptr, b, gate_stride_b, d, d_mask)
         g_gated = g * gate[None, :]
         mixed = _lerp(cache, branch, r)
-        pid_bn = tl.program_id(0)
-        partial_gate = tl.sum(g * mixed, axis=0)
-        tl.store(partial_gate_ptr + pid_bn.to(tl.int64) * D + d, partial_gate, mask=d_mask)
+        tl.store(partial_gate_ptr + pid_bn.to(tl.int64) * D + d, tl.sum(g * mixed, axis=0), mask=d_mask)
     else:
         g_gated = g
     tl.store(
         grad_branch_ptr + offsets, _cast_for_store(g_gated * r, grad_branch_ptr.dtype.element_ty), mask=mask
     )
-    partial_r = tl.sum(tl.sum(g_gated * diff, axis=1), axis=0)
-    tl.store(partial_r_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), partial_r)
-
-
-@triton.jit
-def _routed_gated_residual_backward_finish_kernel(
-    partial_gate_ptr,
-    partial_r_ptr,
-    grad_gate_ptr,
-    grad_r_ptr,
-    ROWS,
-    D,
-    n_partial_r,
-    HAS_GATE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """The backward's reductions and casts in one launch. Program (pid_b, pid_d): grad_gate[pid_b, d]
-    = the sum of partial_gate rows pid_b * ROWS ... (pid_b + 1) * ROWS - 1 (a sample's token tiles, or
-    every sample's for a broadcast gate); program (0, 0) also grad_r = the sum of the n_partial_r
-    partials of r. Fixed order, fp32, rounded once to each output's dtype."""
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    tl.store(partial_r_ptr + program, tl.sum(tl.sum(g_gated * diff, axis=1), axis=0))
+    tl.debug_barrier()  # every thread's partials are stored before the program counts itself
     if HAS_GATE:
-        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        rows = tl.arange(0, BLOCK_R)
-        base = pid_b.to(tl.int64) * ROWS
-        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for start in range(0, ROWS, BLOCK_R):
-            row = start + rows
-            mask = (row < ROWS)[:, None] & d_mask[None, :]
-            acc += tl.load(partial_gate_ptr + (base + row)[:, None] * D + d[None, :], mask=mask, other=0.0)
-        grad_gate = tl.sum(acc, axis=0)
-        tl.store(
-            grad_gate_ptr + pid_b.to(tl.int64) * D + d,
-            _cast_for_store(grad_gate, grad_gate_ptr.dtype.element_ty),
-            mask=d_mask,
-        )
-    if pid_b + pid_d == 0:
+        row = pid_bn // gate_rows
+        slot = arrivals_ptr + 1 + row * tl.num_programs(1) + pid_d
+        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == gate_rows - 1:
+            rows = tl.arange(0, BLOCK_R)
+            base = row.to(tl.int64) * gate_rows
+            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+            for start in range(0, gate_rows, BLOCK_R):
+                part = start + rows
+                part_mask = (part < gate_rows)[:, None] & d_mask[None, :]
+                acc += tl.load(
+                    partial_gate_ptr + (base + part)[:, None] * D + d[None, :],
+                    mask=part_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+            tl.store(
+                grad_gate_ptr + row.to(tl.int64) * D + d,
+                _cast_for_store(tl.sum(acc, axis=0), grad_gate_ptr.dtype.element_ty),
+                mask=d_mask,
+            )
+            tl.store(slot, 0)
+    n_programs = tl.num_programs(0) * tl.num_programs(1)
+    if tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
         index = tl.arange(0, BLOCK_P)
         acc_r = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for start in range(0, n_partial_r, BLOCK_P):
-            acc_r += tl.load(partial_r_ptr + start + index, mask=start + index < n_partial_r, other=0.0)
+        for start in range(0, n_programs, BLOCK_P):
+            acc_r += tl.load(
+                partial_r_ptr + start + index,
+                mask=start + index < n_programs,
+                other=0.0,
+                cache_modifier=".cg",
+            )
         tl.store(grad_r_ptr, _cast_for_store(tl.sum(acc_r, axis=0), grad_r_ptr.dtype.element_ty))
+        tl.store(arrivals_ptr, 0)
 
 
 @triton.jit
@@ -632,11 +637,9 @@ def launch_routed_gated_residual_backward(
     grad_r: torch.Tensor,
 ) -> None:
     """Writes grad_branch, grad_gate (contiguous ``[B or 1 (gate's batch), D]`` in the gate's
-    dtype; None without a gate) and grad_r (one element in r's dtype), in two launches.
-
-    The first kernel leaves one fp32 partial per (sample, token tile, feature) for the gate and one
-    per program for r; the second sums them in a fixed order and casts (no host sync, no atomics:
-    the result is deterministic)."""
+    dtype; None without a gate) and grad_r (one element in r's dtype), in one launch: the last
+    program to finish each output tile reduces the others' fp32 partials (no host sync, no
+    floating-point atomics: the result is deterministic)."""
     B, N, D = grad_out.shape
     device = grad_out.device
     if grad_out.numel() == 0:
@@ -646,8 +649,9 @@ def launch_routed_gated_residual_backward(
         return
     grid, block_n, block_d, n_tiles, num_warps = elementwise_config(B, N, D)
     partial_r = torch.empty(grid, dtype=torch.float32, device=device)
+    gate_outputs = 0 if gate is None else gate.shape[0]  # a broadcast gate sums over the batch too
     partial_gate = (
-        torch.empty(B, n_tiles, D, dtype=torch.float32, device=device) if gate is not None else partial_r
+        torch.empty(B * n_tiles, D, dtype=torch.float32, device=device) if gate is not None else partial_r
     )
     _routed_gated_residual_backward_kernel[grid](
         grad_out,
@@ -656,40 +660,47 @@ def launch_routed_gated_residual_backward(
         cache,
         r,
         grad_branch,
+        grad_gate if grad_gate is not None else grad_r,
+        grad_r,
         partial_gate,
         partial_r,
+        _arrivals(device, 1 + gate_outputs * grid[1]),
         N,
         D,
         gate_stride_b,
         n_tiles,
+        B * n_tiles // max(gate_outputs, 1),
         HAS_GATE=gate is not None,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        BLOCK_R=_SUM_BLOCK_R,
+        BLOCK_P=_SUM_BLOCK_P,
         num_warps=num_warps,
     )
-    outputs = 0 if gate is None else gate.shape[0]  # a broadcast gate sums over the batch too
-    finish_d = min(triton.next_power_of_2(D), _FINISH_BLOCK_D)
-    _routed_gated_residual_backward_finish_kernel[
-        (max(outputs, 1), triton.cdiv(D, finish_d) if outputs else 1)
-    ](
-        partial_gate,
-        partial_r,
-        grad_gate if grad_gate is not None else grad_r,
-        grad_r,
-        B * n_tiles // max(outputs, 1),
-        D,
-        partial_r.numel(),
-        HAS_GATE=gate is not None,
-        BLOCK_R=_FINISH_BLOCK_R,
-        BLOCK_D=finish_d,
-        BLOCK_P=_FINISH_BLOCK_P,
-        num_warps=4,
-    )
 
 
-# Tiles of the backward's finishing reductions: [8, 128] partials of the gate (fp32 rows of 512
-# contiguous bytes), 512 partials of r at a time.
-_FINISH_BLOCK_R, _FINISH_BLOCK_D, _FINISH_BLOCK_P = 8, 128, 512
+# Tiles of the backward's last-arrival reductions: [8, BLOCK_D] partials of the gate (fp32 rows of
+# up to 512 contiguous bytes), 1024 partials of r at a time.
+_SUM_BLOCK_R, _SUM_BLOCK_P = 8, 1024
+
+# Arrival counters of the backward, per (device, stream): zeroed once, and every launch leaves them
+# at zero (each slot's last arrival resets it), so launches need no memset. Launches on one stream
+# run in order; another stream gets its own counters.
+_arrival_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device, size: int) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # a graph gets counters of its own (zeroed by a memset node), so that graphs replayed on
+        # different streams never share them
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _arrival_counters.get(key)
+    if counters is None or counters.numel() < size:
+        counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _arrival_counters[key] = counters
+    return counters
 
 
 def launch_gated_residual_norm_modulate(

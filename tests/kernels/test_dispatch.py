@@ -144,9 +144,10 @@ def test_autotuning_keeps_the_fastest_candidate(monkeypatch):
         assert kernels._tuned_choice(("op", 3), launch) == candidates[0]
 
 
-def test_triton_backward_is_two_launches_and_no_torch_kernels(monkeypatch):
-    """The routed op's backward on Triton: the streaming kernel and one finishing reduction that
-    also casts; apart from allocating its outputs, no torch op (each would be another launch)."""
+def test_triton_backward_is_one_launch_and_no_torch_kernels(monkeypatch):
+    """The routed op's backward on Triton is one kernel (its last arrivals reduce the partials and
+    cast); apart from allocating its outputs, no torch op (each would be another launch). It leaves
+    its arrival counters at zero, and a second call gives the same bits."""
     kernels = pytest.importorskip("harmonica_kernels.triton.kernels")
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -170,8 +171,8 @@ def test_triton_backward_is_two_launches_and_no_torch_kernels(monkeypatch):
 
             return run
 
-    for name in ("_routed_gated_residual_backward_kernel", "_routed_gated_residual_backward_finish_kernel"):
-        monkeypatch.setattr(kernels, name, Counted(getattr(kernels, name)))
+    name = "_routed_gated_residual_backward_kernel"
+    monkeypatch.setattr(kernels, name, Counted(getattr(kernels, name)))
 
     class TorchOps(TorchDispatchMode):
         ops: list[str] = []
@@ -184,13 +185,16 @@ def test_triton_backward_is_two_launches_and_no_torch_kernels(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, gate, branch, cache = make_inputs((3, 70, 300), torch.bfloat16, torch.bfloat16, "chunk", device)
     r = torch.tensor(0.3, device=device)
+    triton_ops.routed_gated_residual_backward(x, gate, branch, cache, r)  # counters allocated
+    launched.clear()
     with TorchOps() as mode:
         grads = triton_ops.routed_gated_residual_backward(x, gate, branch, cache, r)
-    assert launched == [
-        "_routed_gated_residual_backward_kernel",
-        "_routed_gated_residual_backward_finish_kernel",
-    ]
+    assert launched == [name]
     assert not mode.ops, mode.ops
+    assert all(not counters.any() for counters in kernels._arrival_counters.values())
+    second = triton_ops.routed_gated_residual_backward(x, gate, branch, cache, r)
+    for again, first in zip(second, grads, strict=True):
+        assert torch.equal(again, first)
     for actual, expected in zip(
         grads, ref.routed_gated_residual_backward(x, gate, branch, cache, r), strict=True
     ):

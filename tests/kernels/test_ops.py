@@ -137,12 +137,12 @@ def test_update_writes_cache_in_place(backend, device):
 @pytest.mark.parametrize("shape", [(3, 7, 37), (3, 70, 300)])
 def test_routed_gradients(backend, device, dtype, gate_kind, shape, monkeypatch):
     """Gradients of x, gate, branch and r against autograd through the reference. At the second
-    shape Triton's backward leaves 3 token tiles per sample and 3 feature tiles; its finishing
-    reduction runs (at both shapes) on tiles small enough that its loops take several masked rounds."""
+    shape Triton's backward leaves 3 token tiles per sample and 3 feature tiles; the sums of its last
+    arrivals run (at both shapes) on tiles small enough that their loops take several masked rounds."""
     if backend == "triton":
         from harmonica_kernels.triton import kernels
 
-        for name, value in (("_FINISH_BLOCK_R", 2), ("_FINISH_BLOCK_D", 16), ("_FINISH_BLOCK_P", 4)):
+        for name, value in (("_SUM_BLOCK_R", 2), ("_SUM_BLOCK_P", 4)):
             monkeypatch.setattr(kernels, name, value)
     x, gate, branch, cache = make_inputs(shape, dtype, dtype, gate_kind, device)
     r = torch.tensor(0.3, device=device)

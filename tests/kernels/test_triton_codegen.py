@@ -19,21 +19,18 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
 # Accesses that are not 128-bit by design: the routing weight r (one scalar per program), the forecast
-# coefficients a and b (two scalars per program), in the backward the per-tile partial sums (one
-# fp32 per feature of a program's tile, and one for r), and in its finishing reduction the partials
-# of r (a masked count, loaded one by one: a few KB) and the two outputs (one value per thread).
+# coefficients a and b (two scalars per program); in the backward the per-tile partial sums (one
+# fp32 per feature of a program's tile, and one for r), and in its last arrivals' sums the partials
+# of r (a masked count, loaded one by one: a few KB), the two outputs (one value per thread) and
+# the two arrival counters set back to zero.
 SCALAR_LOADS = {
     "_routed_gated_residual_kernel": 1,
-    "_routed_gated_residual_backward_kernel": 1,
-    "_routed_gated_residual_backward_finish_kernel": 4,
+    "_routed_gated_residual_backward_kernel": 5,
     "_gated_residual_kernel[forecast]": 2,
     "_gated_residual_norm_modulate_kernel[forecast]": 2,
     "_gated_residual_norm_modulate_chunked_kernel[forecast]": 2,
 }
-SCALAR_STORES = {
-    "_routed_gated_residual_backward_kernel": 2,
-    "_routed_gated_residual_backward_finish_kernel": 2,
-}
+SCALAR_STORES = {"_routed_gated_residual_backward_kernel": 6}
 
 
 def _compile_for_sm90(*flags: str) -> list[dict]:
@@ -72,7 +69,6 @@ def test_every_kernel_was_compiled(sm90_reports):
         "_gated_residual_kernel",
         "_routed_gated_residual_kernel",
         "_routed_gated_residual_backward_kernel",
-        "_routed_gated_residual_backward_finish_kernel",
         "_gated_residual_norm_modulate_kernel",
         "_gated_residual_norm_modulate_chunked_kernel",
         "_gated_residual_kernel[forecast]",
