@@ -202,3 +202,39 @@ def test_triton_backward_is_one_launch_and_no_torch_kernels(monkeypatch):
 
 
 _ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the arrivals race only on a GPU")
+@pytest.mark.parametrize("gate_kind", ["chunk", "broadcast"])
+def test_triton_backward_arrivals_hold_under_repetition_and_streams(gate_kind):
+    """The one-launch backward's last arrivals on a GPU: a grid of hundreds of programs, run again
+    and again on one stream and on two at once (each stream has its own counters), always gives the
+    first call's bits, close to the reference; a captured graph replays them too."""
+    pytest.importorskip("triton")
+    from harmonica_kernels.triton import ops as triton_ops
+
+    x, gate, branch, cache = make_inputs((8, 300, 1152), torch.bfloat16, torch.bfloat16, gate_kind, "cuda")
+    r = torch.tensor(0.3, device="cuda")
+    first = triton_ops.routed_gated_residual_backward(x, gate, branch, cache, r)
+    for actual, expected in zip(
+        first, ref.routed_gated_residual_backward(x, gate, branch, cache, r), strict=True
+    ):
+        close(actual.float(), expected.float(), torch.bfloat16 if actual.numel() > 1 else torch.float16)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    runs = []
+    for _ in range(50):
+        runs.append(triton_ops.routed_gated_residual_backward(x, gate, branch, cache, r))
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                runs.append(triton_ops.routed_gated_residual_backward(x, gate, branch, cache, r))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = triton_ops.routed_gated_residual_backward(x, gate, branch, cache, r)
+    for _ in range(20):
+        graph.replay()
+        runs.append(tuple(t.clone() for t in captured))
+    torch.cuda.synchronize()
+    for run in runs:
+        assert all(torch.equal(a, b) for a, b in zip(run, first, strict=True))
