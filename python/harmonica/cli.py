@@ -177,6 +177,10 @@ def _fit(args: argparse.Namespace) -> None:
         if wrong is not None:
             raise ValueError(f"--router {args.router} {wrong}")
         schedule = router.to_schedule(args.threshold).with_forecast(args.order)
+    elif args.even is not None:
+        schedule = CacheSchedule.even_steps(
+            args.steps, len(units(transformer)), args.even, warmup=args.warmup
+        ).with_forecast(args.order)
     else:
         schedule = CacheSchedule.fora(args.steps, len(units(transformer)), args.fora, order=args.order)
     fit = fit_forecast(
@@ -189,7 +193,12 @@ def _fit(args: argparse.Namespace) -> None:
         **_conditions(args, transformer),
     )
     settings = {"method": "fit_forecast", "order": args.order, "batch_size": args.batch, "seed": args.seed}
-    settings.update({"fora": args.fora} if not args.router else {"router": str(args.router)})
+    if args.router:
+        settings["router"] = str(args.router)
+    elif args.even is not None:
+        settings.update(even_steps=args.even, warmup=args.warmup)
+    else:
+        settings["fora"] = args.fora
     schedule_router(transformer, fit.schedule, scheduler, settings).save(args.out)
     print(
         f"forecast schedule for {args.steps} steps written to {args.out}: cache usage ratio "
@@ -572,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = f.add_mutually_exclusive_group(required=True)
     source.add_argument("--fora", type=int, metavar="N", help="FORA interval N, forecasting's static form")
     source.add_argument("--router", default=None, help="a router file whose schedule to forecast")
+    source.add_argument(
+        "--even",
+        type=float,
+        metavar="USAGE",
+        help="whole steps reused at this cache usage, spread evenly after the warm-up",
+    )
+    f.add_argument("--warmup", type=int, default=3, help="--even: computed first steps (3: TaylorSeer's)")
     f.add_argument("--threshold", type=float, default=0.1, help="the router's τ")
     f.add_argument("--order", type=int, choices=(1, 2), default=2, help="forecast order")
     f.add_argument("--batch", type=int, default=16, help="noise samples the fit sees")

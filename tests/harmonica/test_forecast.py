@@ -349,3 +349,25 @@ def test_cli_fit_writes_a_router_carrying_the_fitted_forecast(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--fora", "2", "--order", "3", "--out", str(out)])
     assert exc.value.code == 2
+
+
+def test_cli_fit_even_steps_after_a_warmup(tmp_path, capsys):
+    from harmonica import Router
+    from harmonica.cli import main
+    from harmonica.reference import load_model
+
+    out = tmp_path / "even.safetensors"
+    args = ["fit", "--even", "0.4", "--warmup", "3", "--steps", "10", "--batch", "2", "--threads", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "cache usage ratio 40.0%" in capsys.readouterr().out
+    model = load_model()
+    schedule = Router.load(out, model=model).to_schedule()
+    expected = CacheSchedule.even_steps(10, len(units(model)), 0.4, warmup=3).with_forecast(2)
+    assert schedule.compute.equal(expected.compute) and schedule.orders.equal(expected.orders)
+    assert not schedule.compute[:3].logical_not().any()
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--even", "1.2", "--steps", "10", "--out", str(tmp_path / "bad.safetensors")])
+    assert (
+        exc.value.code == 2 and "usage is a cache usage ratio in [0, 1), got 1.2" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "bad.safetensors").exists()
