@@ -62,6 +62,7 @@ from .peers import (
     FittedForecast,
     Fora,
     Forecast,
+    LogSnrForecast,
     MagCache,
     Method,
     PyramidAttentionBroadcast,
@@ -124,6 +125,8 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     ``forecast``    ``N`` or ``N:order`` (order 1–2)        FORA N with Taylor forecasting (default order 2)
     ``fitted``      ``N`` or ``N:order``                    the same with coefficients fitted on this model
                                                             (:func:`harmonica.fit_forecast`, other noise)
+    ``lsnr``        ``N`` or ``N:order``                    ``forecast`` with the rule's distances in the
+                                                            sampler's log-SNR (:func:`log_snr_times`)
     ``steps``       usage (float in [0, 1))                 every unit reused on evenly spaced steps
     ``fbcache``     ``τ`` (float > 0)                       FirstBlockCache threshold
     ``taylorseer``  ``N`` or ``N:order``, or ``default``    cache interval (and Taylor order); ``default``
@@ -141,7 +144,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     if family == "fora":
         n = _number(family, text, int, 1, "pass the FORA interval N, e.g. 3")
         return Fora(f"FORA N={n}", interval=n)
-    if family in ("forecast", "fitted"):
+    if family in ("forecast", "fitted", "lsnr"):
         fitted = family == "fitted"
         hint = "pass the interval N (e.g. 2) or N:order (e.g. 3:1); order 1 or 2, default 2"
         n = _number(family, head, int, 1, hint)
@@ -150,6 +153,8 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
             raise ValueError(f"{family}: order {order} is not 1 or 2; {hint}")
         if fitted:
             return FittedForecast(f"fitted forecast N={n} order {order}", interval=n, order=order)
+        if family == "lsnr":
+            return LogSnrForecast(f"forecast N={n} order {order} log-SNR", interval=n, order=order)
         return Forecast(f"forecast N={n} order {order}", interval=n, order=order)
     if family == "steps":
         usage = _number(family, text, float, 0.0, "pass a cache usage ratio in [0, 1), e.g. 0.35")
@@ -180,7 +185,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
         tau = _number(family, head, float, 1e-12, hint)
         fn = _number(family, tail, int, 1, hint) if tail else 1
         return DBCache(f"DBCache F{fn}B0 τ={tau:g}", threshold=tau, fn_compute_blocks=fn)
-    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps", "fitted"}))
+    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps", "fitted", "lsnr"}))
     raise ValueError(f"unknown method family {family!r}; choose from {known} (routers: pass routers=...)")
 
 
@@ -975,6 +980,7 @@ _FAMILY_STYLE = {
     "FORA": ("tab:blue", "o"),
     "forecast": ("tab:cyan", "X"),
     "fitted forecast": ("tab:olive", "P"),
+    "forecast (log-SNR)": ("tab:purple", "h"),
     "router": ("tab:red", "*"),
     "FirstBlockCache": ("tab:orange", "s"),
     "TaylorSeer": ("tab:green", "^"),
@@ -1260,7 +1266,13 @@ def compare(
         with torch.inference_mode():
             work.generate(0, noise=work.calibration_noise)
 
-    run = RunInfo(num_inference_steps=steps, calibrate=calibrate, fit_setup=work.fit_setup, seed=seed + 2)
+    run = RunInfo(
+        num_inference_steps=steps,
+        calibrate=calibrate,
+        fit_setup=work.fit_setup,
+        seed=seed + 2,
+        scheduler=work.scheduler,
+    )
 
     bar = tqdm(total=1 + len(method_list), desc="compare", disable=not progress)
     bar.set_postfix_str("uncached")

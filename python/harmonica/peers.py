@@ -91,7 +91,7 @@ class RunInfo:
     and returns nothing; a method that needs a calibration pass (MagCache) wraps it around its own
     calibration hooks. ``memo`` holds results shared by the methods of one run (the calibration).
     ``fit_setup`` makes router training's sampling set-up for the run's model, sampler and conditions
-    (fitted forecasts draw their own noise from ``seed``).
+    (fitted forecasts draw their own noise from ``seed``); ``scheduler`` is the run's sampler.
     """
 
     num_inference_steps: int
@@ -99,6 +99,7 @@ class RunInfo:
     memo: dict[str, Any] = field(default_factory=dict)
     fit_setup: Callable[[], Any] | None = None
     seed: int = 0
+    scheduler: Any = None
 
 
 class Attachment(abc.ABC):
@@ -212,6 +213,29 @@ class FittedForecast(Forecast):
         if self._fitted is None or self._fitted.num_steps != num_steps:
             raise RuntimeError("prepare() fits the forecast before the schedule is used")
         return self._fitted
+
+
+@dataclass
+class LogSnrForecast(Forecast):
+    """:class:`Forecast` with the rule's step distances measured in the sampler's log-SNR
+    (:func:`harmonica.schedule.log_snr_times`) instead of the step index."""
+
+    family = "forecast (log-SNR)"
+    _times: list[float] | None = field(default=None, init=False, repr=False)
+
+    def prepare(self, transformer: nn.Module, run: RunInfo) -> None:
+        from .schedule import log_snr_times
+
+        if run.scheduler is None:
+            raise ValueError("log-SNR forecasts need the run's sampler (RunInfo.scheduler)")
+        self._times = log_snr_times(run.scheduler, run.num_inference_steps)
+
+    def schedule(self, transformer: nn.Module, num_steps: int) -> CacheSchedule:
+        if self._times is None or len(self._times) != num_steps:
+            raise RuntimeError("prepare() reads the sampler's log-SNR before the schedule is used")
+        return CacheSchedule.fora(
+            num_steps, len(units(transformer)), self.interval, order=self.order, times=self._times
+        )
 
 
 @dataclass
@@ -709,6 +733,7 @@ FAMILIES: dict[str, type[Method]] = {
     "fora": Fora,
     "forecast": Forecast,
     "fitted": FittedForecast,
+    "forecast (log-SNR)": LogSnrForecast,
     "router": RouterMethod,
     "fbcache": FirstBlockCache,
     "taylorseer": TaylorSeer,

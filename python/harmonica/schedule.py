@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any
 
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 
 from .models import DEFAULT_TEXT_TOKENS, flop_profile, units
 
-__all__ = ["CacheSchedule", "FORECAST_RULES", "forecast_coefficients"]
+__all__ = ["CacheSchedule", "FORECAST_RULES", "forecast_coefficients", "log_snr_times"]
 
 MAX_ORDER = 2
 FORECAST_RULES = ("taylor", "newton")
@@ -103,6 +105,7 @@ class CacheSchedule:
         *,
         warmup: int | None = None,
         rule: str = DEFAULT_RULE,
+        times: Any = None,
     ) -> CacheSchedule:
         """FORA (METHOD.md §7): all units computed on steps ``t % interval == 0``, reused otherwise.
 
@@ -110,7 +113,7 @@ class CacheSchedule:
         them, in TaylorSeer's static form: the first ``warmup`` steps (default 3 when forecasting, 0
         for plain reuse) are computed, then every ``interval``-th step from step ``warmup + 1`` (step
         ``warmup`` itself is already forecast from the warm-up steps). Entries with less history than
-        the order asks use the highest order their history allows.
+        the order asks use the highest order their history allows. ``times``: see :meth:`with_forecast`.
         """
         _check_size(num_steps, num_units)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
@@ -122,7 +125,7 @@ class CacheSchedule:
             raise ValueError(f"warmup is a number of fully computed first steps, an int >= 0, got {warmup!r}")
         t = torch.arange(num_steps)
         steps = t % interval == 0 if warmup == 0 else (t < warmup) | ((t - warmup - 1) % interval == 0)
-        return cls(steps[:, None].expand(num_steps, num_units)).with_forecast(order, rule=rule)
+        return cls(steps[:, None].expand(num_steps, num_units)).with_forecast(order, rule=rule, times=times)
 
     @classmethod
     def even_steps(cls, num_steps: int, num_units: int, usage: float, *, warmup: int = 1) -> CacheSchedule:
@@ -142,12 +145,15 @@ class CacheSchedule:
             mask[[warmup + int((i + 0.5) * spacing) for i in range(count)]] = False  # centred in its span
         return cls(mask)
 
-    def with_forecast(self, order: int, *, rule: str = DEFAULT_RULE) -> CacheSchedule:
+    def with_forecast(self, order: int, *, rule: str = DEFAULT_RULE, times: Any = None) -> CacheSchedule:
         """This schedule with every reused entry forecast at ``order`` (0 = plain reuse), lowered where
-        the unit has fewer than ``order + 1`` earlier computes; coefficients from ``rule``."""
+        the unit has fewer than ``order + 1`` earlier computes; coefficients from ``rule`` with the
+        distances between steps measured in ``times`` (one value per step, e.g. the sampler's
+        :func:`log_snr_times`; None: the step index)."""
         order = _check_order(order)
         orders = torch.where(self._compute, 0, available_orders(self._compute).clamp(0, order))
-        return CacheSchedule(self._compute, orders, forecast_coefficients(self._compute, orders, rule=rule))
+        coefficients = forecast_coefficients(self._compute, orders, rule=rule, times=times)
+        return CacheSchedule(self._compute, orders, coefficients)
 
     def with_coefficients(self, coefficients: Any) -> CacheSchedule:
         """This schedule with forecast coefficients ``[T, U, 2]`` (``a``, ``b`` per entry) replaced,
@@ -291,11 +297,12 @@ def available_orders(compute: torch.Tensor) -> torch.Tensor:
 
 
 def forecast_coefficients(
-    compute: torch.Tensor, orders: torch.Tensor, *, rule: str = DEFAULT_RULE
+    compute: torch.Tensor, orders: torch.Tensor, *, rule: str = DEFAULT_RULE, times: Any = None
 ) -> torch.Tensor:
     """``[T, U, 2]`` coefficients ``(a, b)`` of ``c0 + a·(c0 − c1) + b·(c0 − 2c1 + c2)`` from the step
-    distances, in step index: ``d = t − s0`` to the newest compute ``s0``, ``h0 = s0 − s1``,
-    ``h1 = s1 − s2`` between the computes before it.
+    distances: ``d = t − s0`` to the newest compute ``s0``, ``h0 = s0 − s1``, ``h1 = s1 − s2`` between
+    the computes before it, in step index, or with ``times`` (one strictly monotonic value per step)
+    between those steps' times.
 
     - ``"taylor"`` (TaylorSeer): a Taylor series around ``s0`` whose derivatives are backward
       differences, each order divided by the latest distance ``h0``:
@@ -307,6 +314,7 @@ def forecast_coefficients(
     if rule not in FORECAST_RULES:
         raise ValueError(f"rule must be one of {FORECAST_RULES}, got {rule!r}")
     steps, num_units = compute.shape
+    times = _check_times(times, steps)
     table = torch.zeros(steps, num_units, 2, dtype=torch.float64)
     for k in range(num_units):
         computed: list[int] = []
@@ -317,20 +325,24 @@ def forecast_coefficients(
             order = int(orders[t, k])
             if order == 0:
                 continue
-            table[t, k, 0], table[t, k, 1] = rule_coefficients(t, computed[::-1][: order + 1], rule)
+            table[t, k, 0], table[t, k, 1] = rule_coefficients(t, computed[::-1][: order + 1], rule, times)
     return table
 
 
-def rule_coefficients(step: int, computed: list[int], rule: str = DEFAULT_RULE) -> tuple[float, float]:
+def rule_coefficients(
+    step: int, computed: list[int], rule: str = DEFAULT_RULE, times: list[float] | None = None
+) -> tuple[float, float]:
     """``(a, b)`` of the forecast at ``step`` from the steps that wrote its history, newest first
-    (``[s0]`` reuses, ``[s0, s1]`` order 1, ``[s0, s1, s2]`` order 2); see :func:`forecast_coefficients`."""
+    (``[s0]`` reuses, ``[s0, s1]`` order 1, ``[s0, s1, s2]`` order 2), distances in ``times`` (None:
+    the step index); see :func:`forecast_coefficients`."""
     if len(computed) < 2:
         return 0.0, 0.0
-    s0, s1 = computed[0], computed[1]
-    d, h0 = step - s0, s0 - s1
+    at = (lambda i: float(i)) if times is None else times.__getitem__
+    s0, s1 = at(computed[0]), at(computed[1])
+    d, h0 = at(step) - s0, s0 - s1
     if len(computed) == 2:
         return d / h0, 0.0
-    h1 = s1 - computed[2]
+    h1 = s1 - at(computed[2])
     if rule == "taylor":
         A, B = d / h0 + d * d / (2 * h0 * h0), -d * d / (2 * h0 * h1)
     else:
@@ -338,6 +350,53 @@ def rule_coefficients(step: int, computed: list[int], rule: str = DEFAULT_RULE) 
         B = -d * (d + h0) / (h1 * (h0 + h1))
     # c0 + A·(c0 − c1) + B·(c1 − c2), with c1 − c2 = (c0 − c1) − (c0 − 2c1 + c2)
     return A + B, -B
+
+
+def _check_times(times: Any, num_steps: int) -> list[float] | None:
+    if times is None:
+        return None
+    values = torch.as_tensor(times, dtype=torch.float64).flatten().tolist()
+    if len(values) != num_steps:
+        raise ValueError(f"times holds one value per step: {num_steps} expected, got {len(values)}")
+    gaps = [values[i + 1] - values[i] for i in range(len(values) - 1)]
+    if not all(math.isfinite(v) for v in values) or not (
+        all(g > 0 for g in gaps) or all(g < 0 for g in gaps)
+    ):
+        raise ValueError(
+            "times must be finite and strictly monotonic (one value per step, e.g. log_snr_times(scheduler, "
+            f"num_steps)), got {[round(v, 4) for v in values]}"
+        )
+    return values
+
+
+def log_snr_times(scheduler: Any, num_steps: int) -> list[float]:
+    """The log signal-to-noise ratio ``λ = log(α/σ)`` of the sample at each of ``num_steps`` steps of
+    ``scheduler`` (a copy of it is set up; the scheduler itself is untouched), for ``times=`` of the
+    forecasting schedules: the variable in which DPM-Solver integrates the noise prediction.
+
+    Schedulers with ``alphas_cumprod`` (DDIM, DDPM, DPM-Solver, …): ``½·ln(ᾱ_t / (1 − ᾱ_t))`` at each
+    timestep. Flow matching (``sigmas``, x_t = (1 − σ)·x0 + σ·noise): ``ln((1 − σ)/σ)``, with σ kept in
+    [1e-4, 1 − 1e-4] (the first step's σ = 1 has λ = −∞). A scheduler whose ``set_timesteps`` needs
+    more than the step count (FLUX's resolution-dependent ``mu``) is refused: pass its λ yourself."""
+    steps = copy.deepcopy(scheduler)
+    try:
+        type(steps).set_timesteps(steps, num_steps)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"cannot set {type(scheduler).__name__} up for {num_steps} steps on its own ({err}); compute "
+            "the log-SNR of its steps yourself and pass it as times="
+        ) from None
+    if getattr(steps, "alphas_cumprod", None) is not None:
+        alphas = steps.alphas_cumprod.double()[steps.timesteps.cpu().round().long()][:num_steps]
+        return (0.5 * torch.log(alphas / (1 - alphas))).tolist()
+    sigmas = getattr(steps, "sigmas", None)
+    if sigmas is None:
+        raise ValueError(
+            f"{type(scheduler).__name__} has neither alphas_cumprod nor sigmas: pass the log-SNR of its "
+            "steps as times="
+        )
+    sigma = sigmas.double().cpu()[:num_steps].clamp(1e-4, 1 - 1e-4)
+    return torch.log((1 - sigma) / sigma).tolist()
 
 
 def _check_order(order: Any) -> int:

@@ -283,6 +283,24 @@ def test_fitted_forecast_fits_on_the_compared_model(make):
     assert fitted.psnr != rule.psnr, "the fitted coefficients must change the samples"
 
 
+def test_log_snr_forecast_spaces_the_rule_in_the_samplers_log_snr(dit):
+    from harmonica.peers import RunInfo
+    from harmonica.schedule import log_snr_times
+
+    report = compare(dit, scheduler=ddim(), methods={"forecast": ["2"], "lsnr": ["2"]}, **FAST)
+    rule, lsnr = report.row("forecast N=2 order 2"), report.row("forecast N=2 order 2 log-SNR")
+    assert rule.status == lsnr.status == "ok" and lsnr.family == "forecast (log-SNR)"
+    assert lsnr.skipped_share == rule.skipped_share
+    assert lsnr.psnr != rule.psnr, "the log-SNR distances must change the samples"
+    method = method_from_spec("lsnr", "3:1")
+    steps = STEPS
+    method.prepare(dit, RunInfo(num_inference_steps=steps, calibrate=lambda: None, scheduler=ddim()))
+    expected = CacheSchedule.fora(steps, len(units(dit)), 3, order=1, times=log_snr_times(ddim(), steps))
+    assert method.schedule(dit, steps) == expected
+    with pytest.raises(ValueError, match="need the run's sampler"):
+        method.prepare(dit, RunInfo(num_inference_steps=steps, calibrate=lambda: None))
+
+
 def test_router_labels_may_hold_an_equals_sign(tmp_path):
     from harmonica.cli import _label_and_path
 

@@ -70,6 +70,59 @@ def test_newton_rule_interpolates_a_quadratic_exactly():
     assert b == 0 and f(3) + a * (f(3) - f(2)) == pytest.approx(f(3) + 2 * (f(3) - f(2)))
 
 
+def test_rule_in_other_times_measures_the_distances_there():
+    """The Taylor rule with ``times``: a quadratic in that time, sampled at uneven times, is
+    extrapolated as the rule's definition says (derivatives from backward differences in time)."""
+    compute = torch.tensor([True, True, True, False, True, False, False])[:, None]
+    times = [0.0, 1.5, 2.0, 2.75, 3.0, 3.2, 4.5]
+    schedule = CacheSchedule(compute).with_forecast(2, times=times)
+    for t, (s0, s1, s2) in ((3, (2, 1, 0)), (5, (4, 2, 1)), (6, (4, 2, 1))):
+        d, h0, h1 = times[t] - times[s0], times[s0] - times[s1], times[s1] - times[s2]
+        c0, c1, c2 = torch.randn(3, dtype=torch.float64).tolist()
+        slope = (c0 - c1) / h0
+        curvature = (slope - (c1 - c2) / h1) / h0
+        a, b = schedule.coefficients[t, 0].tolist()
+        expected = c0 + d * slope + d * d / 2 * curvature
+        assert c0 + a * (c0 - c1) + b * (c0 - 2 * c1 + c2) == pytest.approx(expected)
+    # in step-index times the table is the default one
+    assert torch.equal(
+        CacheSchedule.fora(20, 2, 3, order=2, times=list(range(20))).coefficients,
+        CacheSchedule.fora(20, 2, 3, order=2).coefficients,
+    )
+    with pytest.raises(ValueError, match="one value per step: 7 expected, got 6"):
+        CacheSchedule(compute).with_forecast(2, times=times[:6])
+    with pytest.raises(ValueError, match="strictly monotonic"):
+        CacheSchedule(compute).with_forecast(2, times=[0, 1, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="finite"):
+        CacheSchedule(compute).with_forecast(2, times=[0, 1, 2, 3, 4, 5, float("inf")])
+
+
+def test_log_snr_times_of_ddim_and_flow_matching_samplers():
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from harmonica.schedule import log_snr_times
+
+    ddim_sampler = DDIMScheduler()
+    lam = torch.tensor(log_snr_times(ddim_sampler, 10), dtype=torch.float64)
+    ddim_sampler.set_timesteps(10)
+    alpha = ddim_sampler.alphas_cumprod[ddim_sampler.timesteps].double()
+    assert torch.allclose(lam, 0.5 * torch.log(alpha / (1 - alpha)))
+    assert bool((lam.diff() > 0).all())  # noise falls along the run
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    lam = torch.tensor(log_snr_times(flow, 10), dtype=torch.float64)
+    flow.set_timesteps(10)
+    sigma = flow.sigmas[:10].double().clamp(1e-4, 1 - 1e-4)
+    assert torch.allclose(lam, torch.log((1 - sigma) / sigma))
+    assert flow.timesteps.numel() == 10 and lam[0] == pytest.approx(
+        torch.log(torch.tensor(1e-4 / (1 - 1e-4))).item()
+    )
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(
+        ValueError, match="mu.* compute the log-SNR of its steps yourself and pass it as times="
+    ):
+        log_snr_times(dynamic, 10)
+
+
 def test_max_age_keeps_orders_where_the_entry_stays_reused():
     schedule = CacheSchedule.fora(12, 2, 4, order=1, warmup=0).with_max_age(2)
     assert schedule.max_age() == 2
