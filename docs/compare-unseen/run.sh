@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Forecasting on a digits DiT this project never tuned on (the reference recipe, seed 7, 1 500 training
 # steps: python -m harmonica.reference.train --out MODEL --steps 1500 --seed 7): plain FORA, static
-# forecasting, forecasting with coefficients fitted on that model, and diffusers' TaylorSeer.
+# forecasting (the rule in step index and in the sampler's log-SNR), forecasting with coefficients
+# fitted on that model, and diffusers' TaylorSeer.
 set -euo pipefail
 M=${1:?model folder}; OUT=${2:-docs/compare-unseen}
 harmonica compare --model "$M" --threads 2 --out "$OUT" --no-progress --num-samples 100 \
   --methods fora,forecast,fitted,taylorseer \
-  --sweep fora=2,3,4 --sweep forecast=2,3,4 --sweep fitted=2,3,4 --sweep taylorseer=2,3,4
+  --sweep fora=2,3,4 --sweep forecast=2,3,4 --sweep lsnr=2,3,4 --sweep fitted=2,3,4 --sweep taylorseer=2,3,4
