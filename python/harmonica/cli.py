@@ -224,20 +224,21 @@ def _compare(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .compare import DEFAULT_SWEEP, compare
+    from .compare import DEFAULT_SWEEP, OPTIONAL_SWEEP, compare
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    known = {**DEFAULT_SWEEP, **OPTIONAL_SWEEP}
     families = list(DEFAULT_SWEEP)
     if args.methods is not None:
         families = [f.strip() for f in args.methods.split(",") if f.strip()]
-    unknown = [f for f in families if f not in DEFAULT_SWEEP and f != "router"]
+    unknown = [f for f in families if f not in known and f != "router"]
     if unknown:
         raise ValueError(
-            f"--methods: unknown family {unknown}; choose from {', '.join(DEFAULT_SWEEP)} "
+            f"--methods: unknown family {unknown}; choose from {', '.join(known)} "
             "(routers come from --router)"
         )
-    sweep = {f: list(DEFAULT_SWEEP[f]) for f in families if f in DEFAULT_SWEEP}
+    sweep = {f: list(known[f]) for f in families if f in known}
     for item in args.sweep:
         family, sep, values = item.partition("=")
         if not sep or not values.strip():
@@ -608,8 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--methods",
         default=None,
-        help="comma-separated families to sweep (default: all of fora, forecast, fbcache, taylorseer, "
-        "magcache, pab, dbcache)",
+        help="comma-separated families to sweep (default: all of fora, forecast, fitted, fbcache, "
+        "taylorseer, magcache, pab, dbcache; also lsnr: forecast with the rule in the sampler's log-SNR)",
     )
     c.add_argument(
         "--sweep",

@@ -76,6 +76,7 @@ from .schedule import CacheSchedule
 
 __all__ = [
     "DEFAULT_SWEEP",
+    "OPTIONAL_SWEEP",
     "CompareReport",
     "MethodRow",
     "compare",
@@ -100,6 +101,9 @@ Chosen on the reference model (20 DDIM steps) to span each family's range: First
 and 0.24:5 lifts it; PAB broadcasts attention only (≤ 25 % of units); DBCache F1B0 keeps cache-dit's
 8 warm-up steps (≤ 60 % of units). TaylorSeer ``default`` is diffusers' own module patterns: a no-op
 on DiT blocks, kept in the sweep so the report shows it."""
+
+OPTIONAL_SWEEP: dict[str, tuple[str, ...]] = {"lsnr": ("2", "3", "4")}
+"""Families run only when asked for (``--methods lsnr``), with these strengths."""
 
 
 # -- methods from specs ------------------------------------------------------------------------------

@@ -258,6 +258,7 @@ def test_cli_bad_input_exits_2():
         timeout=120,
     )
     assert proc.returncode == 2 and "unknown family ['teacache']" in proc.stderr
+    assert "lsnr" in proc.stderr  # the optional families are named too
 
 
 def test_dbcache_without_cache_dit_is_reported_unavailable(dit, monkeypatch):
