@@ -4,8 +4,8 @@ Every kernel walks ``[B, N, D]`` tensors in tiles of ``[BLOCK_N, BLOCK_D]`` that
 sample boundary: program ``(pid_bn, pid_d)`` covers sample ``b = pid_bn // n_tiles``, tokens
 ``(pid_bn % n_tiles) * BLOCK_N + [0, BLOCK_N)`` and features ``pid_d * BLOCK_D + [0, BLOCK_D)``.
 Keeping a tile inside one sample makes the per-sample vectors (gate, shift, scale) a single
-``[BLOCK_D]`` row load, lets ``grad_gate`` be reduced per tile without atomics, and keeps every
-row segment contiguous for coalesced, vectorised loads.
+``[BLOCK_D]`` row load, lets ``grad_gate`` be reduced per tile without floating-point atomics, and
+keeps every row segment contiguous for coalesced, vectorised loads.
 
 Per-sample vectors are read as ``ptr + b * stride_b + d`` with the batch stride passed in (``0``
 broadcasts a batch-1 vector), so the strided views that ``chunk()`` returns are used in place.

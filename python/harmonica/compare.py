@@ -189,7 +189,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
         tau = _number(family, head, float, 1e-12, hint)
         fn = _number(family, tail, int, 1, hint) if tail else 1
         return DBCache(f"DBCache F{fn}B0 τ={tau:g}", threshold=tau, fn_compute_blocks=fn)
-    known = ", ".join(sorted({*DEFAULT_SWEEP, "steps", "fitted", "lsnr"}))
+    known = ", ".join(sorted({*DEFAULT_SWEEP, *OPTIONAL_SWEEP, "steps"}))
     raise ValueError(f"unknown method family {family!r}; choose from {known} (routers: pass routers=...)")
 
 
