@@ -812,21 +812,7 @@ def _enable_two_stages(
 ) -> tuple[CacheHandle, CacheHandle]:
     """One handle per transformer, each with its own schedule; one pipeline step is one call of the
     transformer that serves it, so each schedule has as many steps as its transformer runs."""
-    if isinstance(schedules, dict):
-        unknown = set(schedules) - set(_STAGE_NAMES)
-        if unknown or len(schedules) != 2:
-            keys = sorted(schedules)
-            raise TypeError(
-                f"pass schedules as {{'transformer': ..., 'transformer_2': ...}}, got keys {keys}"
-            )
-        schedules = tuple(schedules[name] for name in _STAGE_NAMES)
-    if not isinstance(schedules, (tuple, list)) or len(schedules) != 2:
-        raise TypeError(
-            "this pipeline has two transformers (transformer for the high-noise steps, transformer_2 for "
-            "the low-noise ones): pass one schedule or router for each, as a pair (for_transformer, "
-            "for_transformer_2) or a dict with those keys; each sized for the steps its transformer runs "
-            "(harmonica.cache.stage_steps(pipe, num_inference_steps))"
-        )
+    schedules = stage_pair(schedules, "schedule or router")
     for name, transformer in zip(_STAGE_NAMES, stages, strict=True):
         if transformer.__dict__.get(HANDLE_ATTR) is not None:
             raise CacheStateError(f"caching is already enabled on {name}; call disable_cache() first")
@@ -845,21 +831,46 @@ def _enable_two_stages(
     return handles
 
 
+def stage_pair(values: Any, what: str) -> tuple[Any, Any]:
+    """``(for_transformer, for_transformer_2)`` from a pair or a dict with those keys (TypeError naming
+    both forms otherwise); ``what`` names one value in the message."""
+    if isinstance(values, dict):
+        if set(values) != set(_STAGE_NAMES):
+            raise TypeError(
+                f"pass them as {{'transformer': ..., 'transformer_2': ...}}, got keys {sorted(values)}"
+            )
+        values = tuple(values[name] for name in _STAGE_NAMES)
+    if not isinstance(values, (tuple, list)) or len(values) != 2:
+        raise TypeError(
+            "this pipeline has two transformers (transformer for the high-noise steps, transformer_2 for "
+            f"the low-noise ones): pass one {what} for each, as a pair (for_transformer, "
+            "for_transformer_2) or a dict with those keys; each sized for the steps its transformer runs "
+            "(harmonica.cache.stage_steps(pipe, num_inference_steps))"
+        )
+    return values[0], values[1]
+
+
 def stage_steps(pipe: Any, num_inference_steps: int | None = None) -> tuple[int, int]:
     """How many of a two-transformer pipeline's steps each transformer runs: ``(transformer,
     transformer_2)``, from its scheduler's timesteps (set for ``num_inference_steps`` if given) and
     its ``boundary_ratio``, as the pipeline chooses (``t >= boundary`` runs ``transformer``)."""
-    scheduler = pipe.scheduler
+    stages = step_stages(pipe, pipe.scheduler, num_inference_steps)
+    return stages.count(0), stages.count(1)
+
+
+def step_stages(pipe: Any, scheduler: Any, num_inference_steps: int | None = None) -> list[int]:
+    """Which transformer runs each step of ``scheduler`` (set up on a copy for ``num_inference_steps``
+    if given): 0 (``transformer``) where the timestep is at least the pipeline's ``boundary_ratio`` ×
+    the training timesteps, else 1 (``transformer_2``); all 0 without a boundary."""
     if num_inference_steps is not None:
         scheduler = copy.deepcopy(scheduler)
         type(scheduler).set_timesteps(scheduler, num_inference_steps)
     timesteps = [float(t) for t in scheduler.timesteps]
     ratio = pipe.config.get("boundary_ratio") if hasattr(pipe, "config") else None
     if ratio is None:
-        return len(timesteps), 0
+        return [0] * len(timesteps)
     boundary = ratio * scheduler.config.num_train_timesteps
-    high = sum(t >= boundary for t in timesteps)
-    return high, len(timesteps) - high
+    return [0 if t >= boundary else 1 for t in timesteps]
 
 
 class _StageSteps:

@@ -26,7 +26,16 @@ from typing import Any
 
 import torch
 
-from .cache import CacheHandle, CacheStateError, attach_handle, disable_cache
+from .cache import (
+    _STAGE_NAMES,
+    CacheHandle,
+    CacheStateError,
+    _two_stage_transformers,
+    attach_handle,
+    disable_cache,
+    stage_pair,
+    step_stages,
+)
 from .models import single_transformer, supported_class, units
 from .schedule import CacheSchedule
 
@@ -134,18 +143,29 @@ def fit_forecast(
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     latent_size: int | None = None,
     distilled_guidance: float | None = None,
+    guidance_scale_2: float | None = None,
     progress: bool = True,
-) -> ForecastFit:
+) -> ForecastFit | tuple[ForecastFit, ForecastFit]:
     """Fit the forecast coefficients of ``schedule`` by least squares on one batch of its own run.
 
+    A pipeline with two transformers (Wan 2.2: ``transformer`` for the high-noise steps,
+    ``transformer_2`` for the low-noise ones) takes one schedule per transformer, as
+    :func:`enable_cache` does, and one sampling run fits both: it returns a pair of fits, enabled with
+    ``enable_cache(pipe, tuple(fit.schedule for fit in fits))``.
+
     Args:
-        pipe_or_transformer: a supported transformer (or a pipeline holding one), not cached.
+        pipe_or_transformer: a supported transformer (or a pipeline holding one or two), not cached.
         scheduler: the sampler (default: the pipeline's); copied, never modified.
-        schedule: a schedule with forecast entries (e.g. ``CacheSchedule.fora(T, U, 2, order=2)``).
+        schedule: a schedule with forecast entries (e.g. ``CacheSchedule.fora(T, U, 2, order=2)``); for
+            a two-transformer pipeline a pair ``(for_transformer, for_transformer_2)`` or a dict with
+            those keys, each with as many steps as its transformer runs
+            (:func:`harmonica.cache.stage_steps`), at least one of them forecasting.
         batch_size: samples the fit sees (one class or prompt each, drawn from ``seed``); CFG doubles
             the transformer batch. 2 parameters per entry against B·N·D values: a small batch is
             plenty.
         guidance_scale: CFG scale as at inference.
+        guidance_scale_2: a two-transformer pipeline's CFG scale on the low-noise steps (WanPipeline's
+            ``guidance_scale_2``; default ``guidance_scale``).
         ridge: μ relative to the mean diagonal of each entry's Gram matrix, pulling towards the
             step-distance rule's coefficients.
         class_labels, prompt_embeds, …, latent_size, distilled_guidance: the conditions to draw from
@@ -161,18 +181,29 @@ def fit_forecast(
     """
     from .training import _conditioning_for, _Group, _Setup
 
-    transformer = single_transformer(pipe_or_transformer, "fit forecast coefficients")
-    supported_class(transformer)
-    if not isinstance(schedule, CacheSchedule):
-        raise ValueError(f"pass the CacheSchedule whose forecasts to fit, got {type(schedule).__name__}")
-    if not schedule.forecasts:
+    stages = _two_stage_transformers(pipe_or_transformer)
+    if stages is None:
+        transformers = (single_transformer(pipe_or_transformer, "fit forecast coefficients"),)
+        schedules: tuple[Any, ...] = (schedule,)
+        scales = (guidance_scale,)
+    else:
+        transformers, schedules = stages, stage_pair(schedule, "schedule")
+        scales = (guidance_scale, guidance_scale if guidance_scale_2 is None else guidance_scale_2)
+    for transformer, given, name in zip(transformers, schedules, _STAGE_NAMES, strict=False):
+        supported_class(transformer)
+        if not isinstance(given, CacheSchedule):
+            raise ValueError(f"pass the CacheSchedule whose forecasts to fit, got {type(given).__name__}")
+        num_units = len(units(transformer))
+        if given.num_units != num_units:
+            which = f" for {name}" if stages is not None else ""
+            raise ValueError(f"the schedule{which} has {given.num_units} units but the model has {num_units}")
+        if transformer.__dict__.get("_harmonica_cache") is not None:
+            raise CacheStateError("disable_cache() before fitting forecasts on this transformer")
+    if not any(given.forecasts for given in schedules):
         raise ValueError(
             "the schedule forecasts no entry: nothing to fit. Make one with CacheSchedule.fora(T, U, N, "
             "order=1 or 2) or schedule.with_forecast(order)"
         )
-    num_units = len(units(transformer))
-    if schedule.num_units != num_units:
-        raise ValueError(f"the schedule has {schedule.num_units} units but the model has {num_units}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not ridge >= 0:
@@ -181,64 +212,114 @@ def fit_forecast(
         scheduler = getattr(pipe_or_transformer, "scheduler", None)
         if scheduler is None:
             raise ValueError("pass the scheduler: fit_forecast(transformer, scheduler, schedule)")
-    if transformer.__dict__.get("_harmonica_cache") is not None:
-        raise CacheStateError("disable_cache() before fitting forecasts on this transformer")
+    scheduler = copy.deepcopy(scheduler)
+    stage_of = None
+    if stages is not None:
+        sizes = tuple(given.num_steps for given in schedules)
+        stage_of = step_stages(pipe_or_transformer, scheduler, sum(sizes))
+        runs = (stage_of.count(0), stage_of.count(1))
+        if runs != sizes:
+            raise ValueError(
+                f"this pipeline's {sum(sizes)} steps run {runs[0]} on transformer and {runs[1]} on "
+                f"transformer_2, but the schedules have {sizes[0]} and {sizes[1]} steps; make each "
+                "transformer's schedule for the steps it runs (harmonica.cache.stage_steps(pipe, T)); "
+                "a transformer that runs no step is fitted alone with scheduler=pipe.scheduler"
+            )
 
-    setup = _Setup(
-        model=transformer,
-        handle=None,  # type: ignore[arg-type]
-        scheduler=copy.deepcopy(scheduler),
-        conditioning=_conditioning_for(
-            transformer,
-            class_labels,
-            prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-            pooled_prompt_embeds,
-            negative_pooled_prompt_embeds,
-            latent_size,
-            distilled_guidance,
-        ),
-        cfg=guidance_scale > 1,
-        guidance_scale=guidance_scale,
-        device=next(transformer.parameters()).device,
-        group=_Group(),
+    conditioning = _conditioning_for(
+        transformers[0],
+        class_labels,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        latent_size,
+        distilled_guidance,
     )
-    return fit_on(setup, schedule, batch_size=batch_size, seed=seed, ridge=ridge, progress=progress)
+    setups = [
+        _Setup(
+            model=transformer,
+            handle=None,  # type: ignore[arg-type]
+            scheduler=scheduler,  # one sampler state across the stages
+            conditioning=conditioning,
+            cfg=scale > 1,
+            guidance_scale=scale,
+            device=next(transformer.parameters()).device,
+            group=_Group(),
+        )
+        for transformer, scale in zip(transformers, scales, strict=True)
+    ]
+    fits = fit_stages(
+        setups, schedules, stage_of, batch_size=batch_size, seed=seed, ridge=ridge, progress=progress
+    )
+    return fits[0] if stages is None else (fits[0], fits[1])
 
 
 def fit_on(
     setup: Any, schedule: CacheSchedule, *, batch_size: int, seed: int, ridge: float, progress: bool
 ) -> ForecastFit:
     """:func:`fit_forecast` on a prepared sampling set-up (model, scheduler, conditions, CFG)."""
+    return fit_stages(
+        [setup], (schedule,), None, batch_size=batch_size, seed=seed, ridge=ridge, progress=progress
+    )[0]
+
+
+def fit_stages(
+    setups: list[Any],
+    schedules: tuple[CacheSchedule, ...],
+    stage_of: list[int] | None,
+    *,
+    batch_size: int,
+    seed: int,
+    ridge: float,
+    progress: bool,
+) -> list[ForecastFit]:
+    """One fit per set-up from one sampling run: step i runs ``setups[stage_of[i]]`` (all the first
+    without ``stage_of``), whose handle counts only its own steps. The set-ups share the scheduler."""
     from .training import _advance, _draw, _generator
 
     began = time.perf_counter()
-    transformer = setup.model
-    handle = _FittingHandle(transformer, schedule, ridge)
-    x, cond = _draw(setup, _generator(seed, 5, 0), batch_size)
-    setup.scheduler.set_timesteps(schedule.num_steps, device=setup.device)
-    timesteps = setup.scheduler.timesteps
-    attach_handle(transformer, handle)
-    steps = range(schedule.num_steps)
+    handles = [
+        _FittingHandle(setup.model, schedule, ridge)
+        for setup, schedule in zip(setups, schedules, strict=True)
+    ]
+    first = setups[0]
+    x, cond = _draw(first, _generator(seed, 5, 0), batch_size)
+    total = len(stage_of) if stage_of is not None else schedules[0].num_steps
+    first.scheduler.set_timesteps(total, device=first.device)
+    timesteps = first.scheduler.timesteps
+    steps = range(total)
     if progress:
         from tqdm import tqdm
 
         steps = tqdm(steps, desc="fit forecasts", unit="step")
     try:
+        for setup, handle in zip(setups, handles, strict=True):
+            attach_handle(setup.model, handle)
         with torch.no_grad():
-            handle.reset()
+            for handle in handles:
+                handle.reset()
             for i in steps:
-                pred = setup.conditioning.call(transformer, x, timesteps[i], cond, setup.cfg)
+                setup = setups[stage_of[i] if stage_of is not None else 0]
+                pred = setup.conditioning.call(setup.model, x, timesteps[i], cond, setup.cfg)
                 x = _advance(setup, pred, timesteps[i], x)
-            fitted = fitted_schedule(schedule, handle._coefficients)
+            fitted = [
+                fitted_schedule(schedule, handle._coefficients)
+                for schedule, handle in zip(schedules, handles, strict=True)
+            ]
     finally:
-        disable_cache(transformer)
-    residual = torch.full(schedule.compute.shape, float("nan"))
-    for (t, k), (fit_error, rule_error) in handle.errors.items():
-        residual[t, k] = (fit_error / rule_error).item()
-    return ForecastFit(fitted, schedule, residual, time.perf_counter() - began)
+        for setup in setups:
+            disable_cache(setup.model)
+    seconds = time.perf_counter() - began
+    fits = []
+    for schedule, handle, schedule_fitted in zip(schedules, handles, fitted, strict=True):
+        residual = torch.full(schedule.compute.shape, float("nan"))
+        for (t, k), (fit_error, rule_error) in handle.errors.items():
+            residual[t, k] = (fit_error / rule_error).item()
+        fits.append(ForecastFit(schedule_fitted, schedule, residual, seconds))
+    return fits
 
 
 def fitted_schedule(schedule: CacheSchedule, coefficients: torch.Tensor) -> CacheSchedule:

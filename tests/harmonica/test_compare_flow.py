@@ -345,10 +345,10 @@ def test_two_transformer_pipeline_is_refused_with_the_fix():
         sample_images(TwoStages(), prompt_embeds=_pool("wan"), latent_size=SIDE, progress=False)
 
 
-@pytest.mark.parametrize("action", ["train a router", "search a schedule", "fit forecast coefficients"])
-def test_training_search_and_fit_refuse_a_two_transformer_pipeline(action):
+@pytest.mark.parametrize("action", ["train a router", "search a schedule"])
+def test_training_and_search_refuse_a_two_transformer_pipeline(action):
     """Each would treat one stage's transformer as running every step: refused before any work."""
-    from harmonica import fit_forecast, search_schedule, train_router
+    from harmonica import search_schedule, train_router
 
     class TwoStages:
         transformer = tiny("wan", num_layers=1)
@@ -359,9 +359,6 @@ def test_training_search_and_fit_refuse_a_two_transformer_pipeline(action):
     calls = {
         "train a router": lambda: train_router(pipe, num_steps=4, iterations=1, **kwargs),
         "search a schedule": lambda: search_schedule(pipe, num_steps=4, target_cur=0.5, **kwargs),
-        "fit forecast coefficients": lambda: fit_forecast(
-            pipe, schedule=CacheSchedule.fora(4, len(units(pipe.transformer)), 2, order=1), **kwargs
-        ),
     }
     with pytest.raises(ValueError, match=f"cannot {action} on this pipeline: it runs two transformers"):
         calls[action]()

@@ -377,16 +377,17 @@ def test_project_chunks_matches_the_full_projection(needed):
 # Wan 2.2: two transformers in one pipeline
 
 
-def wan22_pipeline():
+def wan22_pipeline(same_weights: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
+    transformer = tiny("wan", seed=0)
     return WanPipeline(
         tokenizer=None,
         text_encoder=None,
         vae=None,  # latents out: no decoder needed
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        transformer=tiny("wan", seed=0),
-        transformer_2=tiny("wan", seed=1),
+        transformer=transformer,
+        transformer_2=copy.deepcopy(transformer) if same_weights else tiny("wan", seed=1),
         boundary_ratio=0.875,
     )
 
@@ -450,6 +451,77 @@ def test_wan22_schedules_for_the_wrong_transformer_are_refused_with_both_sizes()
     with pytest.raises(TypeError, match="two transformers.*one schedule or router for each"):
         enable_cache(pipe, CacheSchedule.fora(6, num_units, 2))
     assert "_harmonica_cache" not in pipe.transformer.__dict__
+
+
+def _stage_schedule(mask: list[int], num_units: int) -> CacheSchedule:
+    return CacheSchedule.from_mask(torch.tensor(mask, dtype=torch.bool)[:, None].expand(-1, num_units))
+
+
+def test_wan22_fit_forecast_fits_both_transformers_on_one_run():
+    """With transformer_2 a copy of transformer, the two-stage fit equals the one-transformer fit of the
+    schedules laid end to end: the low-noise schedule starts with three computes, so its forecasts
+    read the same history whether the caches carry over (one transformer) or start empty (two)."""
+    from harmonica import fit_forecast
+    from harmonica.cache import stage_steps
+
+    pipe = wan22_pipeline(same_weights=True)
+    assert stage_steps(pipe, 12) == (4, 8)
+    num_units = len(units(pipe.transformer))
+    high = _stage_schedule([1, 1, 0, 1], num_units).with_forecast(2)
+    low = _stage_schedule([1, 1, 1, 0, 1, 0, 0, 1], num_units).with_forecast(2)
+    whole = _stage_schedule([1, 1, 0, 1, 1, 1, 1, 0, 1, 0, 0, 1], num_units).with_forecast(2)
+    assert whole.orders.equal(torch.cat([high.orders, low.orders]))
+    kwargs = dict(
+        prompt_embeds=prompts(3)[0], latent_size=4, batch_size=2, guidance_scale=4.0, progress=False
+    )
+    fits = fit_forecast(pipe, schedule={"transformer": high, "transformer_2": low}, **kwargs)
+    alone = fit_forecast(pipe.transformer, pipe.scheduler, whole, **kwargs)
+    coefficients = torch.cat([fit.schedule.coefficients for fit in fits])
+    torch.testing.assert_close(coefficients, alone.schedule.coefficients, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(coefficients, whole.coefficients)  # fitted, not the rule's
+    residual = torch.cat([fit.residual for fit in fits])
+    assert torch.equal(residual.isnan(), alone.residual.isnan())
+    for fit, given in zip(fits, (high, low), strict=True):
+        assert fit.rule_schedule is given and fit.schedule.compute.equal(given.compute)
+    handles = enable_cache(pipe, tuple(fit.schedule for fit in fits))
+    with torch.no_grad():
+        wan22_call(pipe, steps=12, guidance=4.0)
+    assert [h.step for h in handles] == [4, 8]
+    disable_cache(pipe)
+
+
+def test_wan22_fit_forecast_guides_each_stage_with_its_scale_and_checks_sizes():
+    from harmonica import fit_forecast
+
+    pipe = wan22_pipeline()
+    num_units = len(units(pipe.transformer))
+    high = CacheSchedule.fora(4, num_units, 2, order=1)
+    low = CacheSchedule.fora(8, num_units, 2, order=2)
+    batches = {0: [], 1: []}
+    hooks = [
+        model.register_forward_pre_hook(
+            lambda _, args, kw, i=i: batches[i].append(kw["hidden_states"].shape[0]), with_kwargs=True
+        )
+        for i, model in enumerate((pipe.transformer, pipe.transformer_2))
+    ]
+    kwargs = dict(prompt_embeds=prompts(3)[0], latent_size=4, batch_size=2, progress=False)
+    fits = fit_forecast(pipe, schedule=(high, low), guidance_scale=4.0, guidance_scale_2=1.0, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    assert batches == {0: [4] * 4, 1: [2] * 8}  # CFG doubles the batch of the high-noise stage only
+    assert all(torch.isfinite(fit.residual).any() for fit in fits)
+    with pytest.raises(ValueError, match="run 4 on transformer and 8 on transformer_2.*8 and 4 steps"):
+        fit_forecast(pipe, schedule=(low, high), **kwargs)
+    with pytest.raises(TypeError, match="pass one schedule for each"):
+        fit_forecast(pipe, schedule=high, **kwargs)
+    with pytest.raises(ValueError, match="forecasts no entry"):
+        fit_forecast(
+            pipe,
+            schedule=(CacheSchedule.fora(4, num_units, 2), CacheSchedule.fora(8, num_units, 2)),
+            **kwargs,
+        )
+    with pytest.raises(ValueError, match="schedule for transformer_2 has"):
+        fit_forecast(pipe, schedule=(high, CacheSchedule.fora(8, num_units + 1, 2, order=1)), **kwargs)
 
 
 def test_compare_and_sample_name_what_they_drive():
