@@ -237,8 +237,10 @@ def load_local(
 
     ``path`` is either a diffusers pipeline folder (``transformer/`` and ``scheduler/`` inside) or a
     transformer folder (``config.json`` + weights, and ``scheduler_config.json`` beside them, as the
-    reference model ships). The packaged reference model is not loaded here (the engine does not
-    depend on it): ``harmonica.reference.load_model()``, or the CLI without ``--model``.
+    reference model ships, or a pipeline's ``transformer/`` or ``transformer_2/``, sampled with the
+    pipeline's ``scheduler/``). A pipeline with two transformers is refused (pass one of them). The
+    packaged reference model is not loaded here (the engine does not depend on it):
+    ``harmonica.reference.load_model()``, or the CLI without ``--model``.
 
     Returns:
         ``(transformer, scheduler)``, the transformer in eval mode on ``device`` in ``dtype``.
@@ -259,9 +261,21 @@ def load_local(
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no model folder at {root}")
+    if (root / "transformer_2" / "config.json").is_file():
+        raise ValueError(
+            f"{root} is a pipeline with two transformers (Wan 2.2: transformer for the high-noise steps, "
+            "transformer_2 for the low-noise ones); a model folder runs one transformer over every step. "
+            f"Pass {root / 'transformer'} or {root / 'transformer_2'} (it then runs all the steps, with "
+            "the pipeline's scheduler), or load the pipeline in Python: enable_cache(pipe, (schedule_1, "
+            "schedule_2)) and fit_forecast(pipe, schedule=(schedule_1, schedule_2)) run both"
+        )
     model_dir, scheduler_dir = (
         (root / "transformer", root / "scheduler") if (root / "transformer").is_dir() else (root, root)
     )
+    if not (scheduler_dir / "scheduler_config.json").is_file() and (
+        root.parent / "scheduler" / "scheduler_config.json"
+    ).is_file():
+        scheduler_dir = root.parent / "scheduler"  # a pipeline's transformer folder: its pipeline's sampler
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise ValueError(

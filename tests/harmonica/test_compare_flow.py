@@ -364,6 +364,22 @@ def test_training_and_search_refuse_a_two_transformer_pipeline(action):
         calls[action]()
 
 
+def test_load_local_refuses_a_two_transformer_folder_and_reads_either_transformer(tmp_path):
+    """A Wan 2.2 folder would silently run its high-noise transformer over every step: refused, naming
+    both transformer folders, each of which loads with the pipeline's scheduler."""
+    from harmonica.models import load_local
+
+    for name, seed in (("transformer", 0), ("transformer_2", 1)):
+        tiny("wan", num_layers=1, seed=seed).save_pretrained(tmp_path / name)
+    _scheduler().save_config(tmp_path / "scheduler")
+    with pytest.raises(ValueError, match=r"two transformers.*transformer_2.*fit_forecast\(pipe"):
+        load_local(tmp_path)
+    first, _ = load_local(tmp_path / "transformer")
+    second, scheduler = load_local(tmp_path / "transformer_2")
+    assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and scheduler.config.shift == 3.0
+    assert not torch.equal(first.proj_out.weight, second.proj_out.weight)
+
+
 def test_load_local_reads_a_wan_folder_exactly(tmp_path):
     """Wan keeps modules in fp32, which diffusers' from_pretrained refuses without accelerate."""
     from harmonica.models import load_local
