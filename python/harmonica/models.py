@@ -98,7 +98,8 @@ def single_transformer(pipe_or_transformer: Any, action: str) -> nn.Module:
             "high-noise steps, transformer_2 for the low-noise ones) and this runs one over every step. "
             "Pass one of them with scheduler=pipe.scheduler (it is then treated as running all steps), "
             "or cache the pipeline with a schedule per transformer: enable_cache(pipe, (schedule_1, "
-            "schedule_2)), each sized for its transformer's steps (harmonica.cache.stage_steps(pipe))"
+            "schedule_2)), each sized for its transformer's steps (harmonica.cache.stage_steps(pipe)), "
+            "their forecasts fitted on the pipeline by fit_forecast(pipe, schedule=(schedule_1, schedule_2))"
         )
     return transformer_of(pipe_or_transformer)
 
