@@ -299,6 +299,7 @@ def _sample(args: argparse.Namespace) -> None:
             **({} if args.threshold is None else {"threshold": args.threshold}),
             fora=args.fora,
             order=args.order,
+            forecast_times=args.forecast_times,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             class_labels=None if args.labels is None else _class_ids(args.labels),
@@ -667,6 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--uncached", action="store_true", help="no caching (the default)")
     s.add_argument(
         "--order", type=int, choices=(0, 1, 2), default=0, help="with --fora: forecast skipped steps (1, 2)"
+    )
+    s.add_argument(
+        "--forecast-times",
+        choices=("step", "log-snr"),
+        default="step",
+        help="with --order: the forecast rule's step distances in step index or the sampler's log-SNR",
     )
     s.add_argument("--threshold", type=float, default=None, help="router threshold τ (default 0.1)")
     s.add_argument("--steps", type=int, default=20, help="sampling steps (a router's must match)")

@@ -47,9 +47,12 @@ from .eval import psnr
 from .models import supported_class, units
 from .router import Router
 from .sampling import null_class_id
-from .schedule import CacheSchedule
+from .schedule import CacheSchedule, log_snr_times
 
 __all__ = ["SampleResult", "load_prompt_embeds", "sample_images"]
+
+FORECAST_TIMES = ("step", "log-snr")
+"""What the forecast rule measures step distances in: the step index, or the sampler's log-SNR."""
 
 _GAP = 2
 """White pixels between and around the images of a grid."""
@@ -221,6 +224,7 @@ def sample_images(
     threshold: float = 0.1,
     fora: int | None = None,
     order: int = 0,
+    forecast_times: str = "step",
     num_inference_steps: int = 20,
     guidance_scale: float = 1.5,
     class_labels: Any = None,
@@ -251,6 +255,8 @@ def sample_images(
         fora: FORA interval N >= 2 (every unit computed on steps ``t % N == 0``, reused otherwise).
             Neither ``router`` nor ``fora``: no caching.
         order: with ``fora``: 0 reuses the skipped steps, 1 or 2 forecasts them (Taylor).
+        forecast_times: with ``order``: the forecast rule's step distances in ``"step"`` index (the
+            default) or in the sampler's ``"log-snr"`` (:func:`harmonica.schedule.log_snr_times`).
         num_inference_steps, guidance_scale: sampler steps and classifier-free guidance scale (>= 1).
         class_labels: DiT class ids. Default: one per class 0..9 for the reference model, otherwise
             ``num_images`` (default 8) random classes drawn from ``seed``.
@@ -304,6 +310,10 @@ def sample_images(
         )
     if order and fora is None:
         raise ValueError("--order applies to FORA: pass --fora N with it (a router file carries its own)")
+    if forecast_times not in FORECAST_TIMES:
+        raise ValueError(f"forecast_times must be one of {FORECAST_TIMES}, got {forecast_times!r}")
+    if forecast_times != "step" and not order:
+        raise ValueError("--forecast-times applies to forecasting: pass --fora N --order 1 or 2 with it")
     if not 0 <= threshold < 1:
         raise ValueError(f"the router threshold τ is a probability in [0, 1), got {threshold}")
     if compare_uncached and router is None and fora is None:
@@ -406,8 +416,10 @@ def sample_images(
         label = Path(router).stem if not isinstance(router, Router) else "router"
         method = f"router {label} τ={threshold:g}"
     elif fora is not None:
-        schedule = CacheSchedule.fora(steps, num_units, fora, order=order)
+        times = log_snr_times(scheduler, steps) if forecast_times == "log-snr" else None
+        schedule = CacheSchedule.fora(steps, num_units, fora, order=order, times=times)
         method = f"FORA N={fora}" + (f" forecast order {order}" if order else "")
+        method += " (log-SNR)" if times is not None else ""
     else:
         schedule, method = None, "uncached"
 

@@ -108,6 +108,26 @@ def test_fora_with_compare_uncached(tmp_path, capsys):
     assert not torch.equal(saved["samples"], saved["uncached"])
 
 
+def test_forecast_times_log_snr_runs_the_rule_in_the_samplers_log_snr(tmp_path, capsys):
+    from harmonica import CacheSchedule, disable_cache, enable_cache, units
+    from harmonica.schedule import log_snr_times
+
+    tensors = tmp_path / "f.safetensors"
+    argv = ["sample", *FAST, "--fora", "2", "--order", "2", "--forecast-times", "log-snr"]
+    assert main([*argv, "--save-tensor", str(tensors)]) == 0
+    assert "FORA N=2 forecast order 2 (log-SNR)" in capsys.readouterr().out
+    model, scheduler = load_model(), load_scheduler()
+    times = log_snr_times(scheduler, 4)
+    enable_cache(model, CacheSchedule.fora(4, len(units(model)), 2, order=2, times=times))
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = sample(model, scheduler, [0, 1], num_inference_steps=4, noise=noise)
+    disable_cache(model)
+    torch.testing.assert_close(_tensors(tensors)["samples"], expected)
+    assert main([*argv[:-2], "--save-tensor", str(tmp_path / "step.safetensors")]) == 0
+    assert not torch.equal(_tensors(tmp_path / "step.safetensors")["samples"], expected)
+
+
 def test_packaged_router(tmp_path, capsys):
     path = next(p for p in packaged_routers(20) if p.stem == "harmonica-T20")
     argv = ["sample", "--steps", "20", "--labels", "3,7", "--router", str(path), "--no-progress"]
@@ -144,6 +164,7 @@ def test_router_for_another_model(tmp_path, capsys):
         (["--save-tensor", "samples.pt"], "the file name must end in .safetensors"),
         (["--num", "3"], "not both"),
         (["--steps", "0"], "num_inference_steps must be an int >= 1"),
+        (["--fora", "2", "--forecast-times", "log-snr"], "--forecast-times applies to forecasting"),
         (["--guidance", "0.5"], "guidance_scale must be >= 1"),
         (["--model", "nowhere"], "no model folder at nowhere"),
     ],
