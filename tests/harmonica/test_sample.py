@@ -113,7 +113,8 @@ def test_forecast_times_log_snr_runs_the_rule_in_the_samplers_log_snr(tmp_path, 
     from harmonica.schedule import log_snr_times
 
     tensors = tmp_path / "f.safetensors"
-    argv = ["sample", *FAST, "--fora", "2", "--order", "2", "--forecast-times", "log-snr"]
+    argv = ["sample", *FAST, "--out", str(tmp_path / "f.png"), "--fora", "2", "--order", "2"]
+    argv += ["--forecast-times", "log-snr"]
     assert main([*argv, "--save-tensor", str(tensors)]) == 0
     assert "FORA N=2 forecast order 2 (log-SNR)" in capsys.readouterr().out
     model, scheduler = load_model(), load_scheduler()
