@@ -7,7 +7,7 @@
 set -euo pipefail
 M=${1:?model folder}; OUT=${2:-docs/compare-unseen}
 R=docs/compare-unseen/routers
-harmonica compare --model "$M" --threads 2 --out "$OUT" --no-progress --num-samples 100 \
+harmonica compare --model "$M" --threads 2 --out "$OUT" --no-progress --num-samples 100 --timing-repeats 5 \
   --methods fora,forecast,fitted,taylorseer \
   --sweep fora=2,3,4 --sweep forecast=2,3,4 --sweep lsnr=2,3,4 --sweep fitted=2,3,4 --sweep taylorseer=2,3,4 \
   --router "HarmoniCa forecast+exchanges 45%=$R/harmonica-forecast-T20-45.safetensors" \
