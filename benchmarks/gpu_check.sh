@@ -24,6 +24,8 @@
 #              reference, error messages, no host sync, CUDA-graph capture, bandwidth table
 #   training   pytest benchmarks/test_training.py at gpu size (only if the file exists)
 #   e2e        pytest benchmarks/test_e2e.py at gpu size (DiT-XL/2 256², PixArt-α 1024²)
+#   e2e_flux   the same for FLUX.1's width and depth (11.9B random weights, bf16, 512², eager and
+#              graph-captured)
 #   profile    benchmarks/profile_e2e.py: DiT-XL/2's kernels in a step that computes every unit and
 #              in one that reuses every unit
 #   kernels    pytest benchmarks/test_kernels.py at gpu size
@@ -188,11 +190,12 @@ stage_tests() {
     --junitxml="$RES/pytest/tests-kernels.xml"
 }
 
-bench_suite() { # bench_suite NAME FILE
-  run_pytest "$2" --benchmark-json="$RES/pytest/$1-benchmark.json"
+bench_suite() { # bench_suite NAME FILE [PYTEST ARGS...]
+  run_pytest "${@:2}" --benchmark-json="$RES/pytest/$1-benchmark.json"
 }
 
-stage_e2e() { bench_suite e2e benchmarks/test_e2e.py; }
+stage_e2e() { bench_suite e2e benchmarks/test_e2e.py -k "not flux1"; }
+stage_e2e_flux() { bench_suite e2e-flux benchmarks/test_e2e.py -k flux1; }
 stage_profile() { "$PY" -m benchmarks.profile_e2e; }
 stage_kernels() { bench_suite kernels benchmarks/test_kernels.py; }
 stage_host() { bench_suite host benchmarks/test_host.py; }
@@ -209,7 +212,7 @@ stage_tables() {
 }
 
 export -f run_pytest stage_env stage_wheels stage_build stage_info stage_gpu_check stage_tests bench_suite \
-  stage_e2e stage_profile stage_kernels stage_host stage_training stage_smoke stage_tables
+  stage_e2e stage_e2e_flux stage_profile stage_kernels stage_host stage_training stage_smoke stage_tables
 
 stage env 30 stage_env
 cp "$RES/logs/env.log" "$RES/env.txt" 2>/dev/null
@@ -225,6 +228,7 @@ if ((HAVE_CUDA)); then
     record training skipped 0 "no benchmarks/test_training.py"
   fi
   stage e2e 240 stage_e2e
+  stage e2e_flux 150 stage_e2e_flux
   stage profile 45 stage_profile
   stage kernels 75 stage_kernels
   stage host 40 stage_host

@@ -105,6 +105,9 @@ class Setup:
     """Flow-matching families: image tokens per side."""
     distilled: bool = False
     """FLUX with a guidance embedding: ``guidance`` is a model input, no CFG rows."""
+    init_in_dtype: bool = False
+    """Initialise the weights in ``dtype`` (a 12B model initialised in fp32 needs 48 GB, then 24 more
+    for the cast)."""
 
     @property
     def flow(self) -> bool:
@@ -206,6 +209,12 @@ SETUPS: dict[str, tuple[Setup, ...]] = {
         Setup("pixart-alpha-1024", "PixArt-α 1024² (28 blocks, width 1152, 4096 tokens, 120 text tokens)",
               PixArtTransformer2DModel, _pixart(16, 72, 28, 128, 4096), batch=1, steps=20, dtype=BF16,
               guidance=4.5, rounds=3, text_tokens=120),
+        # FLUX.1-dev's width and depth (11.9B parameters, random weights) at 512²: its own stage of
+        # gpu_check.sh (e2e_flux), after the DiT and PixArt rows.
+        Setup("flux1-512", "FLUX.1 width and depth 512² (19 double + 38 single blocks, width 3072, "
+              "1024 tokens, 512 text tokens)", FluxTransformer2DModel, _flux(24, 128, 19, 38, 64, 4096, 768),
+              batch=1, steps=10, dtype=BF16, guidance=3.5, rounds=3, text_tokens=512, latent_side=32,
+              distilled=True, init_in_dtype=True),
     ),
 }  # fmt: skip
 SIZE_SETUPS = SETUPS[bench_size()]
@@ -256,8 +265,14 @@ class Bench:
         self.setup = setup
         self.device = device
         torch.manual_seed(0)
-        with torch.device(device):  # initialise on the device: DiT-XL/2 on a CPU takes seconds
-            model = setup.cls(**setup.config)
+        default_dtype = torch.get_default_dtype()
+        try:
+            if setup.init_in_dtype:
+                torch.set_default_dtype(setup.dtype)
+            with torch.device(device):  # initialise on the device: DiT-XL/2 on a CPU takes seconds
+                model = setup.cls(**setup.config)
+        finally:
+            torch.set_default_dtype(default_dtype)
         if setup.cls is DiTTransformer2DModel:
             tie_dit_embedders(model)  # the structure of the released DiT checkpoints
         self.model = model.to(device=device, dtype=setup.dtype).eval().requires_grad_(False)
@@ -663,3 +678,13 @@ def test_profile_script(device):
         assert (reusing.kernels > 0) == (device == "cuda")
         assert "harmonica::cached_gated_residual" in reusing.table
         assert "harmonica::cached_gated_residual" not in computing.table
+
+
+def test_flux1_setup_has_flux1_dev_width_and_depth():
+    """The GPU row named FLUX.1 is FLUX.1-dev's architecture (built on the meta device: no memory)."""
+    setup = next(s for s in SETUPS["gpu"] if s.key == "flux1-512")
+    with torch.device("meta"):
+        model = setup.cls(**setup.config)
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (19, 38)
+    assert model.inner_dim == 3072 and model.config.guidance_embeds
+    assert 11.85e9 < sum(p.numel() for p in model.parameters()) < 11.95e9
