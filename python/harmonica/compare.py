@@ -873,6 +873,9 @@ class CompareReport:
             "are 95 % bootstrap intervals over the samples (1 000 resamples): two methods whose "
             "intervals overlap are not told apart by this run.",
         ]
+        unsteady = _unsteady_timing(self.rows)
+        if unsteady:
+            notes.append(unsteady)
         if c.get("kid_floor") is not None:
             notes.append(
                 f"KID (×10³): unbiased kernel distance of the reference classifier's features to the "
@@ -905,6 +908,32 @@ class CompareReport:
         _plot_executed(self, out / "executed.png")
         write_text(out / "report.json", self.to_json() + "\n")
         write_text(out / "report.md", self.markdown())
+
+
+UNSTEADY_SPREAD = 0.15
+"""A method's timing rounds spreading over more than this share of their median make the run's
+timing unsteady (a note says so)."""
+
+
+def _unsteady_timing(rows: list[MethodRow]) -> str | None:
+    """A note when the paired timing rounds of some methods spread over more than
+    :data:`UNSTEADY_SPREAD` of their median (a busy or throttled machine), naming the widest."""
+    spreads = [
+        ((r.speedup_max - r.speedup_min) / r.measured_speedup, r)
+        for r in rows
+        if r.origin != "baseline" and r.measured_speedup and r.speedup_min is not None
+    ]
+    wide = [(spread, r) for spread, r in spreads if spread > UNSTEADY_SPREAD]
+    if not wide:
+        return None
+    spread, r = max(wide, key=lambda item: item[0])
+    return (
+        f"Timing was unsteady: the rounds of {len(wide)} of {len(spreads)} methods spread over more than "
+        f"{UNSTEADY_SPREAD:.0%} of their median, most {r.method} ({r.speedup_min:.2f}–{r.speedup_max:.2f}×, "
+        f"{spread:.0%}). Speedups that differ by less than that are not told apart by this run; time on an "
+        "idle machine (nothing else running: a second busy process slows a CPU run many times) or with "
+        "more rounds (--timing-repeats)."
+    )
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

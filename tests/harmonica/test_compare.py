@@ -311,3 +311,20 @@ def test_router_labels_may_hold_an_equals_sign(tmp_path):
     assert _label_and_path(str(path)) == ("r=1", str(path))
     assert _label_and_path(f"plain={path}") == ("plain", str(path))
     assert _label_and_path("a=missing.safetensors") == ("a", "missing.safetensors")
+
+
+def test_report_says_when_its_timing_was_unsteady():
+    from harmonica.compare import CompareReport, MethodRow
+
+    def row(method, low, median, high):
+        return MethodRow(method, "FORA", "ours", measured_speedup=median, speedup_min=low, speedup_max=high)
+
+    baseline = MethodRow(
+        "uncached", "baseline", "baseline", measured_speedup=1.0, speedup_min=0.5, speedup_max=2
+    )
+    steady = [baseline, row("FORA N=2", 1.9, 2.0, 2.1), row("FORA N=3", 2.4, 2.5, 2.7)]
+    assert not any("unsteady" in note for note in CompareReport(steady, {})._notes())
+    shaky = [*steady, row("FORA N=4", 2.5, 3.0, 3.6)]
+    notes = [note for note in CompareReport(shaky, {})._notes() if "unsteady" in note]
+    assert len(notes) == 1
+    assert "1 of 3 methods" in notes[0] and "FORA N=4 (2.50–3.60×, 37%)" in notes[0]
