@@ -183,6 +183,11 @@ def fit_forecast(
 
     stages = _two_stage_transformers(pipe_or_transformer)
     if stages is None:
+        if guidance_scale_2 is not None:
+            raise ValueError(
+                "guidance_scale_2 is the low-noise stage's scale of a two-transformer pipeline (Wan 2.2); "
+                "this runs one transformer: pass guidance_scale only"
+            )
         transformers = (single_transformer(pipe_or_transformer, "fit forecast coefficients"),)
         schedules: tuple[Any, ...] = (schedule,)
         scales = (guidance_scale,)

@@ -336,6 +336,10 @@ def test_fit_forecast_bad_input():
         )
     with pytest.raises(ValueError, match="batch_size"):
         fit_forecast(model, ddim(), CacheSchedule.fora(FORECAST_STEPS, num_units, 2, order=1), batch_size=0)
+    with pytest.raises(ValueError, match="guidance_scale_2 is the low-noise stage's scale"):
+        fit_forecast(
+            model, ddim(), CacheSchedule.fora(FORECAST_STEPS, num_units, 2, order=1), guidance_scale_2=3.0
+        )
 
 
 def test_forecast_search_reaches_the_target_and_its_router_round_trips(tmp_path):
