@@ -4,7 +4,9 @@
 # forecasting (the rule in step index and in the sampler's log-SNR), forecasting with coefficients
 # fitted on that model, every peer (diffusers' TaylorSeer, FirstBlockCache, MagCache, PAB; cache-dit's
 # DBCache, at the default sweep), and routers trained on that model with train_router's defaults
-# (routers/: harmonica train --model MODEL --target-cur 0.45 / 0.55 --threads 2 --out ...).
+# (routers/: harmonica train --model MODEL --target-cur 0.45 / 0.55 --threads 2 --out ...). The model's
+# training is not bit-reproducible across machines (the committed PSNRs moved by up to 0.2 dB between
+# retrained copies): on a new copy, retrain the routers too.
 set -euo pipefail
 M=${1:?model folder}; OUT=${2:-docs/compare-unseen}
 R=docs/compare-unseen/routers
