@@ -611,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         help="comma-separated families to sweep (default: all of fora, forecast, fitted, fbcache, "
-        "taylorseer, magcache, pab, dbcache; also lsnr: forecast with the rule in the sampler's log-SNR)",
+        "taylorseer, magcache, pab, dbcache; also step / lsnr: forecast with the rule in step index / "
+        "the sampler's log-SNR alone)",
     )
     c.add_argument(
         "--sweep",
@@ -671,9 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--forecast-times",
-        choices=("step", "log-snr"),
-        default="step",
-        help="with --order: the forecast rule's step distances in step index or the sampler's log-SNR",
+        choices=("blend", "step", "log-snr"),
+        default="blend",
+        help="with --order: the forecast rule's step distances in step index, the sampler's log-SNR, or "
+        "the mean of both forecasts (blend, default)",
     )
     s.add_argument("--threshold", type=float, default=None, help="router threshold τ (default 0.1)")
     s.add_argument("--steps", type=int, default=20, help="sampling steps (a router's must match)")

@@ -68,6 +68,7 @@ from .peers import (
     PyramidAttentionBroadcast,
     RouterMethod,
     RunInfo,
+    StepForecast,
     TaylorSeer,
     UnitCounter,
 )
@@ -102,8 +103,8 @@ and 0.24:5 lifts it; PAB broadcasts attention only (≤ 25 % of units); DBCache 
 8 warm-up steps (≤ 60 % of units). TaylorSeer ``default`` is diffusers' own module patterns: a no-op
 on DiT blocks, kept in the sweep so the report shows it."""
 
-OPTIONAL_SWEEP: dict[str, tuple[str, ...]] = {"lsnr": ("2", "3", "4")}
-"""Families run only when asked for (``--methods lsnr``), with these strengths."""
+OPTIONAL_SWEEP: dict[str, tuple[str, ...]] = {"step": ("2", "3", "4"), "lsnr": ("2", "3", "4")}
+"""Families run only when asked for (``--methods step,lsnr``), with these strengths."""
 
 
 # -- methods from specs ------------------------------------------------------------------------------
@@ -126,11 +127,15 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     family          value                                   meaning
     ==============  ======================================  ===========================================
     ``fora``        ``N`` (int ≥ 1)                         compute every unit on steps ``t % N == 0``
-    ``forecast``    ``N`` or ``N:order`` (order 1–2)        FORA N with Taylor forecasting (default order 2)
+    ``forecast``    ``N`` or ``N:order`` (order 1–2)        FORA N with Taylor forecasting (default order 2),
+                                                            the mean of the rule in step index and in the
+                                                            sampler's log-SNR (``fora(scheduler=...)``)
     ``fitted``      ``N`` or ``N:order``                    the same with coefficients fitted on this model
                                                             (:func:`harmonica.fit_forecast`, other noise)
-    ``lsnr``        ``N`` or ``N:order``                    ``forecast`` with the rule's distances in the
-                                                            sampler's log-SNR (:func:`log_snr_times`)
+    ``step``        ``N`` or ``N:order``                    ``forecast`` with the rule in step index alone
+                                                            (TaylorSeer's rule)
+    ``lsnr``        ``N`` or ``N:order``                    ``forecast`` with the rule in the sampler's
+                                                            log-SNR alone (:func:`log_snr_times`)
     ``steps``       usage (float in [0, 1))                 every unit reused on evenly spaced steps
     ``fbcache``     ``τ`` (float > 0)                       FirstBlockCache threshold
     ``taylorseer``  ``N`` or ``N:order``, or ``default``    cache interval (and Taylor order); ``default``
@@ -148,7 +153,7 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
     if family == "fora":
         n = _number(family, text, int, 1, "pass the FORA interval N, e.g. 3")
         return Fora(f"FORA N={n}", interval=n)
-    if family in ("forecast", "fitted", "lsnr"):
+    if family in ("forecast", "fitted", "step", "lsnr"):
         fitted = family == "fitted"
         hint = "pass the interval N (e.g. 2) or N:order (e.g. 3:1); order 1 or 2, default 2"
         n = _number(family, head, int, 1, hint)
@@ -157,6 +162,8 @@ def method_from_spec(family: str, spec: str | float | int) -> Method:
             raise ValueError(f"{family}: order {order} is not 1 or 2; {hint}")
         if fitted:
             return FittedForecast(f"fitted forecast N={n} order {order}", interval=n, order=order)
+        if family == "step":
+            return StepForecast(f"forecast N={n} order {order} step index", interval=n, order=order)
         if family == "lsnr":
             return LogSnrForecast(f"forecast N={n} order {order} log-SNR", interval=n, order=order)
         return Forecast(f"forecast N={n} order {order}", interval=n, order=order)
@@ -1013,6 +1020,7 @@ _FAMILY_STYLE = {
     "FORA": ("tab:blue", "o"),
     "forecast": ("tab:cyan", "X"),
     "fitted forecast": ("tab:olive", "P"),
+    "forecast (step index)": ("tab:gray", "x"),
     "forecast (log-SNR)": ("tab:purple", "h"),
     "router": ("tab:red", "*"),
     "FirstBlockCache": ("tab:orange", "s"),

@@ -60,7 +60,7 @@ from .adapters import adapter_for
 from .cache import disable_cache, enable_cache
 from .models import units
 from .router import Router
-from .schedule import CacheSchedule
+from .schedule import CacheSchedule, log_snr_times
 
 __all__ = [
     "FAMILIES",
@@ -70,11 +70,13 @@ __all__ = [
     "Fora",
     "FittedForecast",
     "Forecast",
+    "LogSnrForecast",
     "MagCache",
     "Method",
     "PyramidAttentionBroadcast",
     "RouterMethod",
     "RunInfo",
+    "StepForecast",
     "TaylorSeer",
     "UnitCounter",
     "cache_dit_available",
@@ -179,23 +181,59 @@ class Fora(Method):
 @dataclass
 class Forecast(Fora):
     """FORA with Taylor forecasting on harmonica's engine (:meth:`CacheSchedule.fora` with ``order``):
-    the skipped steps extrapolate each unit from its last computed outputs, in the fused forecast ops."""
+    the skipped steps extrapolate each unit from its last computed outputs, in the fused forecast ops.
+    ``times`` (a class attribute): where the rule measures the distances between steps, ``"blend"`` =
+    the mean of its forecasts in step index and in the run's sampler's log-SNR (``scheduler=``, the
+    default), ``"step"`` = the step index (TaylorSeer's rule), ``"log-snr"`` = the sampler's log-SNR."""
 
     order: int = 2
     family = "forecast"
+    times = "blend"
+    _scheduler: Any = field(default=None, init=False, repr=False)
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"interval": self.interval, "order": self.order}
+        return {"interval": self.interval, "order": self.order, "times": self.times}
+
+    def prepare(self, transformer: nn.Module, run: RunInfo) -> None:
+        if self.times != "step" and run.scheduler is None:
+            raise ValueError(f"{self.family} needs the run's sampler (RunInfo.scheduler) for its log-SNR")
+        self._scheduler = run.scheduler
 
     def schedule(self, transformer: nn.Module, num_steps: int) -> CacheSchedule:
-        return CacheSchedule.fora(num_steps, len(units(transformer)), self.interval, order=self.order)
+        if self.times != "step" and self._scheduler is None:
+            raise RuntimeError("prepare() reads the run's sampler before the schedule is used")
+        where: dict[str, Any] = {}
+        if self.times == "blend":
+            where["scheduler"] = self._scheduler
+        elif self.times == "log-snr":
+            where["times"] = log_snr_times(self._scheduler, num_steps)
+        return CacheSchedule.fora(
+            num_steps, len(units(transformer)), self.interval, order=self.order, **where
+        )
 
 
 @dataclass
-class FittedForecast(Forecast):
+class StepForecast(Forecast):
+    """:class:`Forecast` with the rule in step index alone: TaylorSeer's rule on harmonica's engine."""
+
+    family = "forecast (step index)"
+    times = "step"
+
+
+@dataclass
+class LogSnrForecast(Forecast):
+    """:class:`Forecast` with the rule in the sampler's log-SNR alone (:func:`log_snr_times`)."""
+
+    family = "forecast (log-SNR)"
+    times = "log-snr"
+
+
+@dataclass
+class FittedForecast(StepForecast):
     """:class:`Forecast` with coefficients fitted on the compared model (:func:`harmonica.fit_forecast`
-    on 16 samples of noise drawn from the run's seed + 2, not the evaluation noise), once per run."""
+    on 16 samples of noise drawn from the run's seed + 2, not the evaluation noise, from the step-index
+    rule's coefficients as the ridge's prior), once per run."""
 
     family = "fitted forecast"
     _fitted: CacheSchedule | None = field(default=None, init=False, repr=False)
@@ -213,29 +251,6 @@ class FittedForecast(Forecast):
         if self._fitted is None or self._fitted.num_steps != num_steps:
             raise RuntimeError("prepare() fits the forecast before the schedule is used")
         return self._fitted
-
-
-@dataclass
-class LogSnrForecast(Forecast):
-    """:class:`Forecast` with the rule's step distances measured in the sampler's log-SNR
-    (:func:`harmonica.schedule.log_snr_times`) instead of the step index."""
-
-    family = "forecast (log-SNR)"
-    _times: list[float] | None = field(default=None, init=False, repr=False)
-
-    def prepare(self, transformer: nn.Module, run: RunInfo) -> None:
-        from .schedule import log_snr_times
-
-        if run.scheduler is None:
-            raise ValueError("log-SNR forecasts need the run's sampler (RunInfo.scheduler)")
-        self._times = log_snr_times(run.scheduler, run.num_inference_steps)
-
-    def schedule(self, transformer: nn.Module, num_steps: int) -> CacheSchedule:
-        if self._times is None or len(self._times) != num_steps:
-            raise RuntimeError("prepare() reads the sampler's log-SNR before the schedule is used")
-        return CacheSchedule.fora(
-            num_steps, len(units(transformer)), self.interval, order=self.order, times=self._times
-        )
 
 
 @dataclass
@@ -733,6 +748,7 @@ FAMILIES: dict[str, type[Method]] = {
     "fora": Fora,
     "forecast": Forecast,
     "fitted": FittedForecast,
+    "forecast (step index)": StepForecast,
     "forecast (log-SNR)": LogSnrForecast,
     "router": RouterMethod,
     "fbcache": FirstBlockCache,

@@ -51,7 +51,7 @@ from .schedule import CacheSchedule, log_snr_times
 
 __all__ = ["SampleResult", "load_prompt_embeds", "sample_images"]
 
-FORECAST_TIMES = ("step", "log-snr")
+FORECAST_TIMES = ("blend", "step", "log-snr")
 """What the forecast rule measures step distances in: the step index, or the sampler's log-SNR."""
 
 _GAP = 2
@@ -224,7 +224,7 @@ def sample_images(
     threshold: float = 0.1,
     fora: int | None = None,
     order: int = 0,
-    forecast_times: str = "step",
+    forecast_times: str = "blend",
     num_inference_steps: int = 20,
     guidance_scale: float = 1.5,
     class_labels: Any = None,
@@ -255,8 +255,9 @@ def sample_images(
         fora: FORA interval N >= 2 (every unit computed on steps ``t % N == 0``, reused otherwise).
             Neither ``router`` nor ``fora``: no caching.
         order: with ``fora``: 0 reuses the skipped steps, 1 or 2 forecasts them (Taylor).
-        forecast_times: with ``order``: the forecast rule's step distances in ``"step"`` index (the
-            default) or in the sampler's ``"log-snr"`` (:func:`harmonica.schedule.log_snr_times`).
+        forecast_times: with ``order``: the forecast rule's step distances in ``"step"`` index, in the
+            sampler's ``"log-snr"`` (:func:`harmonica.schedule.log_snr_times`), or ``"blend"`` (the
+            default): the mean of both forecasts (:meth:`CacheSchedule.fora` with ``scheduler``).
         num_inference_steps, guidance_scale: sampler steps and classifier-free guidance scale (>= 1).
         class_labels: DiT class ids. Default: one per class 0..9 for the reference model, otherwise
             ``num_images`` (default 8) random classes drawn from ``seed``.
@@ -312,7 +313,7 @@ def sample_images(
         raise ValueError("--order applies to FORA: pass --fora N with it (a router file carries its own)")
     if forecast_times not in FORECAST_TIMES:
         raise ValueError(f"forecast_times must be one of {FORECAST_TIMES}, got {forecast_times!r}")
-    if forecast_times != "step" and not order:
+    if forecast_times != "blend" and not order:
         raise ValueError("--forecast-times applies to forecasting: pass --fora N --order 1 or 2 with it")
     if not 0 <= threshold < 1:
         raise ValueError(f"the router threshold τ is a probability in [0, 1), got {threshold}")
@@ -417,9 +418,12 @@ def sample_images(
         method = f"router {label} τ={threshold:g}"
     elif fora is not None:
         times = log_snr_times(scheduler, steps) if forecast_times == "log-snr" else None
-        schedule = CacheSchedule.fora(steps, num_units, fora, order=order, times=times)
+        blend = scheduler if forecast_times == "blend" else None
+        schedule = CacheSchedule.fora(steps, num_units, fora, order=order, times=times, scheduler=blend)
         method = f"FORA N={fora}" + (f" forecast order {order}" if order else "")
-        method += " (log-SNR)" if times is not None else ""
+        method += (
+            {"blend": "", "step": " (step index)", "log-snr": " (log-SNR)"}[forecast_times] if order else ""
+        )
     else:
         schedule, method = None, "uncached"
 

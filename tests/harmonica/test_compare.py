@@ -284,22 +284,33 @@ def test_fitted_forecast_fits_on_the_compared_model(make):
     assert fitted.psnr != rule.psnr, "the fitted coefficients must change the samples"
 
 
-def test_log_snr_forecast_spaces_the_rule_in_the_samplers_log_snr(dit):
+def test_forecast_rows_measure_the_rule_where_they_say(dit):
+    """``forecast`` blends the rule in step index and in the run's sampler's log-SNR; ``step`` and
+    ``lsnr`` run each alone; all on the same schedule, with other samples."""
     from harmonica.peers import RunInfo
     from harmonica.schedule import log_snr_times
 
-    report = compare(dit, scheduler=ddim(), methods={"forecast": ["2"], "lsnr": ["2"]}, **FAST)
-    rule, lsnr = report.row("forecast N=2 order 2"), report.row("forecast N=2 order 2 log-SNR")
-    assert rule.status == lsnr.status == "ok" and lsnr.family == "forecast (log-SNR)"
-    assert lsnr.skipped_share == rule.skipped_share
-    assert lsnr.psnr != rule.psnr, "the log-SNR distances must change the samples"
-    method = method_from_spec("lsnr", "3:1")
-    steps = STEPS
-    method.prepare(dit, RunInfo(num_inference_steps=steps, calibrate=lambda: None, scheduler=ddim()))
-    expected = CacheSchedule.fora(steps, len(units(dit)), 3, order=1, times=log_snr_times(ddim(), steps))
-    assert method.schedule(dit, steps) == expected
-    with pytest.raises(ValueError, match="need the run's sampler"):
-        method.prepare(dit, RunInfo(num_inference_steps=steps, calibrate=lambda: None))
+    report = compare(dit, scheduler=ddim(), methods={"forecast": ["2"], "step": ["2"], "lsnr": ["2"]}, **FAST)
+    rows = [report.row(f"forecast N=2 order 2{tail}") for tail in ("", " step index", " log-SNR")]
+    assert [r.family for r in rows] == ["forecast", "forecast (step index)", "forecast (log-SNR)"]
+    assert all(r.status == "ok" and r.skipped_share == rows[0].skipped_share for r in rows)
+    assert len({r.psnr for r in rows}) == 3, "each time must change the samples"
+    steps, num_units = STEPS, len(units(dit))
+    run = RunInfo(num_inference_steps=steps, calibrate=lambda: None, scheduler=ddim())
+    expected = {
+        "forecast": CacheSchedule.fora(steps, num_units, 3, order=1, scheduler=ddim()),
+        "step": CacheSchedule.fora(steps, num_units, 3, order=1),
+        "lsnr": CacheSchedule.fora(steps, num_units, 3, order=1, times=log_snr_times(ddim(), steps)),
+    }
+    for family, schedule in expected.items():
+        method = method_from_spec(family, "3:1")
+        method.prepare(dit, run)
+        assert method.schedule(dit, steps) == schedule, family
+    no_sampler = RunInfo(num_inference_steps=steps, calibrate=lambda: None)
+    for family in ("forecast", "lsnr"):
+        with pytest.raises(ValueError, match="needs the run's sampler"):
+            method_from_spec(family, "2").prepare(dit, no_sampler)
+    method_from_spec("step", "2").prepare(dit, no_sampler)  # the step index needs no sampler
 
 
 def test_router_labels_may_hold_an_equals_sign(tmp_path):

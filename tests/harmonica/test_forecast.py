@@ -97,6 +97,35 @@ def test_rule_in_other_times_measures_the_distances_there():
         CacheSchedule(compute).with_forecast(2, times=[0, 1, 2, 3, 4, 5, float("inf")])
 
 
+def test_scheduler_blends_the_rule_in_step_index_and_in_the_samplers_log_snr():
+    """``scheduler=``: each forecast is the mean of the two rules' forecasts, i.e. the mean of their
+    coefficient tables (the forecast is linear in them); reuse entries and computes stay zero."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from harmonica.schedule import log_snr_times
+
+    for sampler in (
+        DDIMScheduler(beta_schedule="squaredcos_cap_v2"),
+        FlowMatchEulerDiscreteScheduler(shift=3.0),
+    ):
+        for order in (1, 2):
+            blend = CacheSchedule.fora(13, 3, 3, order=order, scheduler=sampler)
+            step = CacheSchedule.fora(13, 3, 3, order=order)
+            lsnr = CacheSchedule.fora(13, 3, 3, order=order, times=log_snr_times(sampler, 13))
+            assert torch.equal(blend.compute, step.compute) and torch.equal(blend.orders, step.orders)
+            torch.testing.assert_close(blend.coefficients, (step.coefficients + lsnr.coefficients) / 2)
+            assert not torch.allclose(blend.coefficients, step.coefficients)
+    assert torch.equal(
+        CacheSchedule.fora(13, 3, 3, scheduler=DDIMScheduler()).coefficients, torch.zeros(13, 3, 2)
+    )
+    with pytest.raises(ValueError, match="pass times= or scheduler=, not both"):
+        CacheSchedule.fora(13, 3, 3, order=2, times=list(range(13)), scheduler=DDIMScheduler())
+    with pytest.raises(ValueError, match="pass it as times="):  # FLUX's resolution-dependent sampler
+        CacheSchedule.fora(
+            13, 3, 3, order=2, scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+        )
+
+
 def test_log_snr_times_of_ddim_and_flow_matching_samplers():
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 

@@ -108,7 +108,7 @@ def test_fora_with_compare_uncached(tmp_path, capsys):
     assert not torch.equal(saved["samples"], saved["uncached"])
 
 
-def test_forecast_times_log_snr_runs_the_rule_in_the_samplers_log_snr(tmp_path, capsys):
+def test_forecast_times_run_the_rule_in_the_samplers_log_snr_or_the_blend(tmp_path, capsys):
     from harmonica import CacheSchedule, disable_cache, enable_cache, units
     from harmonica.schedule import log_snr_times
 
@@ -125,8 +125,14 @@ def test_forecast_times_log_snr_runs_the_rule_in_the_samplers_log_snr(tmp_path, 
         expected = sample(model, scheduler, [0, 1], num_inference_steps=4, noise=noise)
     disable_cache(model)
     torch.testing.assert_close(_tensors(tensors)["samples"], expected)
-    assert main([*argv[:-2], "--save-tensor", str(tmp_path / "step.safetensors")]) == 0
-    assert not torch.equal(_tensors(tmp_path / "step.safetensors")["samples"], expected)
+    assert main([*argv[:-2], "--save-tensor", str(tmp_path / "blend.safetensors")]) == 0
+    assert "FORA N=2 forecast order 2 " not in capsys.readouterr().out  # the default blend, unlabelled
+    enable_cache(model, CacheSchedule.fora(4, len(units(model)), 2, order=2, scheduler=scheduler))
+    with torch.inference_mode():
+        blend = sample(model, scheduler, [0, 1], num_inference_steps=4, noise=noise)
+    disable_cache(model)
+    torch.testing.assert_close(_tensors(tmp_path / "blend.safetensors")["samples"], blend)
+    assert not torch.equal(blend, expected)
 
 
 def test_packaged_router(tmp_path, capsys):
