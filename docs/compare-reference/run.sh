@@ -3,7 +3,7 @@
 set -euo pipefail
 R=python/harmonica/reference/assets/routers
 harmonica compare --threads 2 --out docs/compare-reference --no-progress \
-  --sweep forecast=2,3,4,5 --sweep steps=0.35,0.4 \
+  --sweep forecast=2,3,4,5 --sweep step=2,3,4,5 --sweep steps=0.35,0.4 \
   --router "HarmoniCa published=$R/harmonica-T20.safetensors" \
   --router "HarmoniCa hard-λ ST=$R/harmonica-plus-T20.safetensors" \
   --router "HarmoniCa hard-λ ST age2=$R/harmonica-plus-age2-T20.safetensors" \
