@@ -4,8 +4,9 @@ Inference: ``enable_cache(pipe, CacheSchedule.fora(T, len(units(pipe.transformer
 trained :class:`Router`) makes sampling skip the scheduled units; ``disable_cache(pipe)`` undoes it.
 Training: ``train_router(pipe, num_steps=T).router`` learns a router (SDT + IEPO, or L2C);
 ``search_schedule(pipe, num_steps=T, target_cur=0.4).schedule`` searches one on final-image errors.
-Forecasting: ``CacheSchedule.fora(T, U, 2, order=2)`` extrapolates skipped units instead of reusing
-them; ``fit_forecast(pipe, schedule=...)`` fits the extrapolation coefficients on the model's own run.
+Forecasting: ``CacheSchedule.fora(T, U, 2, order=2, scheduler=pipe.scheduler)`` extrapolates skipped
+units instead of reusing them; ``fit_forecast(pipe, schedule=...)`` fits the extrapolation coefficients
+on the model's own run.
 
 The names below are imported on first use (PEP 562), so ``harmonica --help`` does not pay for
 torch and diffusers.

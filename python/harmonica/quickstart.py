@@ -26,6 +26,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -71,13 +72,13 @@ class MethodResult:
 
 
 def _schedules(
-    num_steps: int, num_units: int, routers: list[Path], threshold: float
+    num_steps: int, num_units: int, routers: list[Path], threshold: float, scheduler: Any
 ) -> dict[str, CacheSchedule]:
     methods = {
         "full": CacheSchedule.full(num_steps, num_units),
         "FORA N=2": CacheSchedule.fora(num_steps, num_units, 2),
         "FORA N=3": CacheSchedule.fora(num_steps, num_units, 3),
-        "forecast N=3": CacheSchedule.fora(num_steps, num_units, 3, order=2),
+        "forecast N=3": CacheSchedule.fora(num_steps, num_units, 3, order=2, scheduler=scheduler),
     }
     for path in routers:
         methods[f"router {path.stem}"] = Router.load(path).to_schedule(threshold)
@@ -344,7 +345,7 @@ def run_quickstart(
     if train_iterations:
         trained = _train_here(out, num_inference_steps, guidance_scale, train_iterations, seed, progress)
         router_paths.append(trained["path"])
-    schedules = _schedules(num_inference_steps, len(unit_names), router_paths, threshold)
+    schedules = _schedules(num_inference_steps, len(unit_names), router_paths, threshold, scheduler)
 
     labels = torch.arange(10).repeat_interleave(n_per_class)
     size, channels = model.config.sample_size, model.config.in_channels
