@@ -52,7 +52,8 @@ from .schedule import CacheSchedule, log_snr_times
 __all__ = ["SampleResult", "load_prompt_embeds", "sample_images"]
 
 FORECAST_TIMES = ("blend", "step", "log-snr")
-"""What the forecast rule measures step distances in: the step index, or the sampler's log-SNR."""
+"""What the forecast rule measures step distances in: both, forecasts averaged (the default), the step
+index, or the sampler's log-SNR."""
 
 _GAP = 2
 """White pixels between and around the images of a grid."""
@@ -420,10 +421,8 @@ def sample_images(
         times = log_snr_times(scheduler, steps) if forecast_times == "log-snr" else None
         blend = scheduler if forecast_times == "blend" else None
         schedule = CacheSchedule.fora(steps, num_units, fora, order=order, times=times, scheduler=blend)
-        method = f"FORA N={fora}" + (f" forecast order {order}" if order else "")
-        method += (
-            {"blend": "", "step": " (step index)", "log-snr": " (log-SNR)"}[forecast_times] if order else ""
-        )
+        times_label = {"blend": "", "step": " (step index)", "log-snr": " (log-SNR)"}[forecast_times]
+        method = f"FORA N={fora}" + (f" forecast order {order}{times_label}" if order else "")
     else:
         schedule, method = None, "uncached"
 

@@ -114,8 +114,8 @@ class CacheSchedule:
         them, in TaylorSeer's static form: the first ``warmup`` steps (default 3 when forecasting, 0
         for plain reuse) are computed, then every ``interval``-th step from step ``warmup + 1`` (step
         ``warmup`` itself is already forecast from the warm-up steps). Entries with less history than
-        the order asks use the highest order their history allows. ``times`` and ``scheduler``: see
-        :meth:`with_forecast` (pass the pipeline's ``scheduler``: it measured better on every model tried).
+        the order asks use the highest order their history allows. ``times`` and ``scheduler`` (the
+        pipeline's sampler, worth passing when forecasting): see :meth:`with_forecast`.
         """
         _check_size(num_steps, num_units)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
