@@ -313,6 +313,35 @@ def test_forecast_rows_measure_the_rule_where_they_say(dit):
     method_from_spec("step", "2").prepare(dit, no_sampler)  # the step index needs no sampler
 
 
+@pytest.mark.parametrize("interval", [2, 3])
+def test_step_rule_at_order_1_is_diffusers_taylorseer(dit, interval):
+    """Our static form with the step-index rule at order 1 forecasts what diffusers' TaylorSeer does
+    (same warm-up, schedule and first-order Taylor term): the same samples, through each one's hooks."""
+    from harmonica.peers import RunInfo
+
+    steps = 11
+    shape = (2, dit.config.in_channels, dit.config.sample_size, dit.config.sample_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    run = RunInfo(num_inference_steps=steps, calibrate=lambda: None, scheduler=ddim())
+    out = {}
+    for family, spec in (
+        ("step", f"{interval}:1"),
+        ("taylorseer", str(interval)),
+        ("forecast", f"{interval}:1"),
+    ):
+        method = method_from_spec(family, spec)
+        method.prepare(dit, run)
+        attachment = method.attach(dit, run)
+        with torch.no_grad(), attachment.generation():
+            out[family] = sample(dit, ddim(), [1, 7], num_inference_steps=steps, noise=noise)
+        attachment.detach()
+    with torch.no_grad():
+        uncached = sample(dit, ddim(), [1, 7], num_inference_steps=steps, noise=noise)
+    torch.testing.assert_close(out["step"], out["taylorseer"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out["step"], uncached, rtol=1e-4, atol=1e-4), "nothing was forecast"
+    assert not torch.allclose(out["forecast"], out["step"], rtol=1e-4, atol=1e-4), "the blend is another rule"
+
+
 def test_router_labels_may_hold_an_equals_sign(tmp_path):
     from harmonica.cli import _label_and_path
 
