@@ -396,7 +396,9 @@ def log_snr_times(scheduler: Any, num_steps: int) -> list[float]:
     forecasting schedules: the variable in which DPM-Solver integrates the noise prediction.
 
     Schedulers with ``alphas_cumprod`` (DDIM, DDPM, DPM-Solver, …): ``½·ln(ᾱ_t / (1 − ᾱ_t))`` at each
-    timestep. Flow matching (``sigmas``, x_t = (1 − σ)·x0 + σ·noise): ``ln((1 − σ)/σ)``, with σ kept in
+    timestep. Flow matching (``sigmas``, x_t = (1 − σ)·x0 + σ·noise: the FlowMatch schedulers, and
+    UniPC / DPM-Solver with ``use_flow_sigmas`` or ``prediction_type="flow_prediction"``, as Wan's,
+    whose ``alphas_cumprod`` does not describe the run): ``ln((1 − σ)/σ)``, with σ kept in
     [1e-4, 1 − 1e-4] (the first step's σ = 1 has λ = −∞). A scheduler whose ``set_timesteps`` needs
     more than the step count (FLUX's resolution-dependent ``mu``) is refused: pass its λ yourself."""
     steps = copy.deepcopy(scheduler)
@@ -407,7 +409,9 @@ def log_snr_times(scheduler: Any, num_steps: int) -> list[float]:
             f"cannot set {type(scheduler).__name__} up for {num_steps} steps on its own ({err}); compute "
             "the log-SNR of its steps yourself and pass it as times="
         ) from None
-    if getattr(steps, "alphas_cumprod", None) is not None:
+    config = getattr(steps, "config", {})
+    flow = bool(config.get("use_flow_sigmas")) or config.get("prediction_type") == "flow_prediction"
+    if not flow and getattr(steps, "alphas_cumprod", None) is not None:
         alphas = steps.alphas_cumprod.double()[steps.timesteps.cpu().round().long()][:num_steps]
         return (0.5 * torch.log(alphas / (1 - alphas))).tolist()
     sigmas = getattr(steps, "sigmas", None)

@@ -145,6 +145,14 @@ def test_log_snr_times_of_ddim_and_flow_matching_samplers():
     assert flow.timesteps.numel() == 10 and lam[0] == pytest.approx(
         torch.log(torch.tensor(1e-4 / (1 - 1e-4))).item()
     )
+    # Wan's sampler: UniPC over flow sigmas, with an alphas_cumprod of betas that the run never uses
+    from diffusers import UniPCMultistepScheduler
+
+    unipc = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    lam = torch.tensor(log_snr_times(unipc, 10), dtype=torch.float64)
+    unipc.set_timesteps(10)
+    sigma = unipc.sigmas[:10].double().clamp(1e-4, 1 - 1e-4)
+    assert torch.allclose(lam, torch.log((1 - sigma) / sigma)) and bool((lam.diff() > 0).all())
     dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     with pytest.raises(
         ValueError, match="mu.* compute the log-SNR of its steps yourself and pass it as times="
