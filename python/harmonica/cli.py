@@ -672,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--forecast-times",
+        # schedule.FORECAST_TIMES, written out: importing it would load torch for --help
         choices=("blend", "step", "log-snr"),
         default="blend",
         help="with --order: the forecast rule's step distances in step index, the sampler's log-SNR, or "

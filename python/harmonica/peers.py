@@ -60,7 +60,7 @@ from .adapters import adapter_for
 from .cache import disable_cache, enable_cache
 from .models import units
 from .router import Router
-from .schedule import CacheSchedule, log_snr_times
+from .schedule import CacheSchedule, times_keywords
 
 __all__ = [
     "FAMILIES",
@@ -203,11 +203,7 @@ class Forecast(Fora):
     def schedule(self, transformer: nn.Module, num_steps: int) -> CacheSchedule:
         if self.times != "step" and self._scheduler is None:
             raise RuntimeError("prepare() reads the run's sampler before the schedule is used")
-        where: dict[str, Any] = {}
-        if self.times == "blend":
-            where["scheduler"] = self._scheduler
-        elif self.times == "log-snr":
-            where["times"] = log_snr_times(self._scheduler, num_steps)
+        where = times_keywords(self.times, self._scheduler, num_steps)
         return CacheSchedule.fora(
             num_steps, len(units(transformer)), self.interval, order=self.order, **where
         )
@@ -223,7 +219,8 @@ class StepForecast(Forecast):
 
 @dataclass
 class LogSnrForecast(Forecast):
-    """:class:`Forecast` with the rule in the sampler's log-SNR alone (:func:`log_snr_times`)."""
+    """:class:`Forecast` with the rule in the sampler's log-SNR alone
+    (:func:`harmonica.schedule.log_snr_times`)."""
 
     family = "forecast (log-SNR)"
     times = "log-snr"

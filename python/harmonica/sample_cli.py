@@ -47,13 +47,9 @@ from .eval import psnr
 from .models import supported_class, units
 from .router import Router
 from .sampling import null_class_id
-from .schedule import CacheSchedule, log_snr_times
+from .schedule import FORECAST_TIMES, CacheSchedule, times_keywords
 
 __all__ = ["SampleResult", "load_prompt_embeds", "sample_images"]
-
-FORECAST_TIMES = ("blend", "step", "log-snr")
-"""What the forecast rule measures step distances in: both, forecasts averaged (the default), the step
-index, or the sampler's log-SNR."""
 
 _GAP = 2
 """White pixels between and around the images of a grid."""
@@ -418,9 +414,8 @@ def sample_images(
         label = Path(router).stem if not isinstance(router, Router) else "router"
         method = f"router {label} τ={threshold:g}"
     elif fora is not None:
-        times = log_snr_times(scheduler, steps) if forecast_times == "log-snr" else None
-        blend = scheduler if forecast_times == "blend" else None
-        schedule = CacheSchedule.fora(steps, num_units, fora, order=order, times=times, scheduler=blend)
+        where = times_keywords(forecast_times, scheduler, steps) if order else {}
+        schedule = CacheSchedule.fora(steps, num_units, fora, order=order, **where)
         times_label = {"blend": "", "step": " (step index)", "log-snr": " (log-SNR)"}[forecast_times]
         method = f"FORA N={fora}" + (f" forecast order {order}{times_label}" if order else "")
     else:

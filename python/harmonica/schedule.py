@@ -12,11 +12,20 @@ from torch import nn
 
 from .models import DEFAULT_TEXT_TOKENS, flop_profile, units
 
-__all__ = ["CacheSchedule", "FORECAST_RULES", "forecast_coefficients", "log_snr_times"]
+__all__ = [
+    "CacheSchedule",
+    "FORECAST_RULES",
+    "FORECAST_TIMES",
+    "forecast_coefficients",
+    "log_snr_times",
+    "times_keywords",
+]
 
 MAX_ORDER = 2
 FORECAST_RULES = ("taylor", "newton")
 DEFAULT_RULE = "taylor"
+FORECAST_TIMES = ("blend", "step", "log-snr")
+"""Where the forecast rule measures step distances, by name (:func:`times_keywords`)."""
 DEFAULT_WARMUP = 3
 """Fully computed first steps of a forecasting :meth:`CacheSchedule.fora` (diffusers' TaylorSeer
 default): the outputs change fastest there, and the history fills at unit spacing."""
@@ -422,6 +431,17 @@ def log_snr_times(scheduler: Any, num_steps: int) -> list[float]:
         )
     sigma = sigmas.double().cpu()[:num_steps].clamp(1e-4, 1 - 1e-4)
     return torch.log((1 - sigma) / sigma).tolist()
+
+
+def times_keywords(name: str, scheduler: Any, num_steps: int) -> dict[str, Any]:
+    """The keywords of :meth:`CacheSchedule.fora` / :meth:`~CacheSchedule.with_forecast` for a time by
+    name: ``"blend"`` (``scheduler=``: the mean of the rule in step index and in the sampler's
+    log-SNR), ``"step"`` (none: the step index) or ``"log-snr"`` (``times=`` the sampler's log-SNR)."""
+    if name not in FORECAST_TIMES:
+        raise ValueError(f"forecast times must be one of {FORECAST_TIMES}, got {name!r}")
+    if name == "blend":
+        return {"scheduler": scheduler}
+    return {"times": log_snr_times(scheduler, num_steps)} if name == "log-snr" else {}
 
 
 def _check_order(order: Any) -> int:
